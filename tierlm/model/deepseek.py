@@ -1,0 +1,93 @@
+"""The DeepSeek-V2/V3 decoder: embeddings, MLA + (dense | MoE) blocks, final norm, head.
+
+Module names mirror Hugging Face checkpoints (``model.layers.3.self_attn.q_a_proj``…) so loading is a name
+lookup; routed experts are stacked per layer (``model.layers.3.mlp.experts.gate_proj`` is (E, I, D)).
+
+The residual stream is kept in fp32 whatever the compute dtype: DeepSeek's activations exceed fp16's range in
+places, and Turing GPUs have no bf16. Each block's input is normalized in fp32 and cast to the compute dtype.
+
+Glossary: B batch, T tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tierlm.config import ModelConfig
+from tierlm.errors import NumericalError
+from tierlm.model.attention import MLA, AttnImpl, LayerCache
+from tierlm.model.layers import MLP, RMSNorm, linear
+from tierlm.model.moe import MoE
+from tierlm.model.rope import Rope
+
+# Parameters kept in fp32 whatever the compute dtype (norm weights, router weight and bias).
+FP32_PARAM_SUFFIXES = ("layernorm.weight", "norm.weight", "gate.weight", "e_score_correction_bias")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, positions, cos, sin, cache: LayerCache, slots, impl: AttnImpl,
+                dtype: torch.dtype) -> torch.Tensor:
+        """h (B, T, D) fp32 residual → same."""
+        h = h + self.self_attn(self.input_layernorm(h, dtype), positions, cos, sin, cache, slots, impl).float()
+        return h + self.mlp(self.post_attention_layernorm(h, dtype)).float()
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """Build on the meta device and let the loader fill the weights (weights/loader.py)."""
+
+    def __init__(self, cfg: ModelConfig, attn_impl: AttnImpl = "absorb"):
+        super().__init__()
+        self.config = cfg
+        self.attn_impl: AttnImpl = attn_impl
+        self.model = Decoder(cfg)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
+        self.rope = Rope(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache],
+                slots: torch.Tensor, pick: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions (B, T); cache one LayerCache per layer; slots (B,) cache rows of this batch.
+        Returns float32 logits (B, T, V), or (B, V) at index ``pick[b]`` of each row when ``pick`` (B,) is given
+        (rows of different lengths are right-padded, so each row's last real token sits elsewhere)."""
+        dtype = self.dtype
+        h = self.model.embed_tokens(tokens).float()  # (B, T, D) fp32 residual
+        cos, sin = self.rope.cos_sin(positions)
+        finite = []
+        for layer, layer_cache in zip(self.model.layers, cache):
+            h = layer(h, positions, cos, sin, layer_cache, slots, self.attn_impl, dtype)
+            finite.append(torch.isfinite(h).all())
+        if pick is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), pick]  # (B, D)
+        logits = self.lm_head(self.model.norm(h, dtype)).float()
+        self._check_finite(finite, logits)
+        return logits
+
+    def _check_finite(self, finite: list[torch.Tensor], logits: torch.Tensor) -> None:
+        ok = torch.stack(finite)  # one device sync for the whole step, not one per layer
+        if bool(ok.all()) and bool(torch.isfinite(logits).all()):
+            return
+        bad = int((~ok).nonzero()[0]) if not bool(ok.all()) else None
+        where = f"in layer {bad}" if bad is not None else "in the output head"
+        fix = ("use --dtype bfloat16 (Ampere or newer) or --dtype float32"
+               if self.dtype == torch.float16 else "check the checkpoint's weights for inf/NaN")
+        raise NumericalError(f"the forward pass produced inf/NaN {where} (compute dtype {self.dtype}); {fix}")

@@ -1,0 +1,39 @@
+"""Building blocks shared by the attention, dense and MoE layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free projection (DeepSeek has no biases). Weights are filled by the loader."""
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class RMSNorm(nn.Module):
+    """w · x / sqrt(mean(x²) + eps), in fp32 (weight kept fp32); the result is cast to ``out_dtype``."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return y.to(out_dtype or x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x)). Used for the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = linear(dim, inter)
+        self.up_proj = linear(dim, inter)
+        self.down_proj = linear(inter, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

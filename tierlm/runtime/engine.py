@@ -1,0 +1,128 @@
+"""Loading a checkpoint onto a device and running it: ``tierlm.load(path) -> Model``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from tierlm.config import ModelConfig
+from tierlm.errors import CheckpointError, ConfigError
+from tierlm.model.attention import AttnImpl
+from tierlm.model.deepseek import DeepseekForCausalLM
+from tierlm.runtime.kv_cache import KVCache
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} requested but no CUDA GPU is available; use --device cpu "
+                          "(or run `tierlm doctor` to see what torch finds)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Default: bf16 on GPUs that have it, fp16 on older GPUs (Turing), fp32 on the CPU."""
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+
+
+class Model:
+    """A loaded model on one device: full-sequence logits and streamed generation."""
+
+    def __init__(self, module: DeepseekForCausalLM, device: torch.device, folder: Path):
+        self.module, self.device, self.folder = module, device, folder
+        self.config: ModelConfig = module.config
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (its tokenizer.json), or the DeepSeek V3 one when it ships none."""
+        if self._tokenizer is None:
+            from tierlm.tokenizer import Tokenizer
+
+            has_own = (self.folder / "tokenizer.json").exists()
+            self._tokenizer = Tokenizer.from_dir(self.folder) if has_own else Tokenizer.default()
+        return self._tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.dtype
+
+    def new_cache(self, n_slots: int, capacity: int) -> KVCache:
+        return KVCache(self.config, n_slots, capacity, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 logits (T, V) for every position of one sequence, computed in one forward pass."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(1, -1)
+        if ids.numel() == 0:
+            raise ValueError("logits() needs at least one token")
+        cache = self.new_cache(1, ids.shape[1])
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        return self.module(ids, positions, cache.layers, slots)[0]
+
+    def generate(self, prompt, **kwargs) -> Iterator:
+        """Stream a completion; see ``tierlm.runtime.generate.generate`` for the arguments."""
+        from tierlm.runtime.generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+
+def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, attn_impl: AttnImpl = "absorb",
+         progress: Callable[[int, int], None] | None = None) -> Model:
+    """Load a checkpoint: an HF folder (safetensors, bf16/fp16/fp32 or FP8-block), or None for the built-in demo
+    model. ``progress(done_bytes, total_bytes)`` is called as tensors are loaded."""
+    from tierlm.weights.loader import load_hf_weights
+    from tierlm.weights.safetensors_io import SafetensorsCheckpoint
+
+    if path is None:
+        from tierlm.runtime.demo import ensure_demo
+
+        path = ensure_demo()
+    path = Path(path)
+    if not path.exists():
+        from tierlm.presets import KNOWN_MODELS
+
+        if str(path) in KNOWN_MODELS:
+            raise CheckpointError(f"{path} is a known model name, but its weights are not here: download the "
+                                  "checkpoint and pass its folder (`tierlm plan` accepts the name alone)")
+        raise CheckpointError(f"{path} does not exist: pass a checkpoint folder (config.json + *.safetensors)")
+    if path.suffix == ".gguf":
+        raise CheckpointError(f"{path.name}: GGUF files are not supported by this version; convert to a "
+                              "Hugging Face checkpoint or use a safetensors checkpoint")
+    folder = path if path.is_dir() else path.parent
+    cfg = ModelConfig.from_json(folder / "config.json")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    ckpt = SafetensorsCheckpoint(path)
+    with torch.device("meta"):
+        module = DeepseekForCausalLM(cfg, attn_impl=attn_impl)
+    total = sum(p.numel() for p in module.parameters()) * dtype.itemsize
+    done = 0
+
+    def tick(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress:
+            progress(done, total)
+
+    load_hf_weights(module, ckpt, device, dtype, progress=tick)
+    module.eval()
+    return Model(module, device, folder)
