@@ -36,3 +36,13 @@ def write_tiny(path, cfg: ModelConfig, seed: int = 0, dtype=torch.float32, **kw)
 def tiny_ckpt(tmp_path_factory):
     """A tiny fp32 DeepSeek-V3 checkpoint with grouped routing."""
     return write_tiny(tmp_path_factory.mktemp("tiny"), tiny_config())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run on GPU machines only."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -15,3 +15,7 @@ class CheckpointError(TierlmError):
 
 class NumericalError(TierlmError, FloatingPointError):
     """A forward pass produced inf/NaN (typically fp16 overflow)."""
+
+
+class RequestError(TierlmError, ValueError):
+    """A generation request is invalid (empty prompt, longer than the context, bad sampling values)."""

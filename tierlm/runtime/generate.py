@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tierlm.errors import RequestError
 from tierlm.runtime.sampling import Sampler, SamplingParams, StopChecker, batch_logprobs, sample_sequences
 
 PREFILL_CHUNK = 512  # tokens per row per prefill pass: bounds the (B, H, T, S) attention scores
@@ -129,12 +130,15 @@ def decode(model, cache, seqs: Seq[Sequence]) -> torch.Tensor:
 def make_sequence(model, prompt_ids: list[int], params: SamplingParams, slot: int) -> Sequence:
     from tierlm.tokenizer import StreamDecoder
 
-    params = params.validate()
+    try:
+        params = params.validate()
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise RequestError("the prompt is empty: give at least one token")
     limit = model.config.max_position_embeddings
     if len(prompt_ids) >= limit:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}: shorten it")
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}: shorten it")
     eos = frozenset(model.config.eos_token_ids) | ({model.tokenizer.eos_id} if model.tokenizer.eos_id is not None
                                                    else frozenset())
     return Sequence(list(prompt_ids), params, slot, Sampler(params, prompt_ids, device=model.device),
@@ -154,8 +158,11 @@ def generate_batch(model, prompts: Seq[Seq[int]], params: Seq[SamplingParams] | 
     logits = prefill(model, cache, seqs)
     active = list(range(len(seqs)))
     first = True
+    n_text = model.tokenizer.vocab_size  # rows past the tokenizer's ids are padding of the embedding table
     while active:
         running = [seqs[i] for i in active]
+        if n_text < logits.shape[-1]:
+            logits = logits[:, :n_text]
         tokens = sample_sequences([s.sampler for s in running], logits)
         want_lp = [s.params.logprobs is not None for s in running]
         lp = batch_logprobs(logits, torch.tensor(tokens, device=logits.device), max(
