@@ -33,12 +33,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+    if not isinstance(dtype, torch.dtype):
+        try:
+            dtype = DTYPES[dtype]
+        except KeyError:
+            raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"{name} has no bfloat16 support (it needs compute capability 8.0+); "
+                          "use --dtype float16")
+    return dtype
 
 
 class Model:
