@@ -12,7 +12,7 @@ def model(tiny_ckpt):
 
 
 def _step(model, cache, tokens, positions, slots):
-    return model.module(torch.tensor(tokens), torch.tensor(positions), cache.layers, torch.tensor(slots))
+    return model.module(torch.tensor(tokens), torch.tensor(positions), cache.view(torch.tensor(slots)))
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])

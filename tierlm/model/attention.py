@@ -11,8 +11,7 @@ Dn qk_nope_head_dim, Dv v_head_dim, D hidden.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -24,12 +23,14 @@ from tierlm.model.rope import apply_rope
 AttnImpl = Literal["naive", "absorb"]
 
 
-@dataclass
-class LayerCache:
-    """One layer's MLA cache: rows are sequence slots, columns token positions."""
+class CacheView(Protocol):
+    """The MLA cache as one batch sees it (runtime/kv_cache.py implements it: contiguous slots or paged blocks)."""
 
-    kv: torch.Tensor  # (N, Smax, C) normalized latent
-    pe: torch.Tensor  # (N, Smax, R) RoPE'd shared key
+    def write(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Store the latent kv (B, T, C) and RoPE'd key pe (B, T, R) of each row at its positions (B, T)."""
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first ``length`` cached tokens: kv (B, S, C), pe (B, S, R)."""
 
 
 class MLA(nn.Module):
@@ -57,8 +58,8 @@ class MLA(nn.Module):
         return w[:, : self.dn], w[:, self.dn:]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache, slots: torch.Tensor, impl: AttnImpl = "absorb") -> torch.Tensor:
-        """x (B, T, D) in the compute dtype; positions (B, T); slots (B,) rows of ``cache`` owned by the batch."""
+                cache: CacheView, layer: int, impl: AttnImpl = "absorb") -> torch.Tensor:
+        """x (B, T, D) in the compute dtype; positions (B, T) of the new tokens; ``cache`` this batch's view."""
         B, T, _ = x.shape
         if self.q_rank is None:
             q = self.q_proj(x)
@@ -72,13 +73,11 @@ class MLA(nn.Module):
         c = self.kv_a_layernorm(c)
         k_pe = apply_rope(k_pe, cos, sin)
 
-        # Write the new tokens into their slots at their positions, then read every key up to the furthest one.
-        rows = slots[:, None].expand(B, T)
-        cache.kv[rows, positions] = c.to(cache.kv.dtype)
-        cache.pe[rows, positions] = k_pe.to(cache.pe.dtype)
+        # Store the new tokens at their positions, then read every key up to the furthest one.
+        cache.write(layer, positions, c, k_pe)
         S = int(positions.max()) + 1
-        kv = cache.kv[slots, :S].to(x.dtype)  # (B, S, C)
-        pe = cache.pe[slots, :S].to(x.dtype)  # (B, S, R)
+        kv, pe = cache.read(layer, S)
+        kv, pe = kv.to(x.dtype), pe.to(x.dtype)  # (B, S, C), (B, S, R)
         # Causal and per-sequence: a query at position p sees keys 0..p of its own slot.
         allowed = torch.arange(S, device=x.device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
 

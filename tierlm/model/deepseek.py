@@ -16,7 +16,7 @@ from torch import nn
 
 from tierlm.config import ModelConfig
 from tierlm.errors import NumericalError
-from tierlm.model.attention import MLA, AttnImpl, LayerCache
+from tierlm.model.attention import MLA, AttnImpl, CacheView
 from tierlm.model.layers import MLP, RMSNorm, linear
 from tierlm.model.moe import MoE
 from tierlm.model.rope import Rope
@@ -34,10 +34,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h: torch.Tensor, positions, cos, sin, cache: LayerCache, slots, impl: AttnImpl,
+    def forward(self, h: torch.Tensor, positions, cos, sin, cache: CacheView, impl: AttnImpl,
                 dtype: torch.dtype) -> torch.Tensor:
         """h (B, T, D) fp32 residual → same."""
-        h = h + self.self_attn(self.input_layernorm(h, dtype), positions, cos, sin, cache, slots, impl).float()
+        a = self.self_attn(self.input_layernorm(h, dtype), positions, cos, sin, cache, self.index, impl)
+        h = h + a.float()
         return h + self.mlp(self.post_attention_layernorm(h, dtype)).float()
 
 
@@ -64,17 +65,17 @@ class DeepseekForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache],
-                slots: torch.Tensor, pick: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, positions (B, T); cache one LayerCache per layer; slots (B,) cache rows of this batch.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: CacheView,
+                pick: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions (B, T); ``cache`` the batch's view of the KV cache.
         Returns float32 logits (B, T, V), or (B, V) at index ``pick[b]`` of each row when ``pick`` (B,) is given
         (rows of different lengths are right-padded, so each row's last real token sits elsewhere)."""
         dtype = self.dtype
         h = self.model.embed_tokens(tokens).float()  # (B, T, D) fp32 residual
         cos, sin = self.rope.cos_sin(positions)
         finite = []
-        for layer, layer_cache in zip(self.model.layers, cache):
-            h = layer(h, positions, cos, sin, layer_cache, slots, self.attn_impl, dtype)
+        for layer in self.model.layers:
+            h = layer(h, positions, cos, sin, cache, self.attn_impl, dtype)
             finite.append(torch.isfinite(h).all())
         if pick is not None:
             h = h[torch.arange(h.shape[0], device=h.device), pick]  # (B, D)

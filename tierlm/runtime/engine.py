@@ -79,7 +79,7 @@ class Model:
         cache = self.new_cache(1, ids.shape[1])
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)
-        return self.module(ids, positions, cache.layers, slots)[0]
+        return self.module(ids, positions, cache.view(slots))[0]
 
     def generate(self, prompt, **kwargs) -> Iterator:
         """Stream a completion; see ``tierlm.runtime.generate.generate`` for the arguments."""

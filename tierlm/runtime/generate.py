@@ -90,7 +90,7 @@ class Sequence:
 
 def _run(model, tokens: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
          pick: torch.Tensor) -> torch.Tensor:
-    return model.module(tokens, positions, cache.layers, slots, pick=pick)
+    return model.module(tokens, positions, cache.view(slots), pick=pick)
 
 
 @torch.inference_mode()
