@@ -186,8 +186,7 @@ def test_detected_gpus_from_nvidia_smi(monkeypatch):
     assert gpus[1].mem_gbps == pytest.approx(936 * 0.88) and "Mystery Card" in notes[0]
     hw = make_hardware(gpus="2x20GiB", ram="64GiB", disk_gbps=2)  # declared sizes cap the detected cards
     assert [g.memory_bytes for g in hw.gpus] == [20 * GiB, 11264 * 2**20] and hw.gpus[0].name.endswith("2080 Ti")
-    monkeypatch.setattr(hwmod.shutil, "which", lambda exe: None)
-    monkeypatch.undo()
+    monkeypatch.undo()  # no driver: no GPUs, RAM still detected
     monkeypatch.setattr(hwmod.shutil, "which", lambda exe: None)
     assert hwmod.detect_gpus([]) == []
     hw = make_hardware(disk_gbps=3)

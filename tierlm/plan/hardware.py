@@ -336,6 +336,9 @@ def make_hardware(gpus: str | list[int] | None = None, ram: str | int | None = N
             raise PlanError("no GPUs declared and detection is off; pass --gpus (e.g. 4x22GiB, or 0 for none)")
     else:
         sizes = parse_gpus(gpus) if isinstance(gpus, str) else [int(s) for s in gpus]
+        if found and len(sizes) > len(found):
+            notes.append(f"{len(sizes)} GPUs declared but {len(found)} detected: GPUs {len(found)}.."
+                         f"{len(sizes) - 1} are assumed to be like GPU {len(found) - 1} ({found[-1].name})")
         gpu_list = []
         for i, size in enumerate(sizes):
             base = found[min(i, len(found) - 1)] if found else None

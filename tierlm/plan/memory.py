@@ -18,8 +18,9 @@ MiB, GiB = 2**20, 2**30
 KV_DTYPE_BYTES = 2            # fp16 latent cache: Turing has no bf16, and fp16 holds normalised latents well
 GPU_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS handle and workspace + loaded kernels, per GPU (typical
                               # of torch on recent drivers; 300–600 MiB depending on the card and CUDA version)
-GPU_MARGIN_FRACTION = 0.04    # allocator fragmentation and NCCL/p2p buffers: 4% of each card, at least 256 MiB
-GPU_MARGIN_MIN = 256 * MiB
+GPU_MARGIN_FRACTION = 0.04    # allocator fragmentation and NCCL/p2p buffers: 4% of each card, 256 MiB to 2 GiB
+GPU_MARGIN_MIN = 256 * MiB     # (fragmentation grows with the number of live allocations, not with the card)
+GPU_MARGIN_MAX = 2 * GiB
 RAM_RESERVE_FRACTION = 0.06   # OS, Python, the tokenizer, page cache for disk reads: 6% of RAM, at least 4 GiB
 RAM_RESERVE_MIN = 4 * GiB
 ATTN_CHUNK = 256              # Tq: query tokens per attention chunk during prefill
@@ -42,7 +43,7 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = KV_DTYPE_BYTES) -
 
 def gpu_overhead_bytes(capacity: int) -> int:
     """Bytes of a GPU that never hold weights: CUDA context plus the safety margin."""
-    return GPU_CONTEXT_BYTES + max(GPU_MARGIN_MIN, int(GPU_MARGIN_FRACTION * capacity))
+    return GPU_CONTEXT_BYTES + min(GPU_MARGIN_MAX, max(GPU_MARGIN_MIN, int(GPU_MARGIN_FRACTION * capacity)))
 
 
 def ram_reserve_bytes(ram: int) -> int:
