@@ -11,7 +11,7 @@ from tierlm.errors import TierlmError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint folder (HF safetensors); omitted: the built-in demo model")
+                   help="HF checkpoint folder or .gguf file (first shard of a split one); omitted: the demo model")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPUs that have it, float16 on older ones, "
@@ -64,7 +64,7 @@ def _load(args):
         model = tierlm.load(args.model, device=args.device, dtype=args.dtype,
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     c = model.config
-    _err().print(f"[dim]{model.folder.name}: {c.model_type}, {c.num_hidden_layers} layers, "
+    _err().print(f"[dim]{model.path.name}: {c.model_type}, {c.num_hidden_layers} layers, "
                  f"{c.n_routed_experts} experts (top-{c.num_experts_per_tok}) on {model.device}, "
                  f"{str(model.dtype).removeprefix('torch.')}[/dim]")
     return model
@@ -147,6 +147,25 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
+def cmd_convert(args) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from tierlm.weights.convert import convert
+
+    from tierlm.plan.hardware import parse_size
+
+    split = parse_size(args.split_max_size, "--split-max-size") if args.split_max_size else 0
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=_err(), transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+        files = convert(args.src, args.dst, args.quant, split_max_size=split,
+                        progress=lambda name, done, total: bar.update(task, completed=done, total=total,
+                                                                      description=name))
+    for f in files:
+        print(f)
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from tierlm.doctor import format_report, run_doctor
 
@@ -185,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("plan", help="say where every tensor goes and how fast it will run, before loading")
         add_plan_arguments(p)
         p.set_defaults(func=plan_command)
+
+    p = sub.add_parser("convert", help="convert an HF checkpoint (bf16 or FP8) to a deepseek2 GGUF")
+    p.add_argument("src", help="HF checkpoint folder")
+    p.add_argument("dst", help="output .gguf path")
+    p.add_argument("--quant", default="Q4_K_M", help="F16, Q8_0 or Q4_K_M (llama.cpp's mix; default)")
+    p.add_argument("--split-max-size", default=None, help="split into shards of at most this size, e.g. 50GB")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("doctor", help="report Python, torch, GPUs, RAM and disk, and what will not work")
     p.add_argument("--json", action="store_true")

@@ -60,10 +60,8 @@ class DeepseekForCausalLM(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = Rope(cfg)
+        self.dtype = torch.float32  # the compute dtype; set by the loader
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: CacheView,
                 pick: torch.Tensor | None = None) -> torch.Tensor:

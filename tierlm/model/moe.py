@@ -6,6 +6,8 @@ G expert groups, I expert intermediate size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,22 +66,29 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), ids/weights (N, K) → (N, D) float32, the weighted sum of each token's experts."""
-        N, K = ids.shape
-        flat = ids.flatten()  # (N·K,)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        token = order // K  # which token each sorted assignment belongs to
-        w = weights.flatten()[order]
-        out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = token[start:start + n]
-            y = self.expert(e, x[sel])  # (n, D)
-            out.index_add_(0, sel, y.float() * w[start:start + n, None])
-            start += n
-        return out
+        return dispatch(self.expert, self.gate_proj.shape[0], x, ids, weights)
+
+
+def dispatch(expert: Callable[[int, torch.Tensor], torch.Tensor], n_experts: int, x: torch.Tensor,
+             ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k weights[:, k] · expert(ids[:, k], x): tokens sorted by expert, each active expert called once on
+    all of its tokens. x (N, D), ids/weights (N, K) → (N, D) float32."""
+    N, K = ids.shape
+    flat = ids.flatten()  # (N·K,)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()  # one device sync per layer
+    token = order // K  # which token each sorted assignment belongs to
+    w = weights.flatten()[order]
+    out = torch.zeros(N, x.shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = token[start:start + n]
+        y = expert(e, x[sel])  # (n, D)
+        out.index_add_(0, sel, y.float() * w[start:start + n, None])
+        start += n
+    return out
 
 
 class MoE(nn.Module):

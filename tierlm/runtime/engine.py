@@ -48,19 +48,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class Model:
     """A loaded model on one device: full-sequence logits and streamed generation."""
 
-    def __init__(self, module: DeepseekForCausalLM, device: torch.device, folder: Path):
-        self.module, self.device, self.folder = module, device, folder
+    def __init__(self, module: DeepseekForCausalLM, device: torch.device, path: Path,
+                 tokenizer_factory: Callable[[], object]):
+        self.module, self.device, self.path = module, device, path
+        self.folder = path if path.is_dir() else path.parent
         self.config: ModelConfig = module.config
-        self._tokenizer = None
+        self._tokenizer_factory, self._tokenizer = tokenizer_factory, None
 
     @property
     def tokenizer(self):
-        """The checkpoint's tokenizer (its tokenizer.json), or the DeepSeek V3 one when it ships none."""
+        """The checkpoint's tokenizer (built on first use: logits() needs none)."""
         if self._tokenizer is None:
-            from tierlm.tokenizer import Tokenizer
-
-            has_own = (self.folder / "tokenizer.json").exists()
-            self._tokenizer = Tokenizer.from_dir(self.folder) if has_own else Tokenizer.default()
+            self._tokenizer = self._tokenizer_factory()
         return self._tokenizer
 
     @property
@@ -108,17 +107,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
             raise CheckpointError(f"{path} is a known model name, but its weights are not here: download the "
                                   "checkpoint and pass its folder (`tierlm plan` accepts the name alone)")
         raise CheckpointError(f"{path} does not exist: pass a checkpoint folder (config.json + *.safetensors)")
-    if path.suffix == ".gguf":
-        raise CheckpointError(f"{path.name}: GGUF files are not supported by this version; convert to a "
-                              "Hugging Face checkpoint or use a safetensors checkpoint")
-    folder = path if path.is_dir() else path.parent
-    cfg = ModelConfig.from_json(folder / "config.json")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    ckpt = SafetensorsCheckpoint(path)
-    with torch.device("meta"):
-        module = DeepseekForCausalLM(cfg, attn_impl=attn_impl)
-    total = sum(p.numel() for p in module.parameters()) * dtype.itemsize
     done = 0
 
     def tick(nbytes: int) -> None:
@@ -127,6 +117,32 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         if progress:
             progress(done, total)
 
-    load_hf_weights(module, ckpt, device, dtype, progress=tick)
+    if path.suffix == ".gguf":
+        from tierlm.weights.gguf_config import config_from_gguf
+        from tierlm.weights.gguf_io import GGUFFile
+        from tierlm.weights.gguf_loader import load_gguf_weights
+        from tierlm.weights.gguf_tokenizer import tokenizer_from_gguf
+
+        gf = GGUFFile.open(path)
+        cfg = config_from_gguf(gf.metadata, gf.tensors)
+        with torch.device("meta"):
+            module = DeepseekForCausalLM(cfg, attn_impl=attn_impl)
+        total = sum(t.nbytes for t in gf.tensors.values())
+        load_gguf_weights(module, gf, device, dtype, progress=tick)
+        metadata = gf.metadata
+        gf.close()
+        factory = lambda: tokenizer_from_gguf(metadata, path.name)  # noqa: E731
+    else:
+        from tierlm.tokenizer import Tokenizer
+
+        folder = path if path.is_dir() else path.parent
+        cfg = ModelConfig.from_json(folder / "config.json")
+        ckpt = SafetensorsCheckpoint(path)
+        with torch.device("meta"):
+            module = DeepseekForCausalLM(cfg, attn_impl=attn_impl)
+        total = sum(p.numel() for p in module.parameters()) * dtype.itemsize
+        load_hf_weights(module, ckpt, device, dtype, progress=tick)
+        has_own = (folder / "tokenizer.json").exists()
+        factory = (lambda: Tokenizer.from_dir(folder)) if has_own else Tokenizer.default
     module.eval()
-    return Model(module, device, folder)
+    return Model(module, device, path, factory)

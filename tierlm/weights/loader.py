@@ -32,7 +32,7 @@ def rope_rows_to_adjacent(w: torch.Tensor, n_heads: int, head_dim: int, rope_dim
     return w.view(n_heads * head_dim, -1)
 
 
-class _Reader:
+class HFReader:
     """Reads one HF tensor as float (FP8 dequantized) with its conversions applied."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, cfg: ModelConfig):
@@ -73,7 +73,8 @@ def load_hf_weights(model: DeepseekForCausalLM, ckpt: SafetensorsCheckpoint, dev
                     dtype: torch.dtype, progress: Callable[[int], None] | None = None) -> None:
     """Materialize every parameter of ``model`` (built on the meta device) from ``ckpt``."""
     cfg = model.config
-    reader = _Reader(ckpt, cfg)
+    model.dtype = dtype
+    reader = HFReader(ckpt, cfg)
     for pname, param in list(model.named_parameters()):
         want_dtype = torch.float32 if pname.endswith(FP32_PARAM_SUFFIXES) else dtype
         m = _EXPERT_PARAM.match(pname)
@@ -96,7 +97,7 @@ def load_hf_weights(model: DeepseekForCausalLM, ckpt: SafetensorsCheckpoint, dev
                               f"{extra[0]!r}; config.json does not match the weights")
 
 
-def _load_experts(reader: _Reader, prefix: str, proj: str, shape: tuple, device, dtype) -> torch.Tensor:
+def _load_experts(reader: HFReader, prefix: str, proj: str, shape: tuple, device, dtype) -> torch.Tensor:
     E = shape[0]
     ckpt = reader.ckpt
     fused = f"{prefix}.gate_up_proj" if proj != "down_proj" else f"{prefix}.down_proj"

@@ -1,0 +1,138 @@
+"""Fill a meta-built DeepseekForCausalLM from a ``deepseek2`` GGUF file (single or split).
+
+Quantized tensors stay quantized: their modules are swapped for the block-format layers of model/quantized.py
+(the raw bytes are copied from the memory map to the device once). F32/F16/BF16 tensors become dense
+parameters. Norms, the router and its bias are kept in fp32. MLA's kv_b projection is rebuilt dense from
+``attn_k_b``/``attn_v_b`` (or the legacy ``attn_kv_b``): the absorbed attention multiplies by it per head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tierlm.errors import CheckpointError
+from tierlm.model.deepseek import FP32_PARAM_SUFFIXES, DeepseekForCausalLM
+from tierlm.model.quantized import QuantEmbedding, QuantLinear, QuantRoutedExperts
+from tierlm.weights.formats import dequantize
+from tierlm.weights.ggml_types import GGMLType
+from tierlm.weights.gguf_io import GGUFFile
+from tierlm.weights.gguf_names import gguf_name
+
+DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
+def load_gguf_weights(model: DeepseekForCausalLM, gf: GGUFFile, device: torch.device | str, dtype: torch.dtype,
+                      progress: Callable[[int], None] | None = None, keep_quantized: bool = True) -> None:
+    cfg = model.config
+    model.dtype = dtype
+    used: set[str] = set()
+
+    def raw(name: str) -> tuple[torch.Tensor, object]:
+        info = gf.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{gf.path.name} has no tensor {name!r}; the file is incomplete or not a "
+                                  "DeepSeek model")
+        used.add(name)
+        data = torch.from_numpy(np.asarray(gf.tensor_bytes(name)).copy())  # one tensor at a time off the map
+        return data.to(device), info
+
+    def dense(name: str, shape: tuple, want: torch.dtype) -> torch.Tensor:
+        data, info = raw(name)
+        if tuple(info.shape) != tuple(shape):
+            raise CheckpointError(f"{name} in {info.file.name} has shape {list(info.shape)} but the metadata "
+                                  f"implies {list(shape)}; the file is inconsistent")
+        return dequantize(data, info.ggml_type, info.shape, want)
+
+    quantized_done: set[str] = set()
+    for pname, param in list(model.named_parameters()):
+        if pname in quantized_done:
+            continue
+        want = torch.float32 if pname.endswith(FP32_PARAM_SUFFIXES) else dtype
+        if pname.endswith("self_attn.kv_b_proj.weight"):
+            value = _kv_b(cfg, pname, gf, dense, dtype)
+        elif ".mlp.experts." in pname:
+            value = _experts(model, cfg, pname, gf, raw, dense, dtype, keep_quantized, quantized_done)
+            if value is None:
+                continue
+        else:
+            name = gguf_name(pname)
+            if pname == "lm_head.weight" and name not in gf.tensors and cfg.tie_word_embeddings:
+                name = "token_embd.weight"
+            info = gf.tensors.get(name)
+            if info is not None and keep_quantized and info.ggml_type not in DENSE_TYPES and want == dtype:
+                _swap_quantized(model, pname, raw(name)[0], info)
+                if progress:
+                    progress(info.nbytes)
+                continue
+            value = dense(name, tuple(param.shape), want)
+        _set_param(model, pname, value)
+        if progress:
+            progress(value.numel() * value.element_size())
+    extra = sorted(n for n in gf.tensors if n not in used and not _is_mtp(n, cfg.num_hidden_layers))
+    if extra:
+        raise CheckpointError(f"{gf.path.name} has {len(extra)} tensor(s) the model does not use, e.g. "
+                              f"{extra[0]!r}; the metadata does not match the tensors")
+
+
+def _kv_b(cfg, pname: str, gf: GGUFFile, dense, dtype) -> torch.Tensor:
+    layer = pname.split(".")[2]
+    H, dn, dv, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if f"blk.{layer}.attn_k_b.weight" in gf.tensors:
+        k_b = dense(f"blk.{layer}.attn_k_b.weight", (H, C, dn), torch.float32)  # W_UKᵀ per head
+        v_b = dense(f"blk.{layer}.attn_v_b.weight", (H, dv, C), torch.float32)  # W_UV per head
+        return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(H * (dn + dv), C).to(dtype)
+    return dense(f"blk.{layer}.attn_kv_b.weight", (H * (dn + dv), C), dtype)
+
+
+def _experts(model, cfg, pname, gf, raw, dense, dtype, keep_quantized, done) -> torch.Tensor | None:
+    prefix = pname.rsplit(".", 1)[0]  # model.layers.N.mlp.experts
+    names = [gguf_name(f"{prefix}.{p}") for p in ("gate_proj", "up_proj", "down_proj")]
+    infos = [gf.tensors.get(n) for n in names]
+    if any(i is None for i in infos):
+        missing = names[infos.index(None)]
+        raise CheckpointError(f"{gf.path.name} has no tensor {missing!r}; the file is incomplete")
+    if keep_quantized and all(i.ggml_type not in DENSE_TYPES for i in infos):
+        E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        want = [(E, I, D), (E, I, D), (E, D, I)]
+        for n, i, w in zip(names, infos, want):
+            if tuple(i.shape) != w:
+                raise CheckpointError(f"{n} has shape {list(i.shape)} but the metadata implies {list(w)}")
+        gate, up, down = (raw(n)[0] for n in names)
+        mod = QuantRoutedExperts(gate, up, down, tuple(i.ggml_type for i in infos), E, D, I)
+        parent = model.get_submodule(prefix.rsplit(".", 1)[0])
+        parent.experts = mod
+        done.update(f"{prefix}.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+        return None
+    param = model.get_parameter(pname)
+    return dense(gguf_name(pname), tuple(param.shape), dtype)
+
+
+def _swap_quantized(model: nn.Module, pname: str, data: torch.Tensor, info) -> None:
+    """Replace the dense module owning ``pname`` by its block-format twin."""
+    module_name = pname.rsplit(".", 1)[0]
+    parent_name, _, leaf = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, leaf)
+    if isinstance(old, nn.Linear):
+        new = QuantLinear(data, info.ggml_type, old.in_features, old.out_features)
+        if tuple(info.shape) != (old.out_features, old.in_features):
+            raise CheckpointError(f"{info.name} has shape {list(info.shape)} but the metadata implies "
+                                  f"{[old.out_features, old.in_features]}")
+    elif isinstance(old, nn.Embedding):
+        new = QuantEmbedding(data, info.ggml_type, old.num_embeddings, old.embedding_dim)
+    else:
+        raise CheckpointError(f"{info.name} is {info.ggml_type.name}, which tierlm cannot use for {pname}")
+    setattr(parent, leaf, new)
+
+
+def _is_mtp(name: str, n_layers: int) -> bool:
+    return name.startswith("blk.") and int(name.split(".")[1]) >= n_layers
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
