@@ -132,8 +132,8 @@ def _fallback(t: str, shape: tuple[int, ...]) -> str:
     return t if fits_blocks(t, shape) else "F16"
 
 
-def _matrix_type(recipe: str, category: str, layer: int | None, n_layers: int) -> str:
-    """The type of a quantizable weight (llama_tensor_get_type_impl for deepseek2: n_expert ≠ 8, no attn_v/qkv)."""
+def _matrix_type(recipe: str, category: str, layer: int | None, n_layers: int, n_experts: int) -> str:
+    """The type of a quantizable weight (llama_tensor_get_type_impl for deepseek2: no attn_v/qkv)."""
     if recipe in ("F16", "BF16", "Q8_0"):
         return recipe
     if recipe == "FP8":
@@ -148,6 +148,8 @@ def _matrix_type(recipe: str, category: str, layer: int | None, n_layers: int) -
             return "Q5_K" if layer < n_layers // 16 else "Q4_K"
         return "Q3_K"
     if category == "attn_output":
+        if n_experts == 8:  # llama.cpp's rule for 8-expert models (Mixtral-like), whatever the architecture
+            return "Q5_K"
         return {"Q3_K_M": "Q4_K", "Q2_K": "Q3_K"}.get(recipe, default)
     return default
 
@@ -161,7 +163,7 @@ def recipe_inventory(config: ModelConfig, recipe: str = "Q4_K_M") -> Inventory:
 
     def add(name: str, shape: tuple[int, ...], role: str, category: str = "matrix", layer: int | None = None,
             dtype: str | None = None) -> None:
-        t = dtype or _fallback(_matrix_type(recipe, category, layer, n), shape)
+        t = dtype or _fallback(_matrix_type(recipe, category, layer, n, c.n_routed_experts), shape)
         out.append(Tensor(name, shape, t, tensor_nbytes(t, shape), role, layer))
 
     H, heads = c.hidden_size, c.num_attention_heads
