@@ -141,6 +141,11 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, ftype: int, name: str)
             w.add_expert_group_used_count(cfg.topk_group)
 
 
+def _looks_like_control(token: str) -> bool:
+    """Control tokens some checkpoints leave unflagged (DeepSeek's <｜User｜>…), marked CONTROL as llama.cpp does."""
+    return (token.startswith("<｜") and token.endswith("｜>")) or (token.startswith("<|") and token.endswith("|>"))
+
+
 def _pre_tokenizer_name(tj: dict, folder: Path) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer regexes: DeepSeek-V3's, or GPT-2's byte-level one."""
     from tierlm.weights.gguf_tokenizer import deepseek_pretokenizer
@@ -168,7 +173,7 @@ def _write_tokenizer(w: gguf.GGUFWriter, src: Path, cfg: ModelConfig) -> None:
     user_defined: set[int] = set()  # added tokens matched literally in text, but not control tokens
     for t in tj.get("added_tokens", []):
         vocab[t["content"]] = t["id"]
-        (special if t.get("special") else user_defined).add(t["id"])
+        (special if t.get("special") or _looks_like_control(t["content"]) else user_defined).add(t["id"])
     if max(vocab.values()) >= cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size "
                               f"{cfg.vocab_size}; the tokenizer belongs to another model")
@@ -200,7 +205,7 @@ def _write_tokenizer(w: gguf.GGUFWriter, src: Path, cfg: ModelConfig) -> None:
         w.add_bos_token_id(bos)
     if eos is not None:
         w.add_eos_token_id(eos)
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(bool(tc.get("add_bos_token", True)))
     w.add_add_eos_token(False)
     if isinstance(tc.get("chat_template"), str):
         w.add_chat_template(tc["chat_template"])
