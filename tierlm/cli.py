@@ -1,4 +1,4 @@
-"""The ``tierlm`` command: run | chat | plan | doctor (see ``tierlm COMMAND --help``)."""
+"""The ``tierlm`` command: run | chat | plan | serve | doctor (see ``tierlm COMMAND --help``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 
 from tierlm.errors import TierlmError
+from tierlm.runtime.planned import add_placement_arguments
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -58,11 +59,21 @@ def _load(args):
 
     import tierlm
 
+    from tierlm.runtime.planned import load_planned, make_run_plan, wants_plan
+
+    planned = wants_plan(args)
+    if planned:
+        from tierlm.plan.report import format_plan
+
+        print(format_plan(make_run_plan(args)), file=sys.stderr)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TimeRemainingColumn(), transient=True, console=_err()) as bar:
         task = bar.add_task("loading", total=None)
-        model = tierlm.load(args.model, device=args.device, dtype=args.dtype,
-                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+        tick = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+        if planned:
+            model, _ = load_planned(args, progress=tick)
+        else:
+            model = tierlm.load(args.model, device=args.device, dtype=args.dtype, progress=tick)
     c = model.config
     _err().print(f"[dim]{model.path.name}: {c.model_type}, {c.num_hidden_layers} layers, "
                  f"{c.n_routed_experts} experts (top-{c.num_experts_per_tok}) on {model.device}, "
@@ -95,7 +106,21 @@ def cmd_run(args) -> int:
     sys.stdout.write("\n")
     _err().print(f"[dim]prompt {stats.prompt_tokens} tokens, generated {stats.generated_tokens} tokens, "
                  f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s[/dim]")
+    if args.stats:
+        _print_expert_stats(model)
     return 0
+
+
+def _print_expert_stats(model) -> None:
+    s = model.expert_stats
+    if s is None:
+        _err().print("[dim]expert stats: every expert is on the compute device (no tiers)[/dim]")
+        return
+    d = s.as_dict()
+    parts = [f"{t} {d['hits'][t]} uses ({100 * d['hit_rate'][t]:.0f}%), {d['bytes_per_token'][t] / 1e6:.2f} MB/token"
+             for t in ("device", "ram", "disk")]
+    _err().print(f"[dim]experts: {'; '.join(parts)}; {d['promotions']} promoted to the device, "
+                 f"{d['prefetched']} disk prefetches, {d['oom_events']} out-of-memory recoveries[/dim]")
 
 
 def cmd_chat(args) -> int:
@@ -166,6 +191,16 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tierlm.serve.server import ServeOptions, serve
+
+    return serve(ServeOptions(
+        model=args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
+        api_key=args.api_key, max_batch=args.max_batch, ctx=args.ctx, max_waiting=args.max_waiting,
+        chat_template=args.chat_template, served_model_name=args.served_model_name,
+        allow_origins=tuple(args.allow_origin), shutdown_timeout_s=args.shutdown_timeout))
+
+
 def cmd_doctor(args) -> int:
     from tierlm.doctor import format_report, run_doctor
 
@@ -184,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate a completion for one prompt and stream it")
     _add_model_args(p)
     p.add_argument("-p", "--prompt", required=True)
+    add_placement_arguments(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     p.add_argument("--chat-template", default=None, help="v3, r1, or the checkpoint's own (default)")
     _add_sampling_args(p, max_tokens=256)
@@ -192,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat with history and streaming")
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    add_placement_arguments(p)
     p.add_argument("--chat-template", default=None, help="v3, r1, or the checkpoint's own (default)")
     _add_sampling_args(p, max_tokens=1024)
     p.set_defaults(func=cmd_chat)
@@ -211,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="Q4_K_M", help="F16, Q8_0 or Q4_K_M (llama.cpp's mix; default)")
     p.add_argument("--split-max-size", default=None, help="split into shards of at most this size, e.g. 50GB")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with streaming and continuous batching")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together per step")
+    p.add_argument("--ctx", type=int, default=None, help="tokens per sequence, prompt and output (default: the "
+                                                         "model's context)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="requests queued beyond the batch before new ones get 429 (default: 4 x --max-batch)")
+    p.add_argument("--chat-template", default=None, help="v3, r1, or the checkpoint's own (default)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's "
+                                                             "name, or 'demo')")
+    p.add_argument("--allow-origin", action="append", default=[], help="allow this CORS origin (repeatable; "
+                                                                       "default: CORS off)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="report Python, torch, GPUs, RAM and disk, and what will not work")
     p.add_argument("--json", action="store_true")

@@ -19,3 +19,7 @@ class NumericalError(TierlmError, FloatingPointError):
 
 class RequestError(TierlmError, ValueError):
     """A generation request is invalid (empty prompt, longer than the context, bad sampling values)."""
+
+
+class OutOfMemory(TierlmError, MemoryError):
+    """A step ran out of device memory and there was nothing left to free."""

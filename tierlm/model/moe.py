@@ -86,7 +86,7 @@ def dispatch(expert: Callable[[int, torch.Tensor], torch.Tensor], n_experts: int
             continue
         sel = token[start:start + n]
         y = expert(e, x[sel])  # (n, D)
-        out.index_add_(0, sel, y.float() * w[start:start + n, None])
+        out.index_put_((sel,), y.float() * w[start:start + n, None], accumulate=True)  # index_add_ is slow on CPU
         start += n
     return out
 

@@ -22,7 +22,7 @@ GPU_MARGIN_FRACTION = 0.04    # allocator fragmentation and NCCL/p2p buffers: 4%
 GPU_MARGIN_MIN = 256 * MiB     # (fragmentation grows with the number of live allocations, not with the card)
 GPU_MARGIN_MAX = 2 * GiB
 RAM_RESERVE_FRACTION = 0.06   # OS, Python, the tokenizer, page cache for disk reads: 6% of RAM, at least 4 GiB
-RAM_RESERVE_MIN = 4 * GiB
+RAM_RESERVE_MIN = 4 * GiB      # (or a quarter of RAM, for the small budgets that emulate a box in tests)
 ATTN_CHUNK = 256              # Tq: query tokens per attention chunk during prefill
 KEY_BLOCK = 1024              # keys per attention score block (flash-style: scores never span the whole context)
 PREFILL_CHUNK = 4096          # Tp: prompt tokens run through one layer before the next (experts streamed once per Tp)
@@ -47,7 +47,7 @@ def gpu_overhead_bytes(capacity: int) -> int:
 
 
 def ram_reserve_bytes(ram: int) -> int:
-    return max(RAM_RESERVE_MIN, int(RAM_RESERVE_FRACTION * ram))
+    return max(min(RAM_RESERVE_MIN, ram // 4), int(RAM_RESERVE_FRACTION * ram))
 
 
 def largest_layer_matrix_numel(inv: Inventory) -> int:

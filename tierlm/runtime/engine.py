@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tierlm.config import ModelConfig
-from tierlm.errors import CheckpointError, ConfigError
+from tierlm.errors import CheckpointError, ConfigError, OutOfMemory
 from tierlm.model.attention import AttnImpl
 from tierlm.model.deepseek import DeepseekForCausalLM
 from tierlm.runtime.kv_cache import KVCache
@@ -54,6 +54,8 @@ class Model:
         self.folder = path if path.is_dir() else path.parent
         self.config: ModelConfig = module.config
         self._tokenizer_factory, self._tokenizer = tokenizer_factory, None
+        self.expert_stats = None  # TierStats when routed experts are tiered
+        self.oom_events = 0
 
     @property
     def tokenizer(self):
@@ -78,7 +80,46 @@ class Model:
         cache = self.new_cache(1, ids.shape[1])
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         slots = torch.zeros(1, dtype=torch.long, device=self.device)
-        return self.module(ids, positions, cache.view(slots))[0]
+        return self.step(ids, positions, cache.view(slots))[0]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache_view, pick: torch.Tensor | None = None,
+             max_retries: int = 3) -> torch.Tensor:
+        """One forward pass (see DeepseekForCausalLM.forward) that survives running out of GPU memory: the
+        step's memory is released, the expert cache on the device is halved, and the step runs again. Rewriting
+        the same cache positions makes the retry exact."""
+        for attempt in range(max_retries + 1):
+            try:
+                return self.module(tokens, positions, cache_view, pick=pick)
+            except torch.OutOfMemoryError as e:
+                freed = self._recover_from_oom()
+                if attempt == max_retries or not freed:
+                    raise OutOfMemory(f"out of memory on {self.device} and nothing left to free ({e}); use a smaller "
+                                      "--gpus budget so the plan leaves room, a shorter context, or fewer "
+                                      "concurrent requests") from None
+        raise AssertionError("unreachable")
+
+    def _recover_from_oom(self) -> int:
+        """Free device memory after an out-of-memory error: returns the bytes given up (0: nothing to give)."""
+        import logging
+
+        from tierlm.runtime.experts import TieredExperts
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        freed = 0
+        for layer in self.module.model.layers:
+            experts = getattr(layer.mlp, "experts", None)
+            if isinstance(experts, TieredExperts) and len(experts.expert_in):
+                per_slot = experts.expert_bytes
+                freed += per_slot * experts.shrink(len(experts.expert_in) // 2)
+        if self.expert_stats is not None:
+            self.expert_stats.oom_events += 1
+        self.oom_events += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logging.getLogger("tierlm").warning("out of memory on %s: gave up %.1f MB of cached experts and retried",
+                                            self.device, freed / 1e6)
+        return freed
 
     def generate(self, prompt, **kwargs) -> Iterator:
         """Stream a completion; see ``tierlm.runtime.generate.generate`` for the arguments."""
@@ -89,9 +130,10 @@ class Model:
 
 def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, attn_impl: AttnImpl = "absorb",
-         progress: Callable[[int, int], None] | None = None) -> Model:
-    """Load a checkpoint: an HF folder (safetensors, bf16/fp16/fp32 or FP8-block), or None for the built-in demo
-    model. ``progress(done_bytes, total_bytes)`` is called as tensors are loaded."""
+         progress: Callable[[int, int], None] | None = None, placement=None) -> Model:
+    """Load a checkpoint: an HF folder (safetensors, bf16/fp16/fp32 or FP8-block), a GGUF file, or None for the
+    built-in demo model. ``progress(done_bytes, total_bytes)`` is called as tensors are loaded.
+    ``placement`` (runtime.placement.Placement, GGUF only): routed experts spread over the device, RAM and disk."""
     from tierlm.weights.loader import load_hf_weights
     from tierlm.weights.safetensors_io import SafetensorsCheckpoint
 
@@ -128,13 +170,25 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         with torch.device("meta"):
             module = DeepseekForCausalLM(cfg, attn_impl=attn_impl)
         total = sum(t.nbytes for t in gf.tensors.values())
-        load_gguf_weights(module, gf, device, dtype, progress=tick)
+        stats = None
+        if placement is not None:
+            from tierlm.runtime.experts import TierStats, link_layers
+
+            placement.check(cfg)
+            stats = TierStats()
+        load_gguf_weights(module, gf, device, dtype, progress=tick, placement=placement, stats=stats)
+        if placement is not None:
+            link_layers(module)
         metadata = gf.metadata
         gf.close()
         factory = lambda: tokenizer_from_gguf(metadata, path.name)  # noqa: E731
     else:
         from tierlm.tokenizer import Tokenizer
 
+        if placement is not None:
+            raise ConfigError(f"{path.name}: spreading experts over RAM and disk needs a GGUF file; convert it "
+                              f"first: tierlm convert {path} model.gguf --quant Q4_K_M")
+        stats = None
         folder = path if path.is_dir() else path.parent
         cfg = ModelConfig.from_json(folder / "config.json")
         ckpt = SafetensorsCheckpoint(path)
@@ -145,4 +199,6 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         has_own = (folder / "tokenizer.json").exists()
         factory = (lambda: Tokenizer.from_dir(folder)) if has_own else Tokenizer.default
     module.eval()
-    return Model(module, device, path, factory)
+    model = Model(module, device, path, factory)
+    model.expert_stats = stats
+    return model

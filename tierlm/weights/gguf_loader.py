@@ -26,7 +26,10 @@ DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 
 def load_gguf_weights(model: DeepseekForCausalLM, gf: GGUFFile, device: torch.device | str, dtype: torch.dtype,
-                      progress: Callable[[int], None] | None = None, keep_quantized: bool = True) -> None:
+                      progress: Callable[[int], None] | None = None, keep_quantized: bool = True,
+                      placement=None, stats=None) -> None:
+    """``placement`` (runtime.placement.Placement): routed experts go to tiers (device, RAM, disk) instead of
+    all onto ``device``; ``stats`` (runtime.experts.TierStats) then counts their use."""
     cfg = model.config
     model.dtype = dtype
     used: set[str] = set()
@@ -54,6 +57,9 @@ def load_gguf_weights(model: DeepseekForCausalLM, gf: GGUFFile, device: torch.de
         want = torch.float32 if pname.endswith(FP32_PARAM_SUFFIXES) else dtype
         if pname.endswith("self_attn.kv_b_proj.weight"):
             value = _kv_b(cfg, pname, gf, dense, dtype)
+        elif ".mlp.experts." in pname and placement is not None:
+            _tiered_experts(model, cfg, pname, gf, device, placement, stats, used, quantized_done, progress)
+            continue
         elif ".mlp.experts." in pname:
             value = _experts(model, cfg, pname, gf, raw, dense, dtype, keep_quantized, quantized_done)
             if value is None:
@@ -109,6 +115,49 @@ def _experts(model, cfg, pname, gf, raw, dense, dtype, keep_quantized, done) -> 
         return None
     param = model.get_parameter(pname)
     return dense(gguf_name(pname), tuple(param.shape), dtype)
+
+
+def _tiered_experts(model, cfg, pname, gf: GGUFFile, device, placement, stats, used, done, progress) -> None:
+    """One MoE layer's experts into a TieredExperts: device slots filled from the file, RAM copies made,
+    disk experts left as views of the memory map."""
+    import warnings
+
+    from tierlm.runtime.experts import HostExpert, TieredExperts, file_descriptor
+
+    prefix = pname.rsplit(".", 1)[0]  # model.layers.N.mlp.experts
+    layer = int(prefix.split(".")[2])
+    names = [gguf_name(f"{prefix}.{p}") for p in ("gate_proj", "up_proj", "down_proj")]
+    infos = [gf.tensors.get(n) for n in names]
+    if any(i is None for i in infos):
+        raise CheckpointError(f"{gf.path.name} has no tensor {names[infos.index(None)]!r}; the file is incomplete")
+    E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    rows = (I, I, D)
+    per_expert = [i.nbytes // E for i in infos]
+    row_bytes = tuple(pe // r for pe, r in zip(per_expert, rows))
+    tiers = placement.tiers[layer]
+    mod = TieredExperts(layer, tuple(i.ggml_type for i in infos), E, D, I, torch.device(device),
+                        placement.slots[layer], stats, row_bytes)
+    maps = [gf.tensor_bytes(n) for n in names]
+    pin = torch.cuda.is_available()
+    with warnings.catch_warnings():  # the map is read-only and is never written through these views
+        warnings.simplefilter("ignore", UserWarning)
+        for e in range(E):
+            views = [torch.from_numpy(m[e * pe:(e + 1) * pe]).view(r, rb)
+                     for m, pe, r, rb in zip(maps, per_expert, rows, row_bytes)]
+            if tiers[e] == "ram":
+                host = tuple(torch.empty(v.shape, dtype=torch.uint8, pin_memory=pin).copy_(v) for v in views)
+                mod.put_host(e, HostExpert("ram", host))  # disk → RAM
+            else:  # device experts keep their disk view too: evicted, they are read from there again
+                extents = tuple((file_descriptor(str(i.file)), i.offset + e * pe, pe)
+                                for i, pe in zip(infos, per_expert))
+                mod.put_host(e, HostExpert("disk", tuple(views), extents))
+                if tiers[e] == "device":
+                    mod.put_device(e, *views)  # disk → device
+    used.update(names)
+    model.get_submodule(prefix.rsplit(".", 1)[0]).experts = mod
+    done.update(f"{prefix}.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+    if progress:
+        progress(sum(i.nbytes for i in infos))
 
 
 def _swap_quantized(model: nn.Module, pname: str, data: torch.Tensor, info) -> None:

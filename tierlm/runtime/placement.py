@@ -1,0 +1,55 @@
+"""Where a loaded model's routed experts go: per MoE layer, each expert's tier and the device slots.
+
+Built from a plan (``from_plan``: the planner's GPU experts become device-resident, its RAM and disk experts stay
+on the host) or given directly (tests emulate every tier on the CPU with ``by_fraction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tierlm.config import ModelConfig
+from tierlm.errors import ConfigError
+
+
+@dataclass
+class Placement:
+    tiers: dict[int, list[str]]  # MoE layer → tier of each expert: "device" | "ram" | "disk"
+    slots: dict[int, int]  # MoE layer → device slots (≥ its device experts; spare slots cache promotions)
+
+    def check(self, cfg: ModelConfig) -> None:
+        if set(self.tiers) != set(cfg.moe_layers):
+            raise ConfigError(f"the placement covers layers {sorted(self.tiers)}, the model's MoE layers are "
+                              f"{cfg.moe_layers}; the plan was made for another model")
+        for layer, tiers in self.tiers.items():
+            bad = set(tiers) - {"device", "ram", "disk"}
+            if len(tiers) != cfg.n_routed_experts or bad:
+                raise ConfigError(f"layer {layer}: the placement must give one tier (device, ram, disk) for each of "
+                                  f"{cfg.n_routed_experts} experts")
+            if self.slots.get(layer, 0) < tiers.count("device"):
+                raise ConfigError(f"layer {layer}: {tiers.count('device')} device experts but "
+                                  f"{self.slots.get(layer, 0)} slots")
+
+    def counts(self) -> dict[str, int]:
+        return {t: sum(ts.count(t) for ts in self.tiers.values()) for t in ("device", "ram", "disk")}
+
+    @classmethod
+    def from_plan(cls, plan) -> "Placement":
+        tiers, slots = {}, {}
+        for le in plan.experts:
+            n = len(le.gpu) + len(le.ram) + len(le.disk)
+            t = ["disk"] * n
+            for e in le.ram:
+                t[e] = "ram"
+            for e in le.gpu:
+                t[e] = "device"
+            tiers[le.layer], slots[le.layer] = t, len(le.gpu)
+        return cls(tiers, slots)
+
+    @classmethod
+    def by_fraction(cls, cfg: ModelConfig, device: float, ram: float, spare_slots: int = 0) -> "Placement":
+        """Experts 0..a on the device, a..b in RAM, the rest on disk, in every MoE layer (for tests and demos)."""
+        E = cfg.n_routed_experts
+        a, b = round(E * device), round(E * (device + ram))
+        t = ["device"] * a + ["ram"] * (b - a) + ["disk"] * (E - b)
+        return cls({i: list(t) for i in cfg.moe_layers}, {i: a + spare_slots for i in cfg.moe_layers})

@@ -1,0 +1,61 @@
+"""Plan, then load: the flags of ``tierlm run|chat|serve`` that place a model (--gpus, --ram, --plan, …) turn
+into a plan (plan/), which is printed, checked, and executed as a Placement of the routed experts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tierlm.errors import ConfigError, TierlmError
+
+
+def add_placement_arguments(p) -> None:
+    p.add_argument("--gpus", help="GPU memory to use, e.g. 1x22GiB or 22GiB,11GiB (caps each detected card); "
+                                  "0 for none. Turns on tiered experts (GGUF models)")
+    p.add_argument("--ram", help="RAM for routed experts, e.g. 64GiB (default: detected available RAM)")
+    p.add_argument("--disk-gbps", help="disk read GB/s for the cost model (default: measured)")
+    p.add_argument("--plan", help="a plan written by `tierlm plan --json` to execute instead of planning again")
+    p.add_argument("--stats", action="store_true", help="print expert hits and bytes read per tier at the end")
+
+
+def wants_plan(args) -> bool:
+    return any(getattr(args, k, None) for k in ("gpus", "ram", "disk_gbps", "plan"))
+
+
+def make_run_plan(args, ctx: int | None = None):
+    """The plan for ``args.model`` under the placement flags, or the one ``--plan`` names."""
+    from tierlm.plan import make_hardware, make_plan
+    from tierlm.plan.command import resolve_model
+    from tierlm.plan.report import plan_from_json
+
+    if args.model is None or Path(args.model).suffix != ".gguf":
+        raise ConfigError("tiered experts (--gpus/--ram/--plan) need a GGUF model file; convert a checkpoint with "
+                          "`tierlm convert SRC model.gguf --quant Q4_K_M`")
+    if args.plan:
+        try:
+            return plan_from_json(json.loads(Path(args.plan).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--plan {args.plan}: not a plan written by `tierlm plan --json` ({e})") from None
+    config, tensors, name, path = resolve_model(args.model, None)
+    hw = make_hardware(gpus=args.gpus, ram=args.ram, disk_gbps=args.disk_gbps, model_path=path)
+    return make_plan(config, hardware=hw, ctx=ctx, tensors=tensors, name=name)
+
+
+def load_planned(args, progress=None, ctx: int | None = None):
+    """(model, plan): fail before loading when the plan does not fit."""
+    from tierlm.runtime.engine import load
+    from tierlm.runtime.placement import Placement
+
+    plan = make_run_plan(args, ctx)
+    if not plan.fits:
+        reasons = "; ".join(plan.problems) or "not enough memory"
+        fixes = "; ".join(plan.suggestions[:2])
+        raise TierlmError(f"the plan does not fit: {reasons}" + (f". Try: {fixes}" if fixes else ""))
+    gpus = [d.name for d in plan.devices if d.kind == "gpu" and d.layers and d.layers[1] > d.layers[0]]
+    if len(gpus) > 1:
+        raise TierlmError(f"the plan splits the layers over {len(gpus)} GPUs ({', '.join(gpus)}), which this "
+                          "version cannot run yet; pass --gpus with one card (e.g. --gpus 1x22GiB)")
+    device = gpus[0] if gpus else "cpu"
+    model = load(args.model, device=device, dtype=args.dtype, progress=progress,
+                 placement=Placement.from_plan(plan))
+    return model, plan
