@@ -1,14 +1,14 @@
 """Batched generation: prefill, decode steps, sampling, detokenization and stop conditions.
 
-A ``Sequence`` owns one row (slot) of the KV cache. ``prefill`` and ``decode`` run the model on any set of
-sequences, whatever their lengths, so requests can join and leave a running batch between steps.
+A ``Sequence`` owns one slot of the KV cache (a row of ``KVCache``, a block table of ``PagedKVCache``).
+``prefill`` and ``decode`` run the model on any set of sequences, whatever their lengths, so requests can join
+and leave a running batch between steps (``runtime/scheduler.py`` does that).
 
 Glossary: B sequences in the step, T tokens per row (padded), V vocabulary.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -90,7 +90,7 @@ class Sequence:
 
 def _run(model, tokens: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
          pick: torch.Tensor) -> torch.Tensor:
-    return model.module(tokens, positions, cache.view(slots), pick=pick)
+    return model.step(tokens, positions, cache.view(slots), pick=pick)
 
 
 @torch.inference_mode()
@@ -100,7 +100,7 @@ def prefill(model, cache, seqs: Seq[Sequence]) -> torch.Tensor:
     dev = model.device
     lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)
     T = int(lengths.max())
-    cache.reserve(T)
+    cache.ensure([s.slot for s in seqs], [len(s.prompt_ids) for s in seqs])
     tokens = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)  # (B, T), pad id 0 (never attended)
     for b, s in enumerate(seqs):
         tokens[b, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids, device=dev)
@@ -120,14 +120,17 @@ def prefill(model, cache, seqs: Seq[Sequence]) -> torch.Tensor:
 def decode(model, cache, seqs: Seq[Sequence]) -> torch.Tensor:
     """One step for every sequence: feed its last token at its position; return logits (B, V)."""
     dev = model.device
-    cache.reserve(max(s.length for s in seqs))
+    cache.ensure([s.slot for s in seqs], [s.length for s in seqs])
     tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev)  # (B, 1)
     positions = torch.tensor([[s.length - 1] for s in seqs], device=dev)  # (B, 1)
     slots = torch.tensor([s.slot for s in seqs], device=dev)
     return _run(model, tokens, positions, cache, slots, torch.zeros(len(seqs), dtype=torch.long, device=dev))
 
 
-def make_sequence(model, prompt_ids: list[int], params: SamplingParams, slot: int) -> Sequence:
+def make_sequence(model, prompt_ids: list[int], params: SamplingParams, slot: int,
+                  max_len: int | None = None) -> Sequence:
+    """A validated sequence for ``prompt_ids``; ``max_len`` caps prompt + output (default: the model's context).
+    Raises ``RequestError`` naming the bad input."""
     from tierlm.tokenizer import StreamDecoder
 
     try:
@@ -136,7 +139,7 @@ def make_sequence(model, prompt_ids: list[int], params: SamplingParams, slot: in
         raise RequestError(str(e)) from None
     if not prompt_ids:
         raise RequestError("the prompt is empty: give at least one token")
-    limit = model.config.max_position_embeddings
+    limit = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
     if len(prompt_ids) >= limit:
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}: shorten it")
     eos = frozenset(model.config.eos_token_ids) | ({model.tokenizer.eos_id} if model.tokenizer.eos_id is not None
@@ -145,50 +148,46 @@ def make_sequence(model, prompt_ids: list[int], params: SamplingParams, slot: in
                     StreamDecoder(model.tokenizer), StopChecker(params.stop), eos, limit)
 
 
+def next_tokens(model, seqs: Seq[Sequence], logits: torch.Tensor, ids: Seq[int]) -> list[TokenEvent]:
+    """Sample one token per sequence from its row of ``logits`` (B, V), record it, and return the events
+    (``TokenEvent.seq`` = ``ids[b]``) with text, finish reason and, where asked, logprobs."""
+    n_text = model.tokenizer.vocab_size  # rows past the tokenizer's ids are padding of the embedding table
+    if n_text < logits.shape[-1]:
+        logits = logits[:, :n_text]
+    tokens = sample_sequences([s.sampler for s in seqs], logits)
+    top_n = max([s.params.logprobs or 0 for s in seqs] + [1])
+    lp = (batch_logprobs(logits, torch.tensor(tokens, device=logits.device), top_n)
+          if any(s.params.logprobs is not None for s in seqs) else None)
+    events = []
+    for row, (i, s, tok) in enumerate(zip(ids, seqs, tokens)):
+        text, reason = s.accept(tok)
+        ev = TokenEvent(i, tok, text, reason)
+        if lp is not None and s.params.logprobs is not None:
+            n = s.params.logprobs
+            ev.logprob = float(lp[0][row])
+            ev.top_logprobs = list(zip(lp[1][row, :n].tolist(), lp[2][row, :n].tolist()))
+        events.append(ev)
+    return events
+
+
 def generate_batch(model, prompts: Seq[Seq[int]], params: Seq[SamplingParams] | SamplingParams,
                    stats: Stats | None = None) -> Iterator[list[TokenEvent]]:
-    """Continue several token-id prompts together; yield, per step, one event per still-running sequence."""
+    """Continue several token-id prompts together; yield, per step, one event per still-running sequence.
+
+    Runs on the continuous-batching scheduler (the server's engine), driven step by step from this thread.
+    """
+    # Imported here: the scheduler builds on this module's prefill/decode/next_tokens.
+    from tierlm.runtime.scheduler import Scheduler
+
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
-    seqs = [make_sequence(model, list(p), sp, slot) for slot, (p, sp) in enumerate(zip(prompts, params))]
-    stats = stats if stats is not None else Stats()
-    stats.prompt_tokens += sum(len(s.prompt_ids) for s in seqs)
-    cache = model.new_cache(len(seqs), max(len(s.prompt_ids) for s in seqs) + 16)
-    t0 = time.perf_counter()
-    logits = prefill(model, cache, seqs)
-    active = list(range(len(seqs)))
-    first = True
-    n_text = model.tokenizer.vocab_size  # rows past the tokenizer's ids are padding of the embedding table
-    while active:
-        running = [seqs[i] for i in active]
-        if n_text < logits.shape[-1]:
-            logits = logits[:, :n_text]
-        tokens = sample_sequences([s.sampler for s in running], logits)
-        want_lp = [s.params.logprobs is not None for s in running]
-        lp = batch_logprobs(logits, torch.tensor(tokens, device=logits.device), max(
-            [s.params.logprobs or 0 for s in running] + [1])) if any(want_lp) else None
-        now = time.perf_counter()
-        if first:
-            stats.prefill_s += now - t0
-            first = False
-        else:
-            stats.decode_s += now - t0
-        t0 = now
-        events = []
-        for row, (i, s, tok) in enumerate(zip(active, running, tokens)):
-            text, reason = s.accept(tok)
-            ev = TokenEvent(i, tok, text, reason)
-            if lp is not None and s.params.logprobs is not None:
-                n = s.params.logprobs
-                ev.logprob = float(lp[0][row])
-                ev.top_logprobs = list(zip(lp[1][row, :n].tolist(), lp[2][row, :n].tolist()))
-            events.append(ev)
-        stats.generated_tokens += len(events)
-        yield events
-        active = [i for i in active if seqs[i].finish_reason is None]
-        if active:
-            t0 = time.perf_counter()
-            logits = decode(model, cache, [seqs[i] for i in active])
+    sched = Scheduler(model, max_batch=max(len(prompts), 1), stats=stats, raise_errors=True)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        sched.submit(list(p), sp, index=i)
+    while sched.busy:
+        events = sched.step()
+        if events:
+            yield events
 
 
 def encode_prompt(model, prompt, chat_template: str | None = None) -> list[int]:

@@ -1,21 +1,45 @@
-"""The MLA cache: per layer, per sequence slot, the normalized latent (C) and the RoPE'd shared key (R).
+"""The MLA cache: per layer, per token, the normalized latent (C) and the RoPE'd shared key (R).
 
 68.6 KiB per token for DeepSeek-V3 in bf16 (61 layers × 576 × 2 B), against 4.77 MiB for decompressed K/V.
-Slots are rows; a sequence owns one slot for its lifetime. Capacity grows geometrically when a longer sequence
-arrives (the copy is visible here, in ``reserve``).
+Two layouts implement the ``CacheView`` protocol of ``model/attention.py``:
 
-Glossary: N slots, L layers, Smax capacity (tokens per slot), C kv_lora_rank, R rope dims, B batch, T tokens.
+- ``KVCache``: contiguous slots. A sequence owns one row for its lifetime; capacity grows geometrically when a
+  longer sequence arrives (the copy is visible in ``reserve``). Simple, and the reference.
+- ``PagedKVCache``: a pool of fixed-size blocks and one block table per sequence, so sequences of different
+  lengths share memory and a finished sequence's blocks go back to the pool at once. The block bookkeeping
+  (``BlockAllocator``) is plain Python.
+
+Both are addressed by a sequence's *slot* (an int): a row index in ``KVCache``, a block-table key in
+``PagedKVCache``. ``ensure(slots, lengths)`` makes room before a forward pass; ``view(slots)`` is what the model
+sees.
+
+Glossary: N slots, L layers, Smax capacity (tokens per slot), C kv_lora_rank, R rope dims, B batch, T tokens,
+NB blocks in the pool, Bs tokens per block, W blocks per row of a block table.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import torch
 
 from tierlm.config import ModelConfig
+from tierlm.errors import TierlmError
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a KV pool may take on ``device``: the GPU's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume 4 GiB
+        return 4 << 30
 
 
 class KVCache:
@@ -40,6 +64,10 @@ class KVCache:
             pe[:, :, : self.capacity] = self.pe
         self.kv, self.pe, self.capacity = kv, pe, new_cap
 
+    def ensure(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Make room for ``lengths[i]`` tokens in ``slots[i]``."""
+        self.reserve(max(lengths))
+
     def view(self, slots: torch.Tensor) -> "SlotView":
         """The cache as seen by a batch whose row b owns slot ``slots[b]``."""
         return SlotView(self, slots)
@@ -60,3 +88,165 @@ class SlotView:
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.kv[layer, self.slots, :length], self.cache.pe[layer, self.slots, :length]
+
+
+# ------------------------------------------------------------------------------------------------ paged
+
+
+class CacheFullError(TierlmError, MemoryError):
+    """The block pool has no free block left for a sequence that needs one."""
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class BlockAllocator:
+    """Which blocks of the pool are free, which sequence holds which, and what admitted sequences may still
+    claim (``reserve``). Plain Python: no tensors.
+
+    Block 0 is never handed out: it is the scratch block where a batch's padding positions write (see
+    ``PagedView``).
+    """
+
+    def __init__(self, n_blocks: int, block_size: int):
+        if n_blocks < 2 or block_size < 1:
+            raise ValueError(f"a paged KV cache needs >= 2 blocks of >= 1 token, got {n_blocks} x {block_size}")
+        self.n_blocks, self.block_size = n_blocks, block_size
+        self._free = list(range(n_blocks - 1, 0, -1))  # a stack: pop() hands out low ids first
+        self.tables: dict[int, list[int]] = {}  # slot -> its blocks, in position order
+        self._reserved: dict[int, int] = {}  # slot -> blocks it may still claim beyond those it holds
+
+    @property
+    def usable(self) -> int:
+        """Blocks that sequences can hold (all but the scratch block)."""
+        return self.n_blocks - 1
+
+    @property
+    def free(self) -> int:
+        """Blocks neither held nor promised to an admitted sequence."""
+        return len(self._free) - sum(self._reserved.values())
+
+    @property
+    def used(self) -> int:
+        return self.usable - len(self._free)
+
+    def can_admit(self, tokens: int) -> bool:
+        return blocks_for(tokens, self.block_size) <= self.free
+
+    def admit(self, slot: int, tokens: int = 0) -> None:
+        """Open a block table for ``slot`` and promise it room for ``tokens`` tokens (0: promise nothing, take
+        blocks as they are free)."""
+        if slot in self.tables:
+            raise ValueError(f"slot {slot} already has a block table")
+        need = blocks_for(tokens, self.block_size)
+        if need > self.free:
+            raise CacheFullError(f"{tokens} tokens need {need} KV blocks; {self.free} are free")
+        self.tables[slot], self._reserved[slot] = [], need
+
+    def grow(self, slot: int, tokens: int) -> None:
+        """Hold enough blocks for ``tokens`` tokens in ``slot``, taking its promised blocks first."""
+        table = self.tables[slot]
+        missing = blocks_for(tokens, self.block_size) - len(table)
+        if missing <= 0:
+            return
+        promised = min(missing, self._reserved[slot])
+        if missing - promised > self.free:
+            raise CacheFullError(f"slot {slot} needs {missing} more KV blocks; {len(self._free)} are free and "
+                                 f"{sum(self._reserved.values())} of those are promised to running sequences")
+        self._reserved[slot] -= promised
+        table += [self._free.pop() for _ in range(missing)]
+
+    def release(self, slot: int) -> None:
+        """Return every block of ``slot`` (and its unclaimed promise) to the pool."""
+        self._free += reversed(self.tables.pop(slot, []))
+        self._reserved.pop(slot, None)
+
+    def add_blocks(self, n: int) -> None:
+        """The pool grew by ``n`` blocks (``PagedKVCache.grow_pool``)."""
+        self._free[:0] = range(self.n_blocks + n - 1, self.n_blocks - 1, -1)
+        self.n_blocks += n
+
+
+class PagedKVCache:
+    """The MLA cache in fixed-size blocks: kv (L, NB, Bs, C) and pe (L, NB, Bs, R), shared by all sequences."""
+
+    def __init__(self, cfg: ModelConfig, n_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.blocks = BlockAllocator(n_blocks, block_size)
+        self.block_size = block_size
+        L = cfg.num_hidden_layers
+        # Zeros, not empty: padding rows read masked keys from stale blocks, and 0 × NaN would still be NaN.
+        self.kv = torch.zeros(L, n_blocks, block_size, cfg.kv_lora_rank, dtype=dtype, device=self.device)
+        self.pe = torch.zeros(L, n_blocks, block_size, cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
+
+    @classmethod
+    def for_tokens(cls, cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device | str,
+                   block_size: int = 16) -> PagedKVCache:
+        """A pool that holds ``tokens`` tokens (plus the scratch block)."""
+        return cls(cfg, blocks_for(tokens, block_size) + 1, block_size, dtype, device)
+
+    def admit(self, slot: int, tokens: int = 0) -> None:
+        self.blocks.admit(slot, tokens)
+
+    def release(self, slot: int) -> None:
+        self.blocks.release(slot)
+
+    def ensure(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Hold blocks for ``lengths[i]`` tokens in ``slots[i]``; raises ``CacheFullError`` when the pool is out."""
+        for slot, n in zip(slots, lengths):
+            self.blocks.grow(int(slot), int(n))
+
+    def grow_pool(self, n_blocks: int) -> None:
+        """Add blocks to the pool, keeping what is cached (a device-to-device copy, as ``KVCache.reserve``)."""
+        kv = torch.zeros(*self.kv.shape[:1], n_blocks, *self.kv.shape[2:], dtype=self.dtype, device=self.device)
+        pe = torch.zeros(*self.pe.shape[:1], n_blocks, *self.pe.shape[2:], dtype=self.dtype, device=self.device)
+        self.kv, self.pe = torch.cat([self.kv, kv], dim=1), torch.cat([self.pe, pe], dim=1)
+        self.blocks.add_blocks(n_blocks)
+
+    def view(self, slots: torch.Tensor | Sequence[int]) -> PagedView:
+        """The cache as seen by a batch whose row b is the sequence in slot ``slots[b]``."""
+        slots = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
+        tables = [self.blocks.tables[s] for s in slots]
+        width = max(map(len, tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in tables]  # past a row's blocks: the scratch block
+        return PagedView(self, torch.tensor(padded, dtype=torch.long, device=self.device).view(len(slots), width))
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.pe.nbytes
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.nbytes // self.blocks.n_blocks
+
+
+class PagedView:
+    """A batch's view of the paged cache through its block table (B, W): position p of row b lives at
+    block ``table[b, p // Bs]``, offset ``p % Bs``. Positions past a row's blocks (the padding of a batch of
+    different lengths) map to the scratch block 0: written there, never read unmasked."""
+
+    def __init__(self, cache: PagedKVCache, table: torch.Tensor):
+        self.cache, self.table = cache, table
+
+    def _table(self, width: int) -> torch.Tensor:
+        if width > self.table.shape[1]:
+            self.table = torch.nn.functional.pad(self.table, (0, width - self.table.shape[1]), value=0)
+        return self.table
+
+    def write(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        bs = self.cache.block_size
+        table = self._table(int(positions.max()) // bs + 1)
+        block = table.gather(1, positions // bs)  # (B, T)
+        offset = positions % bs  # (B, T)
+        self.cache.kv[layer, block, offset] = kv.to(self.cache.dtype)
+        self.cache.pe[layer, block, offset] = pe.to(self.cache.dtype)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = blocks_for(length, self.cache.block_size)
+        table = self._table(n)[:, :n]  # (B, n)
+        B = table.shape[0]
+        kv = self.cache.kv[layer, table].view(B, -1, self.cache.kv.shape[-1])[:, :length]  # (B, S, C)
+        pe = self.cache.pe[layer, table].view(B, -1, self.cache.pe.shape[-1])[:, :length]  # (B, S, R)
+        return kv, pe
