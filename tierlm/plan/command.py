@@ -19,7 +19,7 @@ from tierlm.config import ModelConfig
 from tierlm.errors import CheckpointError, TierlmError
 from tierlm.plan.hardware import PlanError, make_hardware
 from tierlm.plan.inventory import RECIPES
-from tierlm.plan.planner import load_profile, make_plan
+from tierlm.plan.planner import default_profile, load_profile, make_plan
 from tierlm.plan.report import format_plan, plan_to_json
 from tierlm.presets import known_config
 
@@ -65,7 +65,7 @@ def plan_command(args: argparse.Namespace) -> int:
         hw = make_hardware(gpus=args.gpus, ram=args.ram, disk_gbps=args.disk_gbps, gpu_gbps=args.gpu_gbps,
                            pcie_gbps=args.pcie_gbps, ram_gbps=args.ram_gbps, detect=not args.no_detect,
                            model_path=path)
-        profile = load_profile(args.profile) if args.profile else None
+        profile = load_profile(args.profile) if args.profile else default_profile(path)
         plan = make_plan(config, args.quant or "Q4_K_M", hw, ctx=args.ctx, batch=args.batch, profile=profile,
                          tensors=tensors, name=name)
     except TierlmError as e:

@@ -85,6 +85,21 @@ def load_profile(path: str | Path) -> RoutingProfile:
         raise PlanError(f"routing profile {path} is not valid JSON ({e})") from None
 
 
+def recorded_profile_path(model_path: str | Path) -> Path:
+    """Where ``--record-profile`` saves a model's routing profile: beside it (``X.gguf`` → ``X.gguf.routing.json``,
+    a checkpoint folder → ``folder/routing.json``)."""
+    p = Path(model_path)
+    return (p / "routing.json") if p.is_dir() else p.with_name(p.name + ".routing.json")
+
+
+def default_profile(model_path: str | Path | None) -> RoutingProfile | None:
+    """The profile recorded beside the model, if there is one."""
+    if model_path is None:
+        return None
+    p = recorded_profile_path(model_path)
+    return load_profile(p) if p.exists() else None
+
+
 def expert_usage(config: ModelConfig, profile: RoutingProfile | None) -> dict[int, list[float]]:
     """Expected uses per token of each routed expert (sums to top-k per layer); uniform where not profiled."""
     E, k = config.n_routed_experts, config.num_experts_per_tok

@@ -16,6 +16,9 @@ def add_placement_arguments(p) -> None:
     p.add_argument("--disk-gbps", help="disk read GB/s for the cost model (default: measured)")
     p.add_argument("--plan", help="a plan written by `tierlm plan --json` to execute instead of planning again")
     p.add_argument("--stats", action="store_true", help="print expert hits and bytes read per tier at the end")
+    p.add_argument("--record-profile", action="store_true",
+                   help="count which experts the router picks and add the counts to MODEL.routing.json, which "
+                        "later plans use to put the hottest experts on the GPU")
 
 
 def wants_plan(args) -> bool:
@@ -36,9 +39,11 @@ def make_run_plan(args, ctx: int | None = None):
             return plan_from_json(json.loads(Path(args.plan).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--plan {args.plan}: not a plan written by `tierlm plan --json` ({e})") from None
+    from tierlm.plan.planner import default_profile
+
     config, tensors, name, path = resolve_model(args.model, None)
     hw = make_hardware(gpus=args.gpus, ram=args.ram, disk_gbps=args.disk_gbps, model_path=path)
-    return make_plan(config, hardware=hw, ctx=ctx, tensors=tensors, name=name)
+    return make_plan(config, hardware=hw, ctx=ctx, tensors=tensors, name=name, profile=default_profile(path))
 
 
 def load_planned(args, progress=None, ctx: int | None = None):
