@@ -105,6 +105,19 @@ def test_requests_join_and_leave_mid_batch_and_match_alone(tiny):
     assert sched.kv_blocks_used == 0 and sched.num_running == sched.num_waiting == 0
 
 
+def test_prefill_groups_bound_padding():
+    from types import SimpleNamespace
+
+    from tierlm.runtime.scheduler import _prefill_groups
+
+    reqs = [SimpleNamespace(prompt_ids=[0] * n) for n in (3, 400, 5, 380, 4, 2)]
+    groups = [[len(r.prompt_ids) for r in g] for g in _prefill_groups(reqs)]
+    assert sorted(n for g in groups for n in g) == [2, 3, 4, 5, 380, 400]
+    for g in groups:
+        assert max(g) * len(g) <= 2 * sum(g)  # padding at most doubles a pass's work
+    assert len(groups) == 2 and groups[0][:2] == [400, 380]  # one pass for all would compute 6 x 400 tokens
+
+
 def test_admission_waits_for_free_memory(tiny):
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     sched = Scheduler(tiny, max_batch=8, kv_tokens=32, ctx=64, block_size=4)  # room for two 16-token budgets

@@ -127,7 +127,7 @@ def test_health_is_503_while_loading_then_200(monkeypatch):
         return real_load(*args, **kw)
 
     monkeypatch.setattr(tierlm, "load", slow_load)
-    with serving() as (base, state):
+    with serving() as (base, _):
         r = httpx.get(base + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = httpx.post(base + "/v1/completions", json={"prompt": "Hi"})
@@ -151,12 +151,17 @@ def test_a_model_that_fails_to_load_is_reported(monkeypatch):
         assert r.status_code == 503 and "truncated" in r.json()["error"]
 
 
-def test_expert_cache_hook_and_gpu_memory_in_metrics(demo, monkeypatch):
-    monkeypatch.setattr(demo, "expert_cache_stats", lambda: {"gpu": {"hits": 5, "misses": 1},
-                                                             "ram": {"hits": 2, "misses": 3}}, raising=False)
-    with serving(demo) as (base, state):
+def test_expert_tier_counters_and_gpu_memory_in_metrics(demo, monkeypatch):
+    from tierlm.runtime.experts import TierStats
+
+    stats = TierStats()
+    monkeypatch.setattr(demo, "expert_stats", stats)
+    with serving(demo) as (base, _):
         assert _ready(base)
+        stats.hits.update(device=5, ram=2)  # what the tiered experts count as they serve tokens
+        stats.bytes_read["disk"] = 1234
         text = httpx.get(base + "/metrics").text
-    assert 'tierlm:expert_cache_hits_total{tier="gpu"} 5.0' in text
-    assert 'tierlm:expert_cache_misses_total{tier="ram"} 3.0' in text
+    assert 'tierlm:expert_cache_hits_total{tier="device"} 5.0' in text
+    assert 'tierlm:expert_cache_hits_total{tier="ram"} 2.0' in text
+    assert 'tierlm:expert_bytes_read_total{tier="disk"} 1234.0' in text
     assert "tierlm:gpu_memory_used_bytes" in text  # no samples on a CPU server, but the family is there

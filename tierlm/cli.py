@@ -99,16 +99,35 @@ def cmd_run(args) -> int:
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                               template=args.chat_template)
     stats = Stats()
+    recorder = _recorder(args, model)
     for events in generate_batch(model, [ids], params, stats):
         for ev in events:
             sys.stdout.write(ev.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    _save_profile(recorder, model)
     _err().print(f"[dim]prompt {stats.prompt_tokens} tokens, generated {stats.generated_tokens} tokens, "
                  f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s[/dim]")
     if args.stats:
         _print_expert_stats(model)
     return 0
+
+
+def _recorder(args, model):
+    if not getattr(args, "record_profile", False):
+        return None
+    from tierlm.runtime.profile import ProfileRecorder
+
+    return ProfileRecorder(model.module)
+
+
+def _save_profile(recorder, model) -> None:
+    if recorder is None:
+        return
+    from tierlm.plan.planner import recorded_profile_path
+
+    path = recorder.save(recorded_profile_path(model.path))
+    _err().print(f"[dim]routing profile saved to {path}: later plans of this model rank experts by it[/dim]")
 
 
 def _print_expert_stats(model) -> None:
@@ -131,6 +150,7 @@ def cmd_chat(args) -> int:
     params = _sampling(args, model)
     tok = model.tokenizer
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    recorder = _recorder(args, model)
     err = _err()
     err.print("[dim]type a message; /reset clears the history, /exit (or Ctrl-D) quits[/dim]")
     while True:
@@ -138,8 +158,10 @@ def cmd_chat(args) -> int:
             line = input(">>> ")
         except (EOFError, KeyboardInterrupt):
             sys.stdout.write("\n")
+            _save_profile(recorder, model)
             return 0
         if line.strip() in ("/exit", "/quit"):
+            _save_profile(recorder, model)
             return 0
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
@@ -192,13 +214,20 @@ def cmd_convert(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from tierlm.runtime.planned import load_planned, make_run_plan, wants_plan
     from tierlm.serve.server import ServeOptions, serve
 
+    loader = None
+    if wants_plan(args):  # tiered experts: show the plan first, load it once the server listens
+        from tierlm.plan.report import format_plan
+
+        print(format_plan(make_run_plan(args, args.ctx)), file=sys.stderr)
+        loader = lambda: load_planned(args, ctx=args.ctx)[0]  # noqa: E731
     return serve(ServeOptions(
         model=args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
         api_key=args.api_key, max_batch=args.max_batch, ctx=args.ctx, max_waiting=args.max_waiting,
         chat_template=args.chat_template, served_model_name=args.served_model_name,
-        allow_origins=tuple(args.allow_origin), shutdown_timeout_s=args.shutdown_timeout))
+        allow_origins=tuple(args.allow_origin), shutdown_timeout_s=args.shutdown_timeout, loader=loader))
 
 
 def cmd_doctor(args) -> int:
@@ -266,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "default: CORS off)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    add_placement_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="report Python, torch, GPUs, RAM and disk, and what will not work")

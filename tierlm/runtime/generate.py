@@ -90,6 +90,7 @@ class Sequence:
 
 def _run(model, tokens: torch.Tensor, positions: torch.Tensor, cache, slots: torch.Tensor,
          pick: torch.Tensor) -> torch.Tensor:
+    # Model.step: the forward pass that recovers from running out of GPU memory
     return model.step(tokens, positions, cache.view(slots), pick=pick)
 
 
@@ -181,7 +182,7 @@ def generate_batch(model, prompts: Seq[Seq[int]], params: Seq[SamplingParams] | 
 
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
-    sched = Scheduler(model, max_batch=max(len(prompts), 1), stats=stats, raise_errors=True)
+    sched = Scheduler(model, max_batch=max(len(prompts), 1), max_prefill_tokens=None, stats=stats, raise_errors=True)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         sched.submit(list(p), sp, index=i)
     while sched.busy:

@@ -68,7 +68,7 @@ class KVCache:
         """Make room for ``lengths[i]`` tokens in ``slots[i]``."""
         self.reserve(max(lengths))
 
-    def view(self, slots: torch.Tensor) -> "SlotView":
+    def view(self, slots: torch.Tensor) -> SlotView:
         """The cache as seen by a batch whose row b owns slot ``slots[b]``."""
         return SlotView(self, slots)
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from tierlm.errors import RequestError, TierlmError
 from tierlm.runtime.generate import Sequence, Stats, TokenEvent, decode, make_sequence, next_tokens, prefill
-from tierlm.runtime.kv_cache import CacheFullError, PagedKVCache, blocks_for, kv_bytes_per_token
+from tierlm.runtime.kv_cache import (CacheFullError, PagedKVCache, blocks_for, free_memory_bytes,
+                                     kv_bytes_per_token)
 from tierlm.runtime.sampling import SamplingParams
 
 log = logging.getLogger("tierlm.scheduler")
@@ -101,7 +102,7 @@ class Scheduler:
     """
 
     def __init__(self, model, *, max_batch: int = 32, max_waiting: int | None = None, ctx: int | None = None,
-                 kv_tokens: int | None = None, block_size: int = BLOCK_SIZE, max_prefill_tokens: int = 4096,
+                 kv_tokens: int | None = None, block_size: int = BLOCK_SIZE, max_prefill_tokens: int | None = 4096,
                  events: SchedulerEvents | None = None, stats: Stats | None = None, raise_errors: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -203,16 +204,17 @@ class Scheduler:
                 self._done(r, "cancelled")
             new = self._admit()
         old = [r for r in self.running if r.seq.output_ids]
-        events = []
-        if new:
-            events += self._forward(new, prefill)
+        first = []  # (admission order, event): the events keep the order requests were admitted in
+        for group in _prefill_groups(new):
+            first += zip([new.index(r) for r in group], self._forward(group, prefill))
+        events = [ev for _, ev in sorted(first, key=lambda pair: pair[0])]
         if old:
             events += self._forward(old, decode)
         return events
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []
-        prefill_budget = self.max_prefill_tokens
+        prefill_budget = self.max_prefill_tokens if self.max_prefill_tokens is not None else float("inf")
         blocks = self.cache.blocks
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
@@ -314,7 +316,14 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug outside the model step: fail what is in flight rather than hang
+                log.exception("a scheduler step failed")
+                failure = GenerationFailed(f"generation failed: {type(e).__name__}: {e}")
+                with self._cv:
+                    for r in list(self.running):
+                        self._done(r, "error", failure)
 
     def stop(self, message: str = "the server is shutting down") -> None:
         """Stop the thread after its current step; requests still queued or running get a ``GenerationFailed``."""
@@ -331,11 +340,25 @@ class Scheduler:
                 self._done(r, "error", failure)
 
 
+def _prefill_groups(reqs: list[Request]) -> list[list[Request]]:
+    """Split new requests into prefill passes whose right-padding at most doubles the tokens computed: a long
+    prompt is not made to pad every short one joining with it."""
+    groups: list[list[Request]] = []
+    total = 0
+    for r in sorted(reqs, key=lambda r: -len(r.prompt_ids)):  # each group's first request is its longest
+        n = len(r.prompt_ids)
+        if groups and len(groups[-1][0].prompt_ids) * (len(groups[-1]) + 1) <= 2 * (total + n):
+            groups[-1].append(r)
+            total += n
+        else:
+            groups.append([r])
+            total = n
+    return groups
+
+
 def kv_pool_tokens(model, max_batch: int, ctx: int, memory_fraction: float = 0.9) -> int:
     """Tokens of KV cache for a server: room for ``max_batch`` sequences of ``ctx`` tokens, or as many tokens
     as ``memory_fraction`` of the device's free memory holds, whichever is less."""
-    from tierlm.runtime.kv_cache import free_memory_bytes
-
     per_token = kv_bytes_per_token(model.config, model.dtype)
     fits = int(free_memory_bytes(model.device) * memory_fraction) // per_token
     tokens = min(max_batch * ctx, fits)

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -58,10 +59,16 @@ class ServeOptions:
     max_body_bytes: int = 8 << 20
     keepalive_s: float = 5.0  # SSE comment interval while no token comes
     shutdown_timeout_s: float = 30.0  # on SIGTERM, time in-flight requests get to finish
+    loader: Callable[[], Any] | None = None  # loads the model (placement flags); None: tierlm.load(model, ...)
 
     @property
     def name(self) -> str:
-        return self.served_model_name or (Path(self.model).resolve().name if self.model else "demo")
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is None:
+            return "demo"
+        path = Path(self.model).resolve()
+        return path.stem if path.suffix == ".gguf" else path.name
 
 
 class ServerState:
@@ -77,7 +84,9 @@ class ServerState:
         """Load the model (unless given) and start the engine; on failure record why and stop the server."""
         o = self.options
         try:
-            if model is None:
+            if model is None and o.loader is not None:
+                model = o.loader()
+            elif model is None:
                 import tierlm
 
                 model = tierlm.load(o.model, device=o.device, dtype=o.dtype)
@@ -91,7 +100,7 @@ class ServerState:
             log.error("could not load the model: %s", self.error)
             self.on_fatal()
             return
-        self.metrics.bind(engine.scheduler, getattr(model, "expert_cache_stats", None))
+        self.metrics.bind(engine.scheduler, lambda: _tier_counts(getattr(model, "expert_stats", None)))
         self.engine = engine
         c = model.config
         log.info("serving %s (%s, %d layers, %d experts) on %s: batch %d, context %d, KV cache %d tokens",
@@ -311,6 +320,13 @@ async def _cancel_on_disconnect(request: Request, sub) -> None:
         if message["type"] == "http.disconnect":
             sub.cancel()
             return
+
+
+def _tier_counts(stats) -> dict:
+    """Per-tier totals of the model's ``TierStats`` for the metrics hook (none when experts are not tiered)."""
+    if stats is None:
+        return {}
+    return {t: {"hits": n, "bytes_read": stats.bytes_read.get(t, 0)} for t, n in stats.hits.items()}
 
 
 def _model_card(engine: Engine) -> dict[str, Any]:

@@ -164,9 +164,8 @@ def sampling_params(engine: Engine, body: SamplingFields, prompt_len: int, max_t
         temperature=float(pick("temperature", 1.0)), top_p=float(pick("top_p", 1.0)), top_k=int(pick("top_k", 0)),
         min_p=float(pick("min_p", 0.0)), repetition_penalty=float(pick("repetition_penalty", 1.0)),
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        seed=seed, max_tokens=max_tokens, stop=tuple(body.stop or ()) if not isinstance(body.stop, str)
-        else (body.stop,), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-        logprobs=logprobs)
+        seed=seed, max_tokens=max_tokens, stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos, logprobs=logprobs)
     try:
         return params.validate()
     except ValueError as e:

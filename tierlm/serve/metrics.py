@@ -4,9 +4,10 @@ Counters and histograms are fed by the scheduler's hooks (``SchedulerEvents``, c
 gauges are read when /metrics is scraped: requests running and waiting, KV cache blocks, GPU memory per
 device, and expert-cache hits per tier.
 
-Expert-cache hook: the tiered expert runtime reports through ``Metrics.expert_stats``, a callable returning
-``{tier: {"hits": int, "misses": int}}`` with running totals (tier names such as "gpu", "ram", "disk"). The
-server sets it from the model's ``expert_cache_stats`` method when the model has one.
+Expert-cache hook: ``Metrics.expert_stats`` is a callable returning running totals per tier,
+``{tier: {"hits": int, "bytes_read": int}}`` (tiers "device", "ram", "disk": where routed experts were served
+from). The server points it at the model's ``expert_stats`` (``runtime/experts.TierStats``) when its experts
+are tiered; any other source of the same shape plugs in the same way.
 """
 
 from __future__ import annotations
@@ -94,15 +95,15 @@ class _ScrapeTimeGauges:
         yield from self._gpu_memory(s)
 
     def _experts(self):
-        hits = CounterMetricFamily("tierlm:expert_cache_hits", "Routed-expert lookups served by a tier.",
+        hits = CounterMetricFamily("tierlm:expert_cache_hits", "Routed-expert uses served by each tier.",
                                    labels=["tier"])
-        misses = CounterMetricFamily("tierlm:expert_cache_misses", "Routed-expert lookups a tier missed.",
-                                     labels=["tier"])
+        read = CounterMetricFamily("tierlm:expert_bytes_read", "Routed-expert bytes read from each tier.",
+                                   labels=["tier"])
         stats = self.m.expert_stats() if self.m.expert_stats else {}
         for tier, counts in stats.items():
             hits.add_metric([tier], counts.get("hits", 0))
-            misses.add_metric([tier], counts.get("misses", 0))
-        yield from (hits, misses)
+            read.add_metric([tier], counts.get("bytes_read", 0))
+        yield from (hits, read)
 
     def _gpu_memory(self, s: Scheduler | None):
         used = GaugeMetricFamily("tierlm:gpu_memory_used_bytes", "Memory torch has allocated, per GPU.",

@@ -44,7 +44,7 @@ class SamplingFields(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     ignore_eos: bool = False
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -117,15 +117,18 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 def describe_validation_error(e: ValidationError) -> tuple[str, str | None]:
     """A one-line message naming the first bad field (``messages.0.role: ...``), and that field's path."""
-    err = e.errors(include_url=False)[0]
+    errors = e.errors(include_url=False)
+    # In a union (``stop``: a string or a list) the first error is often "not a string"; an error about a
+    # value of the right type ("list too long") says more.
+    err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
     loc = ".".join(str(p) for p in err.get("loc", ()) if not _is_union_tag(p))
     msg = err.get("msg", "invalid value")
-    more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{loc}: {msg}{more}" if loc else f"{msg}{more}"), loc or None
 
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic names the union member it tried in the location ("stop.str", "prompt.list[int]"); users never
     # wrote those.
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "function-after")
-                                      or part.startswith(("list[", "dict[", "function-")))
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool")
+                                      or part.startswith(("list[", "dict[", "function-", "constrained-")))
