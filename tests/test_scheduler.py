@@ -219,3 +219,44 @@ def test_bad_token_ids_are_request_errors(tiny):
         sched.submit([1, 300], SamplingParams())
     with pytest.raises(RequestError, match="top_p"):
         sched.submit([1], SamplingParams(top_p=0))
+
+
+@pytest.mark.gpu
+def test_paged_cache_and_scheduler_on_gpu(tiny_ckpt):
+    """On a GPU: the paged cache gives the slot cache's logits, the pool is sized from free GPU memory, and
+    batched generation equals each request alone; the metrics report the GPU's memory."""
+    from tierlm.runtime.scheduler import kv_pool_tokens
+    from tierlm.serve.metrics import Metrics
+
+    model = tierlm.load(tiny_ckpt, dtype="bfloat16", device="cuda")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 33, 17)]
+    slot_seqs = [_fake_seq(p, i) for i, p in enumerate(prompts)]
+    paged_seqs = [_fake_seq(p, 50 + i) for i, p in enumerate(prompts)]
+    slots = model.new_cache(len(prompts), 8)
+    paged = PagedKVCache(model.config, 64, 16, model.dtype, model.device)
+    for s in paged_seqs:
+        paged.admit(s.slot)
+    pairs = [(prefill(model, slots, slot_seqs), prefill(model, paged, paged_seqs))]
+    for t in (5, 9, 11):
+        for s in slot_seqs + paged_seqs:
+            s.output_ids.append(t)
+        pairs.append((decode(model, slots, slot_seqs), decode(model, paged, paged_seqs)))
+    for a, b in pairs:
+        assert torch.equal(a, b)
+
+    tokens = kv_pool_tokens(model, max_batch=8, ctx=256)
+    assert tokens == 8 * 256  # the GPU has room for the whole budget
+    metrics = Metrics()
+    sched = Scheduler(model, max_batch=8, kv_tokens=tokens, ctx=256, events=metrics)
+    metrics.bind(sched)
+    sp = [SamplingParams(temperature=0, max_tokens=6), SamplingParams(temperature=0.8, seed=3, max_tokens=9)]
+    alone = [[e.token_id for step in generate_batch(model, [p], s) for e in step] for p, s in zip(prompts, sp)]
+    reqs = [sched.submit(p, s) for p, s in zip(prompts, sp)]
+    while sched.busy:
+        sched.step()
+    assert [r.output_ids for r in reqs] == alone
+    assert sched.kv_blocks_used == 0
+    text = metrics.render().decode()
+    assert 'tierlm:gpu_memory_used_bytes{device="cuda:0"}' in text
+    assert 'tierlm:gpu_memory_total_bytes{device="cuda:0"}' in text
