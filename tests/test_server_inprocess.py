@@ -33,7 +33,7 @@ def serving(model=None, **options):
     base = f"http://127.0.0.1:{port}"
     assert wait_until(lambda: server.started, timeout=30)
     try:
-        yield base, app.state.tierlm
+        yield base, app.state.tierlm, server
     finally:
         server.should_exit = True
         thread.join(30)
@@ -67,7 +67,7 @@ def test_a_step_that_raises_fails_in_flight_requests_and_the_next_succeeds(demo,
             raise RuntimeError("injected fault in a decode step")
         return real(*args, **kw)
 
-    with serving(demo) as (base, state):
+    with serving(demo) as (base, state, _):
         assert _ready(base)
         client = _client(base)
         monkeypatch.setattr(demo.module, "forward", flaky)
@@ -90,7 +90,7 @@ def test_a_step_that_raises_fails_in_flight_requests_and_the_next_succeeds(demo,
 
 
 def test_full_queue_gets_429_and_keepalive_during_slow_steps(demo, monkeypatch):
-    with serving(demo, max_batch=1, max_waiting=1, keepalive_s=0.1) as (base, state):
+    with serving(demo, max_batch=1, max_waiting=1, keepalive_s=0.1) as (base, state, _):
         assert _ready(base)
         slow_forward(demo, 0.3, monkeypatch)
         body = {"model": "demo", "prompt": "Hi", "max_tokens": 6, "stream": True}
@@ -117,6 +117,17 @@ def test_full_queue_gets_429_and_keepalive_during_slow_steps(demo, monkeypatch):
         assert ": keep-alive" in results["waiting"][1]  # it waited in the queue behind the first
 
 
+def test_a_non_streaming_client_that_leaves_ends_its_handler(demo, monkeypatch):
+    with serving(demo) as (base, state, server):
+        assert _ready(base)
+        slow_forward(demo, 0.2, monkeypatch)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 100}, timeout=1)
+        sched = state.engine.scheduler
+        assert wait_until(lambda: not sched.busy and sched.kv_blocks_used == 0, timeout=30)
+        assert wait_until(lambda: not server.server_state.tasks, timeout=10)  # no handler left waiting
+
+
 def test_health_is_503_while_loading_then_200(monkeypatch):
     release = threading.Event()
     real_load = tierlm.load
@@ -127,7 +138,7 @@ def test_health_is_503_while_loading_then_200(monkeypatch):
         return real_load(*args, **kw)
 
     monkeypatch.setattr(tierlm, "load", slow_load)
-    with serving() as (base, _):
+    with serving() as (base, _, _):
         r = httpx.get(base + "/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = httpx.post(base + "/v1/completions", json={"prompt": "Hi"})
@@ -145,7 +156,7 @@ def test_a_model_that_fails_to_load_is_reported(monkeypatch):
         raise CheckpointError("shard model-00002-of-00002.safetensors is truncated; re-download it")
 
     monkeypatch.setattr(tierlm, "load", broken)
-    with serving() as (base, state):
+    with serving() as (base, state, _):
         assert wait_until(lambda: state.error is not None, timeout=30)
         r = httpx.get(base + "/health")
         assert r.status_code == 503 and "truncated" in r.json()["error"]
@@ -156,7 +167,7 @@ def test_expert_tier_counters_and_gpu_memory_in_metrics(demo, monkeypatch):
 
     stats = TierStats()
     monkeypatch.setattr(demo, "expert_stats", stats)
-    with serving(demo) as (base, _):
+    with serving(demo) as (base, _, _):
         assert _ready(base)
         stats.hits.update(device=5, ram=2)  # what the tiered experts count as they serve tokens
         stats.bytes_read["disk"] = 1234

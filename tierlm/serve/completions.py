@@ -280,6 +280,8 @@ async def collect(engine: Engine, job: Job, sub: Submission) -> dict:
         if item is None:
             continue
         i, ev = item
+        if i is None:  # cancelled: the client went away, nobody reads this
+            raise ApiError(499, "the client closed the request", code="client_closed")
         if isinstance(ev, GenerationFailed):
             raise ApiError(500, str(ev), type="server_error", code="generation_failed")
         choices[i].add(ev)
@@ -342,6 +344,8 @@ async def stream(engine: Engine, job: Job, sub: Submission, keepalive_s: float) 
                 continue
             quiet_since = time.monotonic()
             i, ev = item
+            if i is None:  # cancelled from elsewhere: end the stream
+                return
             if isinstance(ev, GenerationFailed):
                 yield _sse(error_body(str(ev), "server_error", code=500))
                 yield "data: [DONE]\n\n"

@@ -79,12 +79,15 @@ class Engine:
         self.scheduler.stop()
 
 
+Item = tuple[int | None, "TokenEvent | GenerationFailed | None"]  # (choice, event); (None, None): cancelled
+
+
 class Submission:
     """The events of one HTTP request's sequences, awaited on the event loop."""
 
     def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop):
         self.scheduler, self.loop = scheduler, loop
-        self.queue: asyncio.Queue[tuple[int, TokenEvent | GenerationFailed]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
         self.requests: list[Request] = []
 
     def sink(self, choice: int):
@@ -93,17 +96,20 @@ class Submission:
 
         return put
 
-    async def next(self, timeout: float | None = None) -> tuple[int, TokenEvent | GenerationFailed] | None:
-        """The next (choice, event or failure); None if ``timeout`` seconds pass without one."""
+    async def next(self, timeout: float | None = None) -> Item | None:
+        """The next (choice, event or failure); ``(None, None)`` once cancelled; None if ``timeout`` seconds pass
+        without one."""
         try:
             return await asyncio.wait_for(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
 
     def cancel(self) -> None:
-        """Drop every sequence of this request that is still queued or running (idempotent)."""
+        """Drop every sequence of this request that is still queued or running (idempotent). A handler still
+        waiting in ``next`` wakes up with ``(None, None)``."""
         for r in self.requests:
             self.scheduler.cancel(r)
+        self.queue.put_nowait((None, None))
 
 
 def generation_defaults(model) -> dict:
