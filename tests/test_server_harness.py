@@ -29,6 +29,7 @@ class ServerProcess:
         self.api_key = api_key
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="tierlm-serve-", suffix=".log", delete=False)
+        atexit.register(lambda: os.path.exists(self.log.name) and os.unlink(self.log.name))
         cmd = [sys.executable, "-m", "tierlm.cli", "serve", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
