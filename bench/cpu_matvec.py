@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -68,7 +69,7 @@ def machine() -> dict:
         "llc_bytes": llc_bytes(),
         "loadavg_1min": os.getloadavg()[0],
         "torch": torch.__version__,
-        "compiler": subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+        "compiler": subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[0]
         if cxx else None,
         "kernel_isa": cq.kernel_isa(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -124,6 +125,23 @@ def q4k_to_int4pack(w: torch.Tensor, N: int, K: int) -> tuple[torch.Tensor, torc
 
 def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+
+
+# One call of each candidate on one weight (the first argument, so ``rotate`` can cycle weights).
+def _cpp(w, *, x, qtype, K, mode, out):
+    return cq.cpu_quant_matmul(x, w, qtype, K, mode=mode, out=out)
+
+
+def _ref(w, *, x, qtype, K):
+    return cq.cpu_quant_matmul_ref(x, w, qtype, K)
+
+
+def _int4(packed_sz, *, x):
+    return int4pack_mm(x, *packed_sz)
+
+
+def _dense(w, *, x):
+    return F.linear(x, w)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -225,10 +243,11 @@ def main() -> None:
         for M in ROWS:
             x, y = torch.randn(M, K), torch.empty(M, N)
             for mode in cq.MODES:
-                sec = rotate(lambda w: cq.cpu_quant_matmul(x, w, qtype, K, mode=mode, out=y), mats, args.min_s)
+                fn = functools.partial(_cpp, x=x, qtype=qtype, K=K, mode=mode, out=y)
+                sec = rotate(fn, mats, args.min_s)
                 record(f"cpp-{mode}", qtype, N, K, M, sec, nbytes, len(mats))
             if M == 1:
-                sec = timed_calls(lambda w: cq.cpu_quant_matmul_ref(x, w, qtype, K), mats, 1.0)
+                sec = timed_calls(functools.partial(_ref, x=x, qtype=qtype, K=K), mats, 1.0)
                 record("dequant+linear", qtype, N, K, M, sec, nbytes, len(mats))
         if qtype == Q4_K:  # one real repack, cloned: distinct memory, same bytes per call
             packed, sz = q4k_to_int4pack(mats[0], N, K)
@@ -236,7 +255,7 @@ def main() -> None:
             copies = [(packed.clone(), sz.clone()) for _ in range(max(2, rot_bytes // per))]
             for M in ROWS:
                 xb = torch.randn(M, K).to(torch.bfloat16)
-                sec = rotate(lambda ps: int4pack_mm(xb, *ps), copies, args.min_s)
+                sec = rotate(functools.partial(_int4, x=xb), copies, args.min_s)
                 record("torch-int4pack", qtype, N, K, M, sec, per, len(copies))
             del copies
     del buf, mats
@@ -246,7 +265,7 @@ def main() -> None:
     dense = [one.clone() for _ in range(max(2, rot_bytes // (N * K * 2)))]
     for M in ROWS:
         xb = torch.randn(M, K).to(torch.bfloat16)
-        sec = rotate(lambda w: F.linear(xb, w), dense, args.min_s)
+        sec = rotate(functools.partial(_dense, x=xb), dense, args.min_s)
         record("dense-bf16", GGMLType.BF16, N, K, M, sec, N * K * 2, len(dense))
     del dense
 

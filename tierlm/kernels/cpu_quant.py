@@ -85,7 +85,7 @@ def _host_id() -> str:
 def _build(cxx: str, isa: str) -> Path:
     """Compile csrc/cpu_quant.cpp for ``isa`` unless a build of the same inputs is cached."""
     flags = (*_CFLAGS, *ISAS[isa])
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
     key = hashlib.sha256(b"\0".join(s.encode() for s in (
         _SOURCE.read_text(), " ".join(flags), version, platform.machine(), _host_id() if isa == "native" else "",
     ))).hexdigest()[:16]
@@ -96,7 +96,8 @@ def _build(cxx: str, isa: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        res = subprocess.run([cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600,
+                             check=False)
         if res.returncode:
             raise RuntimeError(f"{cxx} failed to build the CPU kernels ({isa}):\n{res.stderr[-2000:]}")
         os.replace(tmp, out)  # atomic: concurrent builders each leave a complete file
@@ -140,7 +141,7 @@ def kernel_isa(isa: str = "native") -> str | None:
     return lib.tq_isa().decode() if lib is not None else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _geometry(qtype) -> tuple[GGMLType, int, int]:
     """(type, block size, bytes per block) of a supported type; cached: decode calls are ~100 us."""
     t = ggml_type(qtype)
