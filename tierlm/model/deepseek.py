@@ -61,6 +61,7 @@ class DeepseekForCausalLM(nn.Module):
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = Rope(cfg)
         self.dtype = torch.float32  # the compute dtype; set by the loader
+        self.layer_devices: list[torch.device] | None = None  # set by the loader when layers span devices
 
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: CacheView,
@@ -72,11 +73,17 @@ class DeepseekForCausalLM(nn.Module):
         h = self.model.embed_tokens(tokens).float()  # (B, T, D) fp32 residual
         cos, sin = self.rope.cos_sin(positions)
         finite = []
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            dev = self.layer_devices[i] if self.layer_devices else h.device
+            if h.device != dev:  # pipeline: the activations move to the next stage's GPU
+                h, positions, cos, sin = h.to(dev), positions.to(dev), cos.to(dev), sin.to(dev)
             h = layer(h, positions, cos, sin, cache, self.attn_impl, dtype)
-            finite.append(torch.isfinite(h).all())
+            finite.append(torch.isfinite(h).all().to(tokens.device))
         if pick is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), pick]  # (B, D)
+            h = h[torch.arange(h.shape[0], device=h.device), pick.to(h.device)]  # (B, D)
+        head = self.model.norm.weight.device
+        if h.device != head:
+            h = h.to(head)  # to the last stage, which holds the head
         logits = self.lm_head(self.model.norm(h, dtype)).float()
         self._check_finite(finite, logits)
         return logits

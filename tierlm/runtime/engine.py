@@ -69,7 +69,12 @@ class Model:
         return self.module.dtype
 
     def new_cache(self, n_slots: int, capacity: int) -> KVCache:
-        return KVCache(self.config, n_slots, capacity, self.dtype, self.device)
+        return KVCache(self.config, n_slots, capacity, self.dtype, self.layer_devices)
+
+    @property
+    def layer_devices(self) -> list[torch.device]:
+        """The device of each layer (one device, or a pipeline over GPUs); the KV cache follows it."""
+        return self.module.layer_devices or [self.device] * self.config.num_hidden_layers
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -128,12 +133,15 @@ class Model:
         return generate(self, prompt, **kwargs)
 
 
-def load(path: str | Path | None = None, *, device: str | torch.device | None = None,
+def load(path: str | Path | None = None, *, device=None,
          dtype: str | torch.dtype | None = None, attn_impl: AttnImpl = "absorb",
          progress: Callable[[int, int], None] | None = None, placement=None) -> Model:
     """Load a checkpoint: an HF folder (safetensors, bf16/fp16/fp32 or FP8-block), a GGUF file, or None for the
     built-in demo model. ``progress(done_bytes, total_bytes)`` is called as tensors are loaded.
+    ``device``: one device, or a runtime.placement.DeviceMap running the layers as a pipeline over GPUs.
     ``placement`` (runtime.placement.Placement, GGUF only): routed experts spread over the device, RAM and disk."""
+    from tierlm.runtime.placement import DeviceMap
+
     from tierlm.weights.loader import load_hf_weights
     from tierlm.weights.safetensors_io import SafetensorsCheckpoint
 
@@ -149,8 +157,15 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
             raise CheckpointError(f"{path} is a known model name, but its weights are not here: download the "
                                   "checkpoint and pass its folder (`tierlm plan` accepts the name alone)")
         raise CheckpointError(f"{path} does not exist: pass a checkpoint folder (config.json + *.safetensors)")
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    device_map = device if isinstance(device, DeviceMap) else None
+    if device_map is not None:
+        for d in device_map.devices:
+            resolve_device(d)
+        device = device_map
+        first = torch.device(device_map.embed)
+    else:
+        device = first = resolve_device(device)
+    dtype = resolve_dtype(dtype, first)
     done = 0
 
     def tick(nbytes: int) -> None:
@@ -199,6 +214,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device | None = 
         has_own = (folder / "tokenizer.json").exists()
         factory = (lambda: Tokenizer.from_dir(folder)) if has_own else Tokenizer.default
     module.eval()
-    model = Model(module, device, path, factory)
+    if device_map is not None:
+        module.layer_devices = [torch.device(d) for d in device_map.layers]
+    model = Model(module, first, path, factory)
     model.expert_stats = stats
     return model

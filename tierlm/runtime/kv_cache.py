@@ -42,13 +42,39 @@ def free_memory_bytes(device: torch.device) -> int:
         return 4 << 30
 
 
+def layer_devices(cfg: ModelConfig, device) -> list[torch.device]:
+    """One device per layer: ``device`` is one device for all, or a per-layer list (pipeline over GPUs)."""
+    if isinstance(device, (list, tuple)):
+        if len(device) != cfg.num_hidden_layers:
+            raise ValueError(f"{len(device)} layer devices for {cfg.num_hidden_layers} layers")
+        return [torch.device(d) for d in device]
+    return [torch.device(device)] * cfg.num_hidden_layers
+
+
+class _OnDevice:
+    """An index tensor with copies on the devices of the layers that use it (made once per batch)."""
+
+    def __init__(self, t: torch.Tensor):
+        self._by = {t.device: t}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        t = self._by.get(device)
+        if t is None:
+            t = self._by[device] = next(iter(self._by.values())).to(device)  # to the next pipeline stage
+        return t
+
+
 class KVCache:
+    """Each layer's cache lives on that layer's device: kv[l] (N, Smax, C), pe[l] (N, Smax, R)."""
+
     def __init__(self, cfg: ModelConfig, n_slots: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+                 device: torch.device | str | Sequence):
+        self.cfg, self.dtype = cfg, dtype
+        self.layer_devices = layer_devices(cfg, device)
+        self.device = self.layer_devices[0]
         self.n_slots, self.capacity = n_slots, 0
-        self.kv = torch.empty(0)  # (L, N, Smax, C)
-        self.pe = torch.empty(0)  # (L, N, Smax, R)
+        self.kv: list[torch.Tensor] = []
+        self.pe: list[torch.Tensor] = []
         self.reserve(capacity)
 
     def reserve(self, capacity: int) -> None:
@@ -56,13 +82,17 @@ class KVCache:
         if capacity <= self.capacity:
             return
         new_cap = max(capacity, 2 * self.capacity)
-        cfg, L, N = self.cfg, self.cfg.num_hidden_layers, self.n_slots
-        kv = torch.zeros(L, N, new_cap, cfg.kv_lora_rank, dtype=self.dtype, device=self.device)
-        pe = torch.zeros(L, N, new_cap, cfg.qk_rope_head_dim, dtype=self.dtype, device=self.device)
-        if self.capacity:  # device-to-device copy of what was cached
-            kv[:, :, : self.capacity] = self.kv
-            pe[:, :, : self.capacity] = self.pe
-        self.kv, self.pe, self.capacity = kv, pe, new_cap
+        cfg, N = self.cfg, self.n_slots
+        kvs, pes = [], []
+        for layer, dev in enumerate(self.layer_devices):
+            kv = torch.zeros(N, new_cap, cfg.kv_lora_rank, dtype=self.dtype, device=dev)
+            pe = torch.zeros(N, new_cap, cfg.qk_rope_head_dim, dtype=self.dtype, device=dev)
+            if self.capacity:  # device-to-device copy of what was cached
+                kv[:, : self.capacity] = self.kv[layer]
+                pe[:, : self.capacity] = self.pe[layer]
+            kvs.append(kv)
+            pes.append(pe)
+        self.kv, self.pe, self.capacity = kvs, pes, new_cap
 
     def ensure(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Make room for ``lengths[i]`` tokens in ``slots[i]``."""
@@ -74,20 +104,22 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.nbytes + self.pe.nbytes
+        return sum(t.nbytes for t in self.kv) + sum(t.nbytes for t in self.pe)
 
 
 class SlotView:
     def __init__(self, cache: KVCache, slots: torch.Tensor):
-        self.cache, self.slots = cache, slots
+        self.cache, self.slots = cache, _OnDevice(slots)
 
     def write(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
-        rows = self.slots[:, None].expand_as(positions)  # (B, T)
-        self.cache.kv[layer, rows, positions] = kv.to(self.cache.dtype)
-        self.cache.pe[layer, rows, positions] = pe.to(self.cache.dtype)
+        slots = self.slots.on(positions.device)
+        rows = slots[:, None].expand_as(positions)  # (B, T)
+        self.cache.kv[layer][rows, positions] = kv.to(self.cache.dtype)
+        self.cache.pe[layer][rows, positions] = pe.to(self.cache.dtype)
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.kv[layer, self.slots, :length], self.cache.pe[layer, self.slots, :length]
+        slots = self.slots.on(self.cache.kv[layer].device)
+        return self.cache.kv[layer][slots, :length], self.cache.pe[layer][slots, :length]
 
 
 # ------------------------------------------------------------------------------------------------ paged
@@ -169,17 +201,21 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """The MLA cache in fixed-size blocks: kv (L, NB, Bs, C) and pe (L, NB, Bs, R), shared by all sequences."""
+    """The MLA cache in fixed-size blocks, shared by all sequences: per layer, on that layer's device,
+    kv[l] (NB, Bs, C) and pe[l] (NB, Bs, R)."""
 
     def __init__(self, cfg: ModelConfig, n_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+                 device: torch.device | str | Sequence):
+        self.cfg, self.dtype = cfg, dtype
+        self.layer_devices = layer_devices(cfg, device)
+        self.device = self.layer_devices[0]
         self.blocks = BlockAllocator(n_blocks, block_size)
         self.block_size = block_size
-        L = cfg.num_hidden_layers
         # Zeros, not empty: padding rows read masked keys from stale blocks, and 0 × NaN would still be NaN.
-        self.kv = torch.zeros(L, n_blocks, block_size, cfg.kv_lora_rank, dtype=dtype, device=self.device)
-        self.pe = torch.zeros(L, n_blocks, block_size, cfg.qk_rope_head_dim, dtype=dtype, device=self.device)
+        self.kv = [torch.zeros(n_blocks, block_size, cfg.kv_lora_rank, dtype=dtype, device=d)
+                   for d in self.layer_devices]
+        self.pe = [torch.zeros(n_blocks, block_size, cfg.qk_rope_head_dim, dtype=dtype, device=d)
+                   for d in self.layer_devices]
 
     @classmethod
     def for_tokens(cls, cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device | str,
@@ -200,9 +236,8 @@ class PagedKVCache:
 
     def grow_pool(self, n_blocks: int) -> None:
         """Add blocks to the pool, keeping what is cached (a device-to-device copy, as ``KVCache.reserve``)."""
-        kv = torch.zeros(*self.kv.shape[:1], n_blocks, *self.kv.shape[2:], dtype=self.dtype, device=self.device)
-        pe = torch.zeros(*self.pe.shape[:1], n_blocks, *self.pe.shape[2:], dtype=self.dtype, device=self.device)
-        self.kv, self.pe = torch.cat([self.kv, kv], dim=1), torch.cat([self.pe, pe], dim=1)
+        grow = lambda t: torch.cat([t, t.new_zeros(n_blocks, *t.shape[1:])])  # noqa: E731
+        self.kv, self.pe = [grow(t) for t in self.kv], [grow(t) for t in self.pe]
         self.blocks.add_blocks(n_blocks)
 
     def view(self, slots: torch.Tensor | Sequence[int]) -> PagedView:
@@ -215,7 +250,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.nbytes + self.pe.nbytes
+        return sum(t.nbytes for t in self.kv) + sum(t.nbytes for t in self.pe)
 
     @property
     def bytes_per_block(self) -> int:
@@ -228,25 +263,28 @@ class PagedView:
     different lengths) map to the scratch block 0: written there, never read unmasked."""
 
     def __init__(self, cache: PagedKVCache, table: torch.Tensor):
-        self.cache, self.table = cache, table
+        self.cache, self.table = cache, _OnDevice(table)
 
-    def _table(self, width: int) -> torch.Tensor:
-        if width > self.table.shape[1]:
-            self.table = torch.nn.functional.pad(self.table, (0, width - self.table.shape[1]), value=0)
-        return self.table
+    def _table(self, width: int, device: torch.device) -> torch.Tensor:
+        table = self.table.on(device)
+        if width > table.shape[1]:
+            table = torch.nn.functional.pad(table, (0, width - table.shape[1]), value=0)
+            self.table = _OnDevice(table)
+        return table
 
     def write(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
         bs = self.cache.block_size
-        table = self._table(int(positions.max()) // bs + 1)
+        table = self._table(int(positions.max()) // bs + 1, positions.device)
         block = table.gather(1, positions // bs)  # (B, T)
         offset = positions % bs  # (B, T)
-        self.cache.kv[layer, block, offset] = kv.to(self.cache.dtype)
-        self.cache.pe[layer, block, offset] = pe.to(self.cache.dtype)
+        self.cache.kv[layer][block, offset] = kv.to(self.cache.dtype)
+        self.cache.pe[layer][block, offset] = pe.to(self.cache.dtype)
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = blocks_for(length, self.cache.block_size)
-        table = self._table(n)[:, :n]  # (B, n)
+        kv_l, pe_l = self.cache.kv[layer], self.cache.pe[layer]
+        table = self._table(n, kv_l.device)[:, :n]  # (B, n)
         B = table.shape[0]
-        kv = self.cache.kv[layer, table].view(B, -1, self.cache.kv.shape[-1])[:, :length]  # (B, S, C)
-        pe = self.cache.pe[layer, table].view(B, -1, self.cache.pe.shape[-1])[:, :length]  # (B, S, R)
+        kv = kv_l[table].view(B, -1, kv_l.shape[-1])[:, :length]  # (B, S, C)
+        pe = pe_l[table].view(B, -1, pe_l.shape[-1])[:, :length]  # (B, S, R)
         return kv, pe

@@ -6,10 +6,50 @@ on the host) or given directly (tests emulate every tier on the CPU with ``by_fr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tierlm.config import ModelConfig
 from tierlm.errors import ConfigError
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    """Which device runs each layer (a pipeline over GPUs), the embedding and the head."""
+
+    layers: tuple[str, ...]
+    embed: str
+    head: str
+
+    def of(self, param: str) -> str:
+        """The device of a parameter, by name (tierlm/HF naming)."""
+        m = _LAYER.match(param)
+        if m:
+            return self.layers[int(m.group(1))]
+        return self.embed if param.startswith("model.embed_tokens") else self.head
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted(set(self.layers) | {self.embed, self.head})
+
+    @classmethod
+    def from_plan(cls, plan, n_layers: int) -> "DeviceMap":
+        return cls(tuple(plan.layer_device(i) for i in range(n_layers)), plan.layer_device(None, "embed"),
+                   plan.layer_device(None, "head"))
+
+    @classmethod
+    def split(cls, n_layers: int, devices: list[str]) -> "DeviceMap":
+        """Layers in contiguous, even stages over ``devices`` (embedding on the first, head on the last)."""
+        per = -(-n_layers // len(devices))
+        return cls(tuple(devices[min(i // per, len(devices) - 1)] for i in range(n_layers)), devices[0],
+                   devices[-1])
+
+
+def device_of(device, param: str):
+    """``device`` is one device for everything or a DeviceMap."""
+    return device.of(param) if isinstance(device, DeviceMap) else device
 
 
 @dataclass

@@ -56,11 +56,25 @@ def load_planned(args, progress=None, ctx: int | None = None):
         reasons = "; ".join(plan.problems) or "not enough memory"
         fixes = "; ".join(plan.suggestions[:2])
         raise TierlmError(f"the plan does not fit: {reasons}" + (f". Try: {fixes}" if fixes else ""))
-    gpus = [d.name for d in plan.devices if d.kind == "gpu" and d.layers and d.layers[1] > d.layers[0]]
-    if len(gpus) > 1:
-        raise TierlmError(f"the plan splits the layers over {len(gpus)} GPUs ({', '.join(gpus)}), which this "
-                          "version cannot run yet; pass --gpus with one card (e.g. --gpus 1x22GiB)")
-    device = gpus[0] if gpus else "cpu"
+    from tierlm.runtime.placement import DeviceMap
+
+    cap_gpu_memory(plan)
+    device = DeviceMap.from_plan(plan, plan.config.num_hidden_layers)
+    if len(device.devices) == 1:
+        device = device.devices[0]
     model = load(args.model, device=device, dtype=args.dtype, progress=progress,
                  placement=Placement.from_plan(plan))
     return model, plan
+
+
+def cap_gpu_memory(plan) -> None:
+    """Hold each GPU to the capacity the plan was made for (``--gpus 22GiB`` on a bigger card emulates the
+    smaller one): allocations past it fail as they would there, and the OOM recovery handles them."""
+    import torch
+
+    for d in plan.devices:
+        if d.kind == "gpu" and torch.cuda.is_available():
+            index = torch.device(d.name).index or 0
+            total = torch.cuda.get_device_properties(index).total_memory
+            if d.capacity_bytes < total:
+                torch.cuda.set_per_process_memory_fraction(d.capacity_bytes / total, index)

@@ -115,8 +115,8 @@ class Scheduler:
         self.stats = stats if stats is not None else Stats()
         self.raise_errors = raise_errors
         self.growable = kv_tokens is None
-        self.cache = PagedKVCache.for_tokens(cfg, kv_tokens or block_size * max_batch, model.dtype, model.device,
-                                             block_size)
+        self.cache = PagedKVCache.for_tokens(cfg, kv_tokens or block_size * max_batch, model.dtype,
+                                             model.layer_devices, block_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.prompt_tokens_total = 0

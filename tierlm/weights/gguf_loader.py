@@ -17,6 +17,7 @@ from torch import nn
 from tierlm.errors import CheckpointError
 from tierlm.model.deepseek import FP32_PARAM_SUFFIXES, DeepseekForCausalLM
 from tierlm.model.quantized import QuantEmbedding, QuantLinear, QuantRoutedExperts
+from tierlm.runtime.placement import device_of
 from tierlm.weights.formats import dequantize
 from tierlm.weights.ggml_types import GGMLType
 from tierlm.weights.gguf_io import GGUFFile
@@ -34,17 +35,17 @@ def load_gguf_weights(model: DeepseekForCausalLM, gf: GGUFFile, device: torch.de
     model.dtype = dtype
     used: set[str] = set()
 
-    def raw(name: str) -> tuple[torch.Tensor, object]:
+    def raw(name: str, dev) -> tuple[torch.Tensor, object]:
         info = gf.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{gf.path.name} has no tensor {name!r}; the file is incomplete or not a "
                                   "DeepSeek model")
         used.add(name)
         data = torch.from_numpy(np.asarray(gf.tensor_bytes(name)).copy())  # one tensor at a time off the map
-        return data.to(device), info
+        return data.to(dev), info
 
-    def dense(name: str, shape: tuple, want: torch.dtype) -> torch.Tensor:
-        data, info = raw(name)
+    def dense(name: str, shape: tuple, want: torch.dtype, dev) -> torch.Tensor:
+        data, info = raw(name, dev)
         if tuple(info.shape) != tuple(shape):
             raise CheckpointError(f"{name} in {info.file.name} has shape {list(info.shape)} but the metadata "
                                   f"implies {list(shape)}; the file is inconsistent")
@@ -55,13 +56,15 @@ def load_gguf_weights(model: DeepseekForCausalLM, gf: GGUFFile, device: torch.de
         if pname in quantized_done:
             continue
         want = torch.float32 if pname.endswith(FP32_PARAM_SUFFIXES) else dtype
+        dev = device_of(device, pname)
         if pname.endswith("self_attn.kv_b_proj.weight"):
-            value = _kv_b(cfg, pname, gf, dense, dtype)
+            value = _kv_b(cfg, pname, gf, lambda *a: dense(*a, dev), dtype)
         elif ".mlp.experts." in pname and placement is not None:
-            _tiered_experts(model, cfg, pname, gf, device, placement, stats, used, quantized_done, progress)
+            _tiered_experts(model, cfg, pname, gf, dev, placement, stats, used, quantized_done, progress)
             continue
         elif ".mlp.experts." in pname:
-            value = _experts(model, cfg, pname, gf, raw, dense, dtype, keep_quantized, quantized_done)
+            value = _experts(model, cfg, pname, gf, lambda n: raw(n, dev), lambda *a: dense(*a, dev), dtype,
+                             keep_quantized, quantized_done)
             if value is None:
                 continue
         else:
@@ -70,11 +73,11 @@ def load_gguf_weights(model: DeepseekForCausalLM, gf: GGUFFile, device: torch.de
                 name = "token_embd.weight"
             info = gf.tensors.get(name)
             if info is not None and keep_quantized and info.ggml_type not in DENSE_TYPES and want == dtype:
-                _swap_quantized(model, pname, raw(name)[0], info)
+                _swap_quantized(model, pname, raw(name, dev)[0], info)
                 if progress:
                     progress(info.nbytes)
                 continue
-            value = dense(name, tuple(param.shape), want)
+            value = dense(name, tuple(param.shape), want, dev)
         _set_param(model, pname, value)
         if progress:
             progress(value.numel() * value.element_size())

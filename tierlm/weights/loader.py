@@ -16,6 +16,7 @@ from torch import nn
 from tierlm.config import ModelConfig
 from tierlm.errors import CheckpointError
 from tierlm.model.deepseek import FP32_PARAM_SUFFIXES, DeepseekForCausalLM
+from tierlm.runtime.placement import device_of
 from tierlm.weights.fp8 import dequant_fp8_block
 from tierlm.weights.safetensors_io import SafetensorsCheckpoint
 
@@ -69,9 +70,10 @@ def _check_shape(name: str, got: tuple, want: tuple, file: str) -> None:
                               f"{list(want)}; the config does not match the weights")
 
 
-def load_hf_weights(model: DeepseekForCausalLM, ckpt: SafetensorsCheckpoint, device: torch.device | str,
+def load_hf_weights(model: DeepseekForCausalLM, ckpt: SafetensorsCheckpoint, device,
                     dtype: torch.dtype, progress: Callable[[int], None] | None = None) -> None:
-    """Materialize every parameter of ``model`` (built on the meta device) from ``ckpt``."""
+    """Materialize every parameter of ``model`` (built on the meta device) from ``ckpt``, on ``device`` (one
+    device, or a runtime.placement.DeviceMap that spreads the layers over GPUs)."""
     cfg = model.config
     model.dtype = dtype
     reader = HFReader(ckpt, cfg)
@@ -79,14 +81,15 @@ def load_hf_weights(model: DeepseekForCausalLM, ckpt: SafetensorsCheckpoint, dev
         want_dtype = torch.float32 if pname.endswith(FP32_PARAM_SUFFIXES) else dtype
         m = _EXPERT_PARAM.match(pname)
         if m:
-            value = _load_experts(reader, m.group(1), m.group(2), tuple(param.shape), device, want_dtype)
+            value = _load_experts(reader, m.group(1), m.group(2), tuple(param.shape), device_of(device, pname),
+                                  want_dtype)
         else:
             src = pname
             if pname == "lm_head.weight" and cfg.tie_word_embeddings and src not in ckpt:
                 src = "model.embed_tokens.weight"
             entry = ckpt.entry(src)
             _check_shape(src, entry.shape, param.shape, entry.file.name)
-            value = reader.read(src).to(device=device, dtype=want_dtype)
+            value = reader.read(src).to(device=device_of(device, pname), dtype=want_dtype)
         _set_param(model, pname, value)
         if progress:
             progress(value.numel() * value.element_size())
