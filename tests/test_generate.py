@@ -1,7 +1,6 @@
 """Generation through the Python API: stop conditions, seeds, batching, dtypes."""
 
 import pytest
-import torch
 
 import tierlm
 from tierlm.runtime.generate import Stats, generate_batch

@@ -1,6 +1,5 @@
 """HF checkpoint → GGUF (F16, Q8_0, Q4_K_M) → tierlm: the file's contents and the model's logits."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

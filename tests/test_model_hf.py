@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tierlm
-from conftest import TINY_V3, tiny_config, write_tiny
+from conftest import tiny_config, write_tiny
 
 transformers = pytest.importorskip("transformers")
 

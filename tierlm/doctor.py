@@ -12,17 +12,13 @@ import platform
 import shutil
 from pathlib import Path
 
+from tierlm.paths import cache_dir
 import tierlm
 
 GiB = 1024**3
 LOW_RAM_BYTES = 16 * GiB  # below this, most expert weights cannot stay in RAM and are re-read from disk
 LOW_DISK_BYTES = 20 * GiB
 CPU_FLAGS = ("avx2", "avx512f", "amx")  # "amx" = any of amx_tile / amx_bf16 / amx_int8
-
-
-def cache_dir() -> Path:
-    """The folder tierlm caches into: ``$TIERLM_CACHE``, else ``~/.cache/tierlm``."""
-    return Path(os.environ.get("TIERLM_CACHE") or Path.home() / ".cache" / "tierlm")
 
 
 def arch_name(major: int, minor: int) -> str:

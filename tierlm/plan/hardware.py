@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tierlm.paths import cache_dir
 from tierlm.errors import TierlmError
 
 GB = 10**9
@@ -240,10 +241,6 @@ def detect_ram() -> tuple[int, int]:
         return total, total
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TIERLM_CACHE") or Path.home() / ".cache" / "tierlm")
-
-
 def _largest_file(path: Path) -> Path | None:
     if path.is_file():
         return path
@@ -263,7 +260,7 @@ def measure_disk_gbps(path: str | Path, max_bytes: int = 256 << 20, max_seconds:
     if target is None:
         return None
     dev = f"{os.stat(target).st_dev}"
-    cache = _cache_dir() / "disk.json"
+    cache = cache_dir() / "disk.json"
     if use_cache:
         try:
             hit = json.loads(cache.read_text()).get(dev)

@@ -4,7 +4,6 @@ seed, the real DeepSeek V3 tokenizer. Written once as a normal HF checkpoint int
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from importlib import resources
@@ -12,15 +11,12 @@ from pathlib import Path
 
 import torch
 
+from tierlm.paths import cache_dir
 from tierlm.config import ModelConfig
 from tierlm.presets import DEMO
 
 DEMO_NAME = "demo-deepseek-v3-v1"  # bump the suffix when DEMO or the seed changes
 DEMO_SEED = 1234
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TIERLM_CACHE") or Path.home() / ".cache" / "tierlm")
 
 
 def tokenizer_files_dir() -> Path:
