@@ -1,0 +1,367 @@
+"""GPU quantized-matmul and fused-MoE kernels on DeepSeek-V3's shapes, against the card's measured copy bandwidth.
+
+1. Copy bandwidth: a 2 GiB device-to-device copy, (read + write bytes) / time: the denominator of
+   every "% of bandwidth" below.
+2. Decode (M = 1, 4, 16 activation rows): ``quant_matmul`` with its default configuration and with
+   every configuration in ``DECODE_CONFIGS``; GB/s = weight bytes / time. Each timed call reads a
+   different copy of the weight (>= 256 MB of copies, five times the 50 MB L2) and the calls are
+   replayed from a CUDA graph, so launch gaps between kernels count but Python's launch cost does not.
+3. Prefill (M = 512, 2048): Triton dequantize + cuBLAS (the wrapper's path) against
+   ``formats.dequantize`` + cuBLAS (the plain path); TFLOP/s.
+4. Fused MoE (``moe_quant``), 256 stacked experts (gate/up Q4_K, down Q6_K), 8 experts per token:
+   batch 1 against the time to read those 8 experts' bytes at copy bandwidth; batch 4/16 and a
+   512-token prefill for context; the decode configurations of ``moe.DECODE_CONFIGS``.
+
+Compilation runs first in parallel worker processes (Triton caches to disk), so timing starts warm.
+Writes JSON (card, date, versions, command, every number) to --out; prints a table last.
+
+Usage: PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick] [--budget-s 420] [--workers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tierlm.kernels import moe as moe_mod
+from tierlm.kernels.moe import MoEConfig, moe_quant
+from tierlm.kernels.quant_matmul import DECODE_CONFIGS, QMMConfig, quant_matmul
+from tierlm.weights.formats import FORMATS, GGMLType, dequantize
+from tierlm.weights.ggml_types import tensor_nbytes
+
+T = GGMLType
+GB = 1e9
+ROTATE_BYTES = 256 << 20  # weight copies per timed shape: past 5x the L2
+# (name, N, K, type as in Q4_K_M): DeepSeek-V3's matrices, torch order (outputs, inputs)
+SHAPES = [
+    ("expert gate/up 7168->2048", 2048, 7168, T.Q4_K),
+    ("expert down 2048->7168", 7168, 2048, T.Q6_K),
+    ("expert down 2048->7168 (Q4_K)", 7168, 2048, T.Q4_K),
+    ("dense up 7168->18432", 18432, 7168, T.Q4_K),
+    ("dense down 18432->7168", 7168, 18432, T.Q6_K),
+    ("q_b 1536->24576", 24576, 1536, T.Q4_K),
+    ("o_proj 16384->7168", 7168, 16384, T.Q4_K),
+    ("head 7168->129280", 129280, 7168, T.Q6_K),
+    ("expert gate/up Q8_0", 2048, 7168, T.Q8_0),
+    ("expert gate/up Q5_0", 2048, 7168, T.Q5_0),
+    ("o_proj Q8_0", 7168, 16384, T.Q8_0),
+]
+DECODE_M = (1, 4, 16)
+PREFILL_M = (512, 2048)
+SWEEP_SHAPES = {"expert gate/up 7168->2048", "expert down 2048->7168", "dense up 7168->18432", "head 7168->129280",
+                "o_proj 16384->7168"}
+MOE = dict(E=256, I=2048, D=7168, K=8, types=(T.Q4_K, T.Q4_K, T.Q6_K))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def random_weight(t: GGMLType, rows: int, k: int, copies: int = 1, device="cuda") -> torch.Tensor:
+    """(copies, rows, row_bytes) random GGUF bytes with finite, small fp16 scales (values never
+    matter for the time, but NaNs would make the outputs useless for a sanity check)."""
+    fmt = FORMATS[t]
+    nb = rows * k // fmt.block_size
+    w = torch.randint(0, 256, (copies, nb, fmt.type_size), dtype=torch.uint8, device=device)
+    for name, a, b in fmt.field_offsets():
+        if name in ("d", "dmin"):
+            w[:, :, a:b] = (torch.rand(copies, nb, 1, device=device) * 1e-3 + 1e-4).half().view(torch.uint8)
+    return w.view(copies, rows, -1)
+
+
+def n_copies(nbytes: int) -> int:
+    return max(1, math.ceil(ROTATE_BYTES / nbytes)) if nbytes < ROTATE_BYTES else 2
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def graph_time(calls, reps: int = 15, min_calls: int = 24) -> float:
+    """Seconds per call: the calls (callables) captured into one CUDA graph, replayed reps times."""
+    seq = list(calls) * max(1, math.ceil(min_calls / len(calls)))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in seq[: len(calls)]:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in seq:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3 / len(seq))
+    del g
+    return statistics.median(times)
+
+
+def event_time(calls, reps: int = 5) -> float:
+    """Seconds per call without a graph (for calls that copy from the host or run for milliseconds)."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        e0.record()
+        for c in calls:
+            c()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    n = 2 << 30
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = event_time([lambda: dst.copy_(src)], reps=10)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / t
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+def decode_calls(t, N, K, M, cfg, copies):
+    w = random_weight(t, N, K, copies)
+    x = torch.randn(M, K, device="cuda").half()
+    return [lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)]
+
+
+def moe_setup(T_, copies, cfg=None, E=None):
+    E = E or MOE["E"]
+    I, D, K, types = MOE["I"], MOE["D"], MOE["K"], MOE["types"]
+    gate = random_weight(types[0], E * I, D).view(E, I, -1)
+    up = random_weight(types[1], E * I, D).view(E, I, -1)
+    down = random_weight(types[2], E * D, I).view(E, D, -1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sets = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)]) for _ in range(copies)]
+    x = torch.randn(T_, D, device="cuda").half()
+    wts = torch.rand(T_, K, device="cuda")
+    calls = [lambda ids=ids: moe_quant(x, ids, wts, gate, up, down, *types, config=cfg) for ids in sets]
+    per_expert = gate[0].numel() + up[0].numel() + down[0].numel()
+    distinct = statistics.mean(len(set(ids.flatten().tolist())) for ids in sets)
+    return calls, per_expert, distinct
+
+
+def warm_jobs(quick: bool):
+    """(kind, args) for every kernel form the timing will launch, for the compile workers."""
+    jobs = []
+    for name, N, K, t in SHAPES:
+        for M in DECODE_M:
+            jobs.append(("decode", (t, N, K, M, None)))
+            if name in SWEEP_SHAPES and not quick:
+                jobs += [("decode", (t, N, K, M, c)) for c in DECODE_CONFIGS if c.kind == "gemv" or M > 1]
+        for M in PREFILL_M[:1]:
+            jobs.append(("prefill", (t, N, K, M)))
+    for T_ in (1, 4, 16, 512):
+        jobs.append(("moe", (T_, None)))
+    jobs += [("moe", (1, c)) for c in moe_mod.DECODE_CONFIGS] + [("moe", (16, MoEConfig(sorted_min_pairs=1 << 30)))]
+    return jobs
+
+
+def _warm_worker(jobs):
+    torch.cuda.init()
+    for kind, a in jobs:
+        try:
+            if kind == "decode":
+                t, N, K, M, cfg = a
+                decode_calls(t, N, K, M, cfg, 1)[0]()
+            elif kind == "prefill":
+                t, N, K, M = a
+                w = random_weight(t, N, K)[0]
+                quant_matmul(torch.randn(M, K, device="cuda").half(), w, t, K)
+            else:
+                T_, cfg = a
+                moe_setup(T_, 1, cfg, E=16)[0][0]()
+            torch.cuda.synchronize()
+        except Exception as e:  # reported again, with context, when the main process runs it
+            print(f"warm {kind} {a}: {type(e).__name__}: {e}", file=sys.stderr)
+        torch.cuda.empty_cache()
+
+
+def prewarm(jobs, workers: int) -> float:
+    t0 = time.time()
+    chunks = [jobs[i::workers] for i in range(workers)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_warm_worker, args=(c,)) for c in chunks if c]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--quick", action="store_true", help="default configurations only, fewer shapes")
+    ap.add_argument("--budget-s", type=float, default=420, help="stop the sweeps after this many seconds")
+    ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels before timing")
+    args = ap.parse_args()
+    t_start = time.time()
+    dev = torch.cuda.get_device_properties(0)
+    res = dict(card=dev.name, capability=list(torch.cuda.get_device_capability()), sms=dev.multi_processor_count,
+               date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
+               triton=__import__("triton").__version__, command="PYTHONPATH=. python " + " ".join(sys.argv),
+               decode=[], sweep=[], prefill=[], moe=[], notes=[])
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_json = out_dir / f"kernels-{dev.name.replace(' ', '_')}.json"
+
+    def save():
+        out_json.write_text(json.dumps(res, indent=1))
+
+    def over_budget():
+        return time.time() - t_start > args.budget_s
+
+    if args.workers > 0:
+        res["prewarm_s"] = round(prewarm(warm_jobs(args.quick), args.workers), 1)
+        print(f"compiled in {res['prewarm_s']} s with {args.workers} workers", flush=True)
+    bw = copy_bandwidth()
+    res["copy_GBps"] = bw / GB
+    print(f"{dev.name}: copy bandwidth {bw / GB:.0f} GB/s (read + write)", flush=True)
+    save()
+
+    # decode: default configuration for every shape and M, then the sweep
+    for name, N, K, t in SHAPES:
+        nbytes = tensor_nbytes(t, (N, K))
+        copies = n_copies(nbytes)
+        for M in DECODE_M:
+            calls = decode_calls(t, N, K, M, None, copies)
+            s = graph_time(calls)
+            row = dict(shape=name, type=t.name, N=N, K=K, M=M, bytes=nbytes, us=s * 1e6, GBps=nbytes / s / GB,
+                       pct=100 * nbytes / s / bw)
+            res["decode"].append(row)
+            print(f"decode {name:32s} {t.name:5s} M={M:2d} {s * 1e6:8.1f} us {row['GBps']:7.0f} GB/s "
+                  f"{row['pct']:5.1f}%", flush=True)
+            del calls
+        torch.cuda.empty_cache()
+        save()
+    for name, N, K, t in SHAPES:
+        if args.quick or name not in SWEEP_SHAPES or over_budget():
+            continue
+        nbytes = tensor_nbytes(t, (N, K))
+        copies = n_copies(nbytes)
+        w = random_weight(t, N, K, copies)
+        for M in DECODE_M:
+            x = torch.randn(M, K, device="cuda").half()
+            for cfg in DECODE_CONFIGS:
+                if cfg.kind == "tile" and M == 1:
+                    continue
+                s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)], reps=7)
+                res["sweep"].append(dict(shape=name, type=t.name, M=M, config=cfg.__dict__, us=s * 1e6,
+                                         pct=100 * nbytes / s / bw))
+        del w
+        torch.cuda.empty_cache()
+        save()
+
+    # prefill: wrapper path vs formats.dequantize + cuBLAS
+    for name, N, K, t in SHAPES[:8]:
+        for M in PREFILL_M:
+            if over_budget() and M > PREFILL_M[0]:
+                continue
+            copies = 2
+            w = random_weight(t, N, K, copies)
+            x = torch.randn(M, K, device="cuda").half()
+            ours = event_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
+            base = event_time([lambda i=i: x @ dequantize(w[i], t, (N, K), torch.float16).T for i in range(copies)])
+            wd = torch.randn(N, K, device="cuda").half()
+            mm_only = event_time([lambda: x @ wd.T])
+            flop = 2 * M * N * K
+            res["prefill"].append(dict(shape=name, type=t.name, M=M, us=ours * 1e6, baseline_us=base * 1e6,
+                                       matmul_only_us=mm_only * 1e6, TFLOPs=flop / ours / 1e12,
+                                       speedup=base / ours))
+            print(f"prefill {name:32s} {t.name:5s} M={M:4d} {ours * 1e6:9.1f} us ({flop / ours / 1e12:5.0f} TFLOP/s)"
+                  f"  formats.dequantize+cuBLAS {base * 1e6:9.1f} us  cuBLAS alone {mm_only * 1e6:8.1f} us",
+                  flush=True)
+            del w, wd
+            torch.cuda.empty_cache()
+        save()
+
+    # fused MoE
+    def moe_row(T_, cfg, label):
+        copies = 16 if T_ < 64 else 2
+        calls, per_expert, distinct = moe_setup(T_, copies, cfg)
+        timer = graph_time if T_ < 64 else event_time
+        s = timer(calls)
+        nbytes = per_expert * distinct
+        row = dict(label=label, T=T_, config=(cfg or moe_mod.DEFAULT).__dict__, us=s * 1e6,
+                   expert_bytes=nbytes, read_us=nbytes / bw * 1e6, ratio=s / (nbytes / bw),
+                   pct=100 * nbytes / s / bw)
+        res["moe"].append(row)
+        print(f"moe {label:24s} T={T_:4d} {s * 1e6:9.1f} us; reading {distinct:.0f} experts' {nbytes / 1e6:.0f} MB at "
+              f"copy bandwidth: {row['read_us']:.1f} us -> {row['ratio']:.2f}x", flush=True)
+        del calls
+        torch.cuda.empty_cache()
+        save()
+
+    for T_ in (1, 4, 16):
+        moe_row(T_, None, "default")
+    moe_row(16, MoEConfig(sorted_min_pairs=1 << 30), "pairs (unsorted)")
+    for cfg in moe_mod.DECODE_CONFIGS:
+        if not over_budget():
+            moe_row(1, cfg, f"pairs {cfg.num_warps}w r{cfg.rows}")
+    moe_row(512, None, "prefill (sorted)")
+
+    res["total_s"] = round(time.time() - t_start, 1)
+    save()
+    summary(res)
+    print(f"wrote {out_json}")
+
+
+def summary(res) -> None:
+    print(f"\n=== {res['card']}: copy bandwidth {res['copy_GBps']:.0f} GB/s; decode at % of it "
+          f"(target >= 80%); default configs ===")
+    by = {}
+    for r in res["decode"]:
+        by.setdefault((r["shape"], r["type"]), {})[r["M"]] = r
+    print(f"{'shape':34s} {'type':5s} " + " ".join(f"{'M=' + str(m):>14s}" for m in DECODE_M))
+    for (name, t), rows in by.items():
+        print(f"{name:34s} {t:5s} " + " ".join(f"{rows[m]['us']:6.1f}us {rows[m]['pct']:4.0f}%" for m in DECODE_M))
+    if res["sweep"]:
+        print("\nbest swept config per (shape, M) vs default:")
+        best = {}
+        for r in res["sweep"]:
+            k = (r["shape"], r["M"])
+            if k not in best or r["us"] < best[k]["us"]:
+                best[k] = r
+        dflt = {(r["shape"], r["M"]): r for r in res["decode"]}
+        for k, r in best.items():
+            print(f"  {k[0]:34s} M={k[1]:2d} best {r['pct']:4.0f}% {r['config']}  default {dflt[k]['pct']:4.0f}%")
+    print("\nprefill: ours vs formats.dequantize + cuBLAS")
+    for r in res["prefill"]:
+        print(f"  {r['shape']:34s} M={r['M']:4d} {r['us']:9.1f} us vs {r['baseline_us']:9.1f} us "
+              f"({r['speedup']:.2f}x; cuBLAS alone {r['matmul_only_us']:.1f} us)")
+    print("\nfused MoE (8 of 256 experts per token; target at T=1: <= 1.3x the read time)")
+    for r in res["moe"]:
+        print(f"  {r['label']:24s} T={r['T']:4d} {r['us']:9.1f} us = {r['ratio']:.2f}x read time ({r['pct']:.0f}% of bw)")
+
+
+if __name__ == "__main__":
+    main()

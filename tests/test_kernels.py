@@ -1,0 +1,408 @@
+"""Quantized matmul and fused MoE kernels against their plain-PyTorch references.
+
+CPU tests always run: the wrappers' reference paths, input checks, the PTX snippets against their
+Triton-op twins (by emulating the few PTX instructions they use), and the Triton kernels in
+Triton's interpreter. Tests marked ``gpu`` run the compiled kernels on CUDA.
+
+Error bounds are on ||out - ref|| / ||ref|| against float32 references built from the same
+quantized bytes:
+- float32 FMA paths (gemv for every dtype, the MoE decode path): only the summation order
+  differs, ~sqrt(K) * 2**-24, under 1e-5; the result is then rounded to x.dtype, which adds up
+  to 2**-11 (fp16) or 2**-8 (bf16) relative.
+- tensor-core tiles and prefill (dequantize to x.dtype + cuBLAS): each weight is rounded to
+  x.dtype first (2**-11 fp16, 2**-8 bf16), errors that average out over K, plus the output rounding.
+- the MoE prefill path multiplies float32 intermediates in tf32 (10-bit mantissa, 2**-11).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tierlm.kernels.moe import MoEConfig, moe_dense, moe_quant, moe_quant_ref
+from tierlm.kernels.quant_matmul import (
+    DECODE_CONFIGS,
+    FUSED_TYPES,
+    KernelInputError,
+    QMMConfig,
+    dequantize_rows,
+    quant_matmul,
+    quant_matmul_ref,
+)
+from tierlm.weights.formats import FORMATS, GGMLType, dequantize, quantize
+
+T = GGMLType
+ROOT = Path(__file__).resolve().parents[1]
+QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K]
+# output rounding to x.dtype, on top of float32 arithmetic (see the module docstring)
+FMA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TILE_TOL = {torch.float32: 5e-3, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_weight(t: GGMLType, n: int, k: int, seed: int, device="cpu") -> torch.Tensor:
+    """GGUF bytes of an (n, k) weight: quantized Gaussian data, or for Q2_K/Q3_K (which tierlm cannot
+    write) random bytes with small finite fp16 scales."""
+    g = torch.Generator().manual_seed(seed)
+    if t in QUANTIZABLE:
+        return quantize(torch.randn(n, k, generator=g) * 0.02, t).to(device)
+    fmt = FORMATS[t]
+    raw = torch.randint(0, 256, (n * k // fmt.block_size, fmt.type_size), generator=g, dtype=torch.uint8)
+    for name, a, b in fmt.field_offsets():
+        if name in ("d", "dmin"):
+            raw[:, a:b] = (torch.rand(raw.shape[0], 1, generator=g) * 1e-3).half().view(torch.uint8)
+    return raw.reshape(n, -1).to(device)
+
+
+# ---------------------------------------------------------------- CPU: reference paths and checks
+
+
+@pytest.mark.parametrize("t", list(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_path_is_dequantize_then_matmul(t, dtype):
+    N, K = 7, 512
+    w = random_weight(t, N, K, seed=1)
+    x = torch.randn(2, 3, K).to(dtype)
+    out = quant_matmul(x, w, t, K)
+    assert out.shape == (2, 3, N) and out.dtype == dtype
+    want = x.reshape(-1, K) @ dequantize(w, t, (N, K), dtype).T
+    assert torch.equal(out.reshape(-1, N), want)
+    ref = quant_matmul_ref(x, w, t, K)
+    assert ref.dtype == torch.float32
+    assert torch.allclose(ref.reshape(-1, N), x.reshape(-1, K).float() @ dequantize(w, t, (N, K)).T, rtol=1e-5, atol=1e-6)
+    assert rel(out.float(), ref) <= FMA_TOL[dtype] * 2
+
+
+def test_empty_and_strided_inputs():
+    w = random_weight(T.Q8_0, 5, 64, seed=2)
+    assert quant_matmul(torch.randn(0, 64), w, T.Q8_0, 64).shape == (0, 5)
+    x = torch.randn(64, 3).T  # (3, 64) with stride 1 along dim 0: copied, not rejected
+    assert torch.allclose(quant_matmul(x, w, T.Q8_0, 64), quant_matmul(x.contiguous(), w, T.Q8_0, 64))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda w: quant_matmul(torch.randn(2, 64).int(), w, T.Q8_0, 64), "float16, bfloat16 or float32"),
+        (lambda w: quant_matmul(torch.randn(2, 64), w.float(), T.Q8_0, 64), "uint8"),
+        (lambda w: quant_matmul(torch.randn(2, 63), w, T.Q8_0, 63), "multiple of the Q8_0 block size"),
+        (lambda w: quant_matmul(torch.randn(2, 32), w, T.Q8_0, 32), "rows of 68"),
+        (lambda w: quant_matmul(torch.randn(2, 64), w, T.Q4_K, 64), "multiple of the Q4_K"),
+        (lambda w: quant_matmul(torch.randn(2, 128), w, T.Q8_0, 64), "last dim must be K=64"),
+        (lambda w: quant_matmul(torch.randn(2, 64), torch.cat([w, w], 1)[:, :68], T.Q8_0, 64), "contiguous"),
+        (lambda w: quant_matmul(torch.randn(2, 64), w, 99, 64), "unknown GGML type"),
+    ],
+)
+def test_bad_inputs_have_clear_errors(call, match):
+    w = random_weight(T.Q8_0, 4, 64, seed=3)
+    with pytest.raises(ValueError, match=match):
+        call(w)
+
+
+def _naive_moe(x, ids, wts, gate, up, down, types):
+    """Token by token, slot by slot: the definition the fused layer must match."""
+    E, I, D = gate.shape[0], gate.shape[1], x.shape[1]
+    out = torch.zeros(x.shape[0], D)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if not 0 <= e < E:
+                continue
+            g = dequantize(gate[e], types[0], (I, D)) @ x[t].float()
+            u = dequantize(up[e], types[1], (I, D)) @ x[t].float()
+            out[t] += wts[t, k] * (dequantize(down[e], types[2], (D, I)) @ (torch.nn.functional.silu(g) * u))
+    return out
+
+
+def _moe_weights(types, E, I, D, seed, device="cpu"):
+    gate = random_weight(types[0], E * I, D, seed).view(E, I, -1).to(device)
+    up = random_weight(types[1], E * I, D, seed + 1).view(E, I, -1).to(device)
+    down = random_weight(types[2], E * D, I, seed + 2).view(E, D, -1).to(device)
+    return gate, up, down
+
+
+def test_moe_reference_matches_naive_loop():
+    types = (T.Q4_K, T.Q4_K, T.Q6_K)
+    E, I, D, K = 6, 256, 256, 3
+    gate, up, down = _moe_weights(types, E, I, D, seed=4)
+    x = torch.randn(5, D).half()
+    ids = torch.randint(0, E, (5, K))
+    ids[0, 1] = -1  # no expert
+    ids[1, 2] = 17  # out of range: no expert either
+    wts = torch.rand(5, K)
+    out = moe_quant(x, ids, wts, gate, up, down, *types)  # CPU: the reference
+    assert out.dtype == torch.float32 and out.shape == (5, D)
+    assert torch.allclose(out, _naive_moe(x, ids, wts, gate, up, down, types), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_checks_shapes_and_types():
+    types = (T.Q8_0, T.Q8_0, T.Q8_0)
+    gate, up, down = _moe_weights(types, 4, 64, 32, seed=5)
+    x, ids, wts = torch.randn(2, 32), torch.zeros(2, 2, dtype=torch.int64), torch.ones(2, 2)
+    with pytest.raises(KernelInputError, match="do not stack"):
+        moe_quant(x, ids, wts, gate, up[:, :32].contiguous(), down, *types)
+    with pytest.raises(KernelInputError, match="not Q4_0 rows"):
+        moe_quant(x, ids, wts, gate, up, down, T.Q8_0, T.Q8_0, T.Q4_0)
+    with pytest.raises(KernelInputError, match="float32 with the shape of ids"):
+        moe_quant(x, ids, wts.half(), gate, up, down, *types)
+    with pytest.raises(KernelInputError, match="one float16/bfloat16/float32 dtype"):
+        moe_dense(x, ids, wts, torch.randn(4, 8, 32), torch.randn(4, 8, 32).half(), torch.randn(4, 32, 8))
+
+
+def _emulate_ptx(asm: str, inputs: list[int], n_out: int) -> list[int]:
+    """Run the straight-line PTX the kernels use (shl, shr.u32, and, mov, lop3) on 32-bit ints."""
+    regs = {f"${n_out + i}": v & 0xFFFFFFFF for i, v in enumerate(inputs)}
+
+    def val(tok):
+        return regs[tok] if tok in regs else int(tok, 0) & 0xFFFFFFFF
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(("{", "}", ".reg")):
+            continue
+        op, rest = line.split(None, 1)
+        d, *a = [s.strip() for s in rest.split(",")]
+        if op == "shl.b32":
+            r = val(a[0]) << int(a[1])
+        elif op == "shr.u32":
+            r = val(a[0]) >> int(a[1])
+        elif op == "and.b32":
+            r = val(a[0]) & val(a[1])
+        elif op == "mov.b32":
+            r = val(a[0])
+        elif op == "lop3.b32":  # LUT bit index = (a << 2) | (b << 1) | c, as PTX defines it
+            x, y, z, lut = val(a[0]), val(a[1]), val(a[2]), int(a[3], 0)
+            r = sum(((lut >> (((x >> i) & 1) << 2 | ((y >> i) & 1) << 1 | (z >> i) & 1)) & 1) << i for i in range(32))
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(n_out)]
+
+
+def test_inline_ptx_matches_its_triton_twin():
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from tierlm.kernels import triton_gemv as tg
+
+    def f(bits):
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+    rnd = random.Random(0)
+    for _ in range(300):
+        b = [rnd.randrange(256) for _ in range(12)]
+        word = b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+        out = _emulate_ptx(tg._Q4_ASM.value, [word], 8)
+        assert [f(o) for o in out] == [1 + (v & 15) / 16 for v in b[:4]] + [1 + (v >> 4) / 16 for v in b[:4]]
+        out = _emulate_ptx(tg._Q8_ASM.value, [b[0] | b[1] << 8], 2)
+        assert [f(o) for o in out] == [1 + ((v ^ 0x80) / 256) for v in b[:2]]
+        qa, qb, qh = b[4:6], b[6:8], b[8:10]
+        out = _emulate_ptx(tg._Q6_ASM.value, [qa[0] | qa[1] << 8, qb[0] | qb[1] << 8, qh[0] | qh[1] << 8], 8)
+        for k in range(2):
+            q = [(qa[k] & 15) | (qh[k] & 3) << 4, (qb[k] & 15) | (qh[k] >> 2 & 3) << 4,
+                 qa[k] >> 4 | (qh[k] >> 4 & 3) << 4, qb[k] >> 4 | (qh[k] >> 6) << 4]
+            assert [f(out[2 * r + k]) for r in range(4)] == [1 + v / 64 for v in q]
+
+
+@pytest.mark.parametrize("group", ["gemv", "tile", "moe"])
+def test_triton_kernels_in_interpreter(group):
+    """The kernels in Triton's CPU interpreter (this file run as a script, since TRITON_INTERPRET must
+    be set before the kernels are defined); they take the Triton-op twins of their inline PTX."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
+        # seen with triton 3.6 and numpy 2.4: its interpreter turns tensor loop bounds into ints
+        # with int(array), which numpy now refuses; the compiled kernels are unaffected
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run these loops; needs triton >= 3.9")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, __file__, "interpret", group], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- GPU: compiled kernels
+
+
+def _poison_cache():
+    """Fill freed allocator blocks with NaN so an output element a kernel never writes shows up."""
+    junk = torch.full((64 << 20,), float("nan"), device="cuda")
+    del junk
+
+
+SHAPES = [(300, 1024), (1000, 2560), (64, 256)]  # non-power-of-two N; K = whole K-quant blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", FUSED_TYPES + (T.Q4_0, T.Q5_K, T.Q2_K, T.Q3_K, T.F16, T.BF16))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 3, 16, 64, 300])
+def test_quant_matmul_matches_reference(t, dtype, M):
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bfloat16 needs sm_80+")
+    for i, (N, K) in enumerate(SHAPES):
+        w = random_weight(t, N, K, seed=10 + i, device="cuda")
+        x = (torch.randn(M, K, device="cuda") * 2).to(dtype)
+        ref = quant_matmul_ref(x, w, t, K)
+        _poison_cache()
+        out = quant_matmul(x, w, t, K)
+        assert out.dtype == dtype and out.shape == (M, N)
+        assert torch.isfinite(out).all(), (t, dtype, M, N, K)
+        fused = t in FUSED_TYPES and M <= 16
+        tol = (FMA_TOL if fused and (M == 1 or dtype == torch.float32) else TILE_TOL)[dtype]
+        assert rel(out, ref) <= tol, (t.name, dtype, M, N, K, rel(out, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", FUSED_TYPES)
+@pytest.mark.parametrize("cfg", DECODE_CONFIGS, ids=str)
+def test_every_decode_config(t, cfg):
+    N, K = 200, 2048
+    w = random_weight(t, N, K, seed=20, device="cuda")
+    M = 1 if cfg.kind == "gemv" else 7
+    x = torch.randn(M, K, device="cuda").half()
+    _poison_cache()
+    out = quant_matmul(x, w, t, K, config=cfg)
+    tol = FMA_TOL if cfg.kind == "gemv" else TILE_TOL
+    assert rel(out, quant_matmul_ref(x, w, t, K)) <= tol[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", FUSED_TYPES + (T.F16, T.BF16, T.F32))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_dequantize_rows_matches_formats(t, dtype):
+    N, K = 70, 1536
+    w = random_weight(t, N, K, seed=30, device="cuda")
+    _poison_cache()
+    out = dequantize_rows(w, t, K, dtype)
+    ref = dequantize(w, t, (N, K), torch.float32)
+    # one rounding of A*f - B instead of the reference's d*sc*q - dmin*m: a few float32 ulps
+    assert torch.allclose(out.float(), ref.to(dtype).float(), rtol=2e-6 if dtype == torch.float32 else 2e-3,
+                          atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.Q8_0, T.Q5_0), (T.Q4_K, T.Q4_K, T.Q4_K)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T_", [1, 4, 40])
+def test_moe_matches_reference(types, dtype, T_):
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bfloat16 needs sm_80+")
+    E, I, D, K = 16, 512, 768, 8
+    gate, up, down = _moe_weights(types, E, I, D, seed=40, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(41)
+    x = torch.randn(T_, D, device="cuda", generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
+    if T_ > 1:
+        ids[0, 0] = -1  # no expert
+    wts = torch.rand(T_, K, device="cuda", generator=g)
+    ref = moe_quant_ref(x, ids, wts, gate, up, down, *types)
+    _poison_cache()
+    out = moe_quant(x, ids, wts, gate, up, down, *types)
+    sorted_path = T_ * K >= MoEConfig().sorted_min_pairs
+    tol = 5e-3 if sorted_path else 1e-5  # tiles: fp16/bf16/tf32 operands; decode: float32 FMAs
+    if sorted_path and dtype == torch.bfloat16:
+        tol = 1.5e-2
+    assert out.dtype == torch.float32 and rel(out, ref) <= tol, (types, dtype, T_, rel(out, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T_", [1, 40])
+def test_moe_dense_matches_reference(dtype, T_):
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bfloat16 needs sm_80+")
+    E, I, D, K = 8, 256, 512, 4
+    gate = (torch.randn(E, I, D, device="cuda") * 0.02).to(dtype)
+    up = (torch.randn(E, I, D, device="cuda") * 0.02).to(dtype)
+    down = (torch.randn(E, D, I, device="cuda") * 0.02).to(dtype)
+    x = torch.randn(T_, D, device="cuda").to(dtype)
+    ids = torch.randint(0, E, (T_, K), device="cuda")
+    wts = torch.rand(T_, K, device="cuda")
+    t = {torch.float16: T.F16, torch.bfloat16: T.BF16}[dtype]
+    rows = [w.view(torch.uint8) for w in (gate, up, down)]
+    ref = moe_quant_ref(x, ids, wts, *rows, t, t, t)
+    out = moe_dense(x, ids, wts, gate, up, down)
+    assert rel(out, ref) <= (1e-5 if T_ * K < MoEConfig().sorted_min_pairs else 1.5e-2)
+
+
+# ---------------------------------------------------------------- interpreter runs (script mode)
+
+
+def _interp_check(name: str, got: torch.Tensor, ref: torch.Tensor) -> None:
+    """float32 throughout: only the summation order differs from the reference."""
+    err = rel(got, ref)
+    print(f"{name}: {err:.2e}")
+    if not err <= 1e-5:
+        raise SystemExit(f"FAIL {name}: relative error {err:.3e} > 1e-5")
+
+
+def _interp_weight(t: GGMLType, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, generator=gen) * 0.05
+    floats = {T.F16: torch.float16, T.BF16: torch.bfloat16, T.F32: torch.float32}
+    return w.to(floats[t]).view(torch.uint8) if t in floats else quantize(w, t)
+
+
+def _interp_gemv(gen: torch.Generator) -> None:
+    from tierlm.kernels.quant_matmul import _qmm_launch
+
+    for t in list(FUSED_TYPES) + [T.F16, T.BF16, T.F32]:
+        N, K = 45, 768  # N not a multiple of a program's 32/64 rows; K = 3 K-quant blocks
+        w = _interp_weight(t, N, K, gen)
+        for cfg, m in [(QMMConfig("gemv", 2, 1, rows=1), 1), (QMMConfig("gemv", 4, 3, rows=2), 2),
+                       (QMMConfig("gemv", 1, 2, rows=2), 1)]:
+            x = torch.randn(m, K, generator=gen)
+            _interp_check(f"gemv {t.name} {cfg.num_warps}w x{cfg.split_k} r{cfg.rows} M={m}",
+                          _qmm_launch(x, w, t, K, cfg), quant_matmul_ref(x, w, t, K))
+
+
+def _interp_tile(gen: torch.Generator) -> None:
+    from tierlm.kernels import triton_q as tq
+    from tierlm.kernels.quant_matmul import _qmm_launch
+
+    for t in list(FUSED_TYPES) + [T.F16, T.BF16, T.F32]:
+        N, K = 21, 768
+        w = _interp_weight(t, N, K, gen)
+        for cfg, m in [(QMMConfig("tile", 1, 1, 16, 16, 256, True), 5), (QMMConfig("tile", 1, 2, 4, 8, 512, False), 3)]:
+            x = torch.randn(m, K, generator=gen)
+            _interp_check(f"tile {t.name} dot={cfg.use_dot} M={m}", _qmm_launch(x, w, t, K, cfg),
+                          quant_matmul_ref(x, w, t, K))
+        out = torch.full((N, K), float("nan"))  # every element must be written
+        block = tq.BLOCK_ELEMS[int(t)]
+        nb = max(1, 256 // block)
+        grid = (-(-N // 16), -(-(K // block) // nb))
+        tq.dequant_kernel[grid](w, out, N, K, K // block, w.shape[1], QTYPE=int(t), BLOCK=block, BLOCK_N=16, NB=nb)
+        _interp_check(f"dequant {t.name}", out, dequantize(w, t, (N, K)))
+
+
+def _interp_moe(gen: torch.Generator) -> None:
+    from tierlm.kernels import moe
+
+    E, D, K, n = 5, 256, 2, 3
+    for gt, dt, I in [(T.Q4_K, T.Q6_K, 256), (T.Q8_0, T.Q5_0, 96), (T.BF16, T.F16, 64)]:
+        gate = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
+        up = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
+        down = _interp_weight(dt, E * D, I, gen).view(E, D, -1)
+        x = torch.randn(n, D, generator=gen)
+        ids = torch.randint(0, E, (n, K), generator=gen)
+        ids[1, 0] = -1  # no expert: adds nothing
+        ids[2, 1] = ids[2, 0] = 3  # one expert twice for one token
+        wts = torch.rand(n, K, generator=gen)
+        ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
+        args = (x, ids.reshape(-1), wts.reshape(-1), gate, up, down, [gt, gt, dt], (E, I, D, K))
+        pairs = moe._moe_pairs(*args, MoEConfig(num_warps=2, rows=1)).view(n, K, D).sum(1)
+        tiles = moe._moe_sorted(*args, MoEConfig(block_m=16, block_n=32)).view(n, K, D).sum(1)
+        _interp_check(f"moe pairs {gt.name}/{dt.name}", pairs, ref)
+        _interp_check(f"moe sorted {gt.name}/{dt.name}", tiles, ref)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    {"gemv": _interp_gemv, "tile": _interp_tile, "moe": _interp_moe}[sys.argv[2]](torch.Generator().manual_seed(0))
+    print("ok")

@@ -1,0 +1,66 @@
+"""Every Triton kernel compiles ahead of time for Turing (sm_75) and Hopper (sm_90), with no GPU.
+
+Turing has no bf16, and Triton's tl.dot gets no tensor cores there; what matters is that the
+fp16/fp32 forms the wrappers launch on such a card build to PTX and cubin (ptxas ships with
+Triton) and that their PTX holds no bf16 instruction. The sm_90 build of a tensor-core tile must
+use mma. ``aot.variants`` lists every form; these tests compile one of each kernel and weight
+type (the MoE kernels for Q4_K/Q6_K and one float type), which covers every code path.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+aot = pytest.importorskip("tierlm.kernels.aot", reason="this triton cannot compile ahead of time")
+
+BF16_PTX = re.compile(r"\bbf16|\.bf16")
+
+
+def _representative(capability: int) -> list:
+    """One variant per (kernel, weight type, path); MoE kernels for Q4_K/Q6_K and F16 only."""
+    seen, out = set(), []
+    for v in aot.variants(capability):
+        moe = v.fn.__name__.startswith("moe")
+        if moe and v.tags.get("qtype") not in (12, 14, 1):
+            continue
+        key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"))
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
+
+
+def _ids(vs):
+    return [v.name for v in vs]
+
+
+SM75 = _representative(75)
+SM90 = [v for v in _representative(90) if v.tags.get("act") in ("fp16", "bf16")]
+
+
+@pytest.mark.parametrize("v", SM75, ids=_ids(SM75))
+def test_compiles_for_turing_without_bf16(v):
+    k = aot.compile_variant(v, 75)
+    ptx = k.asm["ptx"]
+    assert ".target sm_75" in ptx
+    assert not BF16_PTX.search(ptx), f"{v.name}: bf16 in the sm_75 PTX"
+    assert "wgmma" not in ptx and "cp.async.bulk" not in ptx
+    assert len(k.asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("v", SM90, ids=_ids(SM90))
+def test_compiles_for_hopper(v):
+    k = aot.compile_variant(v, 90)
+    ptx = k.asm["ptx"]
+    assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0
+    if v.constexprs.get("USE_DOT") and v.tags.get("act") != "fp32":
+        assert "mma" in ptx, f"{v.name}: a tensor-core tile without mma"
+
+
+def test_turing_tiles_have_no_tensor_core_instructions():
+    """Documents why prefill on Turing dequantizes and calls cuBLAS: Triton's tl.dot becomes FMAs there."""
+    tile = next(v for v in aot.variants(75) if v.fn.__name__ == "qmm_kernel" and v.constexprs["USE_DOT"])
+    assert "mma" not in aot.compile_variant(tile, 75).asm["ptx"]

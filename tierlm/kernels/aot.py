@@ -1,0 +1,136 @@
+"""Compile the Triton kernels ahead of time for a chosen GPU, on any machine (no GPU needed).
+
+Used by the tests to prove every kernel builds for Turing (sm_75) and Hopper (sm_90) and to read
+the generated PTX. ``variants()`` lists the launches the wrappers can make, one per kernel, type
+and activation dtype; ``compile_variant`` turns one into PTX/cubin for ``GPUTarget("cuda", cc, 32)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from tierlm.kernels import triton_gemv as tg
+from tierlm.kernels import triton_moe as tm
+from tierlm.kernels import triton_q as tq
+
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
+
+
+@dataclass
+class Variant:
+    """One compiled form of a kernel: its signature types, constexprs, and launch options."""
+
+    name: str
+    fn: object
+    types: dict  # argument name -> Triton type string, "constexpr" for constants
+    constexprs: dict
+    aligned: tuple = ()  # integer arguments launched with values divisible by 16
+    num_warps: int = 4
+    num_stages: int = 2
+    tags: dict = field(default_factory=dict)
+
+
+def _geometry(qtype: int, k_step: int = 256) -> dict:
+    block = tq.BLOCK_ELEMS[qtype]
+    return dict(BLOCK=block, NB=max(1, k_step // block))
+
+
+def qmv_variant(qtype: int, act: str, num_warps: int = 4, rows: int = 1, split: bool = False) -> Variant:
+    types = dict(x_ptr=_PTR[act], w_ptr="*u8", out_ptr=_PTR["fp32" if split else act], N="i32", units="i32",
+                 row_bytes="i32", stride_xm="i32", stride_om="i32", units_per_split="i32", stride_os="i32")
+    const = dict(QTYPE=qtype, W=num_warps, R=rows, ASM=True)
+    aligned = ("stride_xm",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
+    return Variant(f"qmv_{qtype}_{act}_w{num_warps}_r{rows}", tg.qmv_kernel, types, const, aligned, num_warps,
+                   tags=dict(act=act, qtype=qtype))
+
+
+def qmm_variant(qtype: int, act: str, block_m: int, block_n: int, use_dot: bool, num_warps: int = 4) -> Variant:
+    g = _geometry(qtype)
+    types = dict(x_ptr=_PTR[act], w_ptr="*u8", out_ptr=_PTR[act if block_m else "fp32"],
+                 M="i32", N="i32", nblocks="i32", row_bytes="i32", stride_xm="i32", stride_om="i32",
+                 stride_os="i32", blocks_per_split="i32")
+    dot_kind = {"fp32": tq.DOT_F32, "fp16": tq.DOT_F16, "bf16": tq.DOT_BF16}[act]
+    const = dict(QTYPE=qtype, BLOCK=g["BLOCK"], BLOCK_M=block_m, BLOCK_N=block_n, NB=g["NB"],
+                 USE_DOT=use_dot, DOT_KIND=dot_kind, DOT_PREC="ieee")
+    aligned = ("stride_xm",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
+    return Variant(f"qmm_{qtype}_{act}_m{block_m}_n{block_n}_{'dot' if use_dot else 'fma'}", tq.qmm_kernel,
+                   types, const, aligned, num_warps, tags=dict(act=act, qtype=qtype))
+
+
+def dequant_variant(qtype: int, out: str) -> Variant:
+    g = _geometry(qtype)
+    types = dict(w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32", nblocks="i32", row_bytes="i32")
+    const = dict(QTYPE=qtype, BLOCK=g["BLOCK"], BLOCK_N=16, NB=g["NB"])
+    aligned = ("K",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
+    return Variant(f"dequant_{qtype}_{out}", tq.dequant_kernel, types, const, aligned, tags=dict(act=out, qtype=qtype))
+
+
+def moe_variants(q_up: int, q_down: int, act: str, sorted_: bool, dot_prec: str) -> list[Variant]:
+    """The up and down kernels of one MoE layer: decode (pairs, gemv) or prefill (sorted tiles)."""
+    gu, gd = (_geometry(q_up), _geometry(q_down)) if sorted_ else (dict(BLOCK=32, NB=1),) * 2
+    bm, bn = (16, 64) if sorted_ else (1, 64)
+    dot_kind = {"fp32": tq.DOT_F32, "fp16": tq.DOT_F16, "bf16": tq.DOT_BF16}[act]
+    tiles = dict(order_ptr="*i32", tile_e_ptr="*i32", tile_lo_ptr="*i32", tile_hi_ptr="*i32")
+    if not sorted_:
+        tiles = {k: "*i64" for k in tiles}
+    flags = dict(BLOCK_M=bm, BLOCK_N=bn, SORTED=sorted_, USE_DOT=sorted_, DOT_PREC=dot_prec, W=4,
+                 R=1 if sorted_ else 2, ASM=not sorted_)
+    up_types = dict(x_ptr=_PTR["fp32" if not sorted_ else act], gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
+                    ids_ptr="*i64", **tiles, E="i32", I="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
+                    es_g="i64", es_u="i64", stride_xt="i32", TOPK="i32")
+    up_const = dict(GATE_T=q_up, BLOCK_G=gu["BLOCK"], NB_G=gu["NB"], UP_T=q_up, BLOCK_U=gu["BLOCK"], NB_U=gu["NB"],
+                    DOT_KIND=dot_kind, **flags)
+    down_types = dict(h_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32", ids_ptr="*i64", **tiles,
+                      E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64")
+    down_const = dict(DOWN_T=q_down, BLOCK_D=gd["BLOCK"], NB_D=gd["NB"], DOT_KIND=tq.DOT_F32, **flags)
+    tag = "sorted" if sorted_ else "pairs"
+    aligned_up = ("stride_xt",) + (("rb_g", "rb_u") if tq.BLOCK_BYTES[q_up] % 16 == 0 else ())
+    aligned_down = ("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ()
+    return [
+        Variant(f"moe_up_{q_up}_{act}_{tag}", tm.moe_up_kernel, up_types, up_const, aligned_up,
+                tags=dict(act=act, qtype=q_up)),
+        Variant(f"moe_down_{q_down}_{tag}", tm.moe_down_kernel, down_types, down_const, aligned_down,
+                tags=dict(act="fp32", qtype=q_down)),
+    ]
+
+
+def variants(capability: int) -> list[Variant]:
+    """Every kernel form the wrappers launch on a card of this compute capability (e.g. 75, 90)."""
+    acts = ["fp16", "fp32"] + (["bf16"] if capability >= 80 else [])
+    out = []
+    for q in QUANT:
+        for act in acts:
+            out.append(qmv_variant(q, act, 4, 2))
+            out.append(qmm_variant(q, act, 4, 8, False))
+            if act != "fp32":
+                out.append(qmm_variant(q, act, 16, 32, True))
+                out.append(dequant_variant(q, act))
+    dot_prec = "tf32" if capability >= 80 else "ieee"
+    for act in acts:
+        out += moe_variants(tq.Q4_K, tq.Q6_K, act, False, dot_prec)
+        out += moe_variants(tq.Q4_K, tq.Q6_K, act, True, dot_prec)
+    out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
+    out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
+    for w in (tq.F16, tq.BF16, tq.F32):  # moe_dense (bf16 weights are widened by a shift everywhere)
+        out += moe_variants(w, w, "fp16", False, dot_prec)
+        out += moe_variants(w, w, "fp16", True, dot_prec)
+    return out
+
+
+def compile_variant(v: Variant, capability: int):
+    """Compile one variant for ``GPUTarget("cuda", capability, 32)``; returns Triton's CompiledKernel."""
+    fn = v.fn
+    types = dict(v.types)
+    for k in v.constexprs:
+        types[k] = "constexpr"
+    order = {name: i for i, name in enumerate(fn.arg_names)}
+    attrs = {(order[k],): [["tt.divisibility", 16]] for k, t in types.items() if t.startswith("*")}
+    attrs.update({(order[k],): [["tt.divisibility", 16]] for k in v.aligned})
+    src = ASTSource(fn=fn, signature=types, constexprs=dict(v.constexprs), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=v.num_warps, num_stages=v.num_stages))

@@ -1,0 +1,216 @@
+"""Fused MoE over stacked GGUF expert weights, with a plain-PyTorch reference beside it.
+
+out[t] = sum_k weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, k], in float32.
+
+On CUDA this is two Triton launches plus one sum over the k slots, whatever the number of experts:
+decode (few token-expert pairs) runs each pair as a matrix-vector product straight from ``ids``;
+prefill sorts the pairs by expert so each expert's weights are read once per tile of up to
+``block_m`` pairs and multiplied with tensor-core tiles. On CPU it is the reference (a loop over
+the experts that are used, each dequantized). ``moe_dense`` runs the same kernels on unquantized
+fp16/bf16/fp32 stacked weights.
+
+Glossary: T = tokens, K = experts per token, P = T * K (token, slot) pairs, E = experts,
+D = hidden size, I = expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tierlm.kernels.quant_matmul import KernelInputError, _interpreting, device_info
+from tierlm.weights.formats import GGMLType, dequantize
+from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
+
+_FLOAT_TYPES = {torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16, torch.float32: GGMLType.F32}
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Launch configuration of the two MoE kernels.
+
+    sorted_min_pairs: from this many pairs on, pairs are sorted by expert and run as tiles of
+    block_m pairs x block_n rows (tl.dot); below it, each pair is a matrix-vector product over
+    32 * rows weight rows per program with num_warps warps.
+    """
+
+    num_warps: int = 4
+    rows: int = 2
+    sorted_min_pairs: int = 64
+    block_m: int = 16
+    block_n: int = 64
+    k_step: int = 256
+    tile_warps: int = 4
+
+
+# What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
+DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r) for r in (1, 2) for w in (4, 8))
+DEFAULT = MoEConfig()
+
+
+def _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type):
+    """Validate shapes, dtypes and devices; returns the three normalised types and (E, I, D)."""
+    types = [ggml_type(t) for t in (gate_type, up_type, down_type)]
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_TYPES:
+        raise KernelInputError("moe: x must be a 2-D (T, D) float16/bfloat16/float32 tensor")
+    T, D = x.shape
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != T or ids.dtype not in (torch.int64, torch.int32):
+        raise KernelInputError(f"moe: ids must be an integer (T={T}, K) tensor, got {getattr(ids, 'shape', ids)}")
+    if not isinstance(weights, torch.Tensor) or weights.shape != ids.shape or weights.dtype != torch.float32:
+        raise KernelInputError(f"moe: weights must be float32 with the shape of ids {tuple(ids.shape)}")
+    for name, w in (("gate", gate), ("up", up), ("down", down)):
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.uint8 or w.dim() != 3 or not w.is_contiguous():
+            raise KernelInputError(f"moe: {name} must be a contiguous 3-D uint8 tensor (E, rows, row_bytes) of GGUF bytes")
+    E, I = gate.shape[0], gate.shape[1]
+    if up.shape[:2] != (E, I) or down.shape[:2] != (E, D):
+        raise KernelInputError(
+            f"moe: gate {tuple(gate.shape)}, up {tuple(up.shape)} and down {tuple(down.shape)} do not stack E experts "
+            f"of (I, D) / (I, D) / (D, I) weights with D={D}"
+        )
+    for name, w, t, k in (("gate", gate, types[0], D), ("up", up, types[1], D), ("down", down, types[2], I)):
+        fmt = block_format(t)
+        if k % fmt.block_size or w.shape[2] != tensor_nbytes(t, (1, k)):
+            raise KernelInputError(
+                f"moe: {name} rows of {w.shape[2]} bytes are not {t.name} rows of {k} elements "
+                f"({tensor_nbytes(t, (1, k)) if k % fmt.block_size == 0 else 'not a whole number of blocks'})"
+            )
+    devices = {t.device for t in (x, ids, weights, gate, up, down)}
+    if len(devices) != 1:
+        raise KernelInputError(f"moe: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if x.is_cuda and x.dtype == torch.bfloat16 and device_info(x.device)[0] < (8, 0):
+        raise KernelInputError("moe: bfloat16 needs compute capability 8.0+; use float16 on this GPU")
+    return types, (E, I, D)
+
+
+def moe_quant_ref(x, ids, weights, gate, up, down, gate_type, up_type, down_type) -> torch.Tensor:
+    """Reference: for every expert that is used, dequantize its three matrices and apply it, in float32."""
+    (gt, ut, dt), (E, I, D) = _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type)
+    xf = x.to(torch.float32)
+    out = torch.zeros(x.shape[0], D, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        if not 0 <= e < E:
+            continue  # an id outside [0, E) selects no expert
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        xe = xf[tok]  # (n, D)
+        h = F.silu(xe @ dequantize(gate[e], gt, (I, D)).T) * (xe @ dequantize(up[e], ut, (I, D)).T)  # (n, I)
+        y = h @ dequantize(down[e], dt, (D, I)).T  # (n, D)
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out
+
+
+def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
+              config: MoEConfig | None = None) -> torch.Tensor:
+    """Fused MoE layer: x (T, D), ids/weights (T, K), gate/up (E, I, row bytes of D), down (E, D, row
+    bytes of I) in GGUF types ``*_type`` -> (T, D) float32. An id outside [0, E) adds nothing."""
+    types, (E, I, D) = _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type)
+    if not x.is_cuda:
+        return moe_quant_ref(x, ids, weights, gate, up, down, *types)
+    T, K = ids.shape
+    P = T * K
+    if P == 0:
+        return torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    cfg = config or DEFAULT
+    flat_ids = ids.reshape(P).to(torch.int64)
+    flat_w = weights.reshape(P).contiguous()
+    if P < cfg.sorted_min_pairs:
+        y = _moe_pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
+    else:
+        y = _moe_sorted(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
+    return y.view(T, K, D).sum(1)  # (T, D): the K slots added in a fixed order
+
+
+def moe_dense(x, ids, weights, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *,
+              config: MoEConfig | None = None) -> torch.Tensor:
+    """``moe_quant`` for unquantized stacked weights: gate/up (E, I, D), down (E, D, I), one float dtype."""
+    if not all(isinstance(w, torch.Tensor) for w in (gate, up, down)) or len({gate.dtype, up.dtype, down.dtype}) != 1 \
+            or gate.dtype not in _FLOAT_TYPES:
+        raise KernelInputError("moe_dense: gate, up and down must share one float16/bfloat16/float32 dtype")
+    t = _FLOAT_TYPES[gate.dtype]
+    rows = [w.contiguous().view(torch.uint8) for w in (gate, up, down)]  # (E, rows, bytes)
+    return moe_quant(x, ids, weights, *rows, t, t, t, config=config)
+
+
+def _units(t: GGMLType, k: int) -> int:
+    from tierlm.kernels.triton_gemv import UNIT_BLOCK, UNITS_PER_BLOCK
+
+    return k // UNIT_BLOCK[int(t)] * UNITS_PER_BLOCK[int(t)]
+
+
+def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
+    """Decode: one program per (pair, 32 * rows weight rows); no sorting. Returns y (P, D)."""
+    from tierlm.kernels import triton_moe as tm
+
+    (gt, ut, dt), (E, I, D, K) = types, dims
+    P = ids.numel()
+    xf = x.to(torch.float32).contiguous()  # converted once for every expert that reads it
+    h = torch.empty(P, I, dtype=torch.float32, device=x.device)
+    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    bn = 32 * cfg.rows
+    tiles = dict(order_ptr=ids, tile_e_ptr=ids, tile_lo_ptr=ids, tile_hi_ptr=ids)  # unused without SORTED
+    common = dict(BLOCK_M=1, BLOCK_N=bn, SORTED=False, USE_DOT=False, DOT_KIND=0, DOT_PREC="ieee",
+                  W=cfg.num_warps, R=cfg.rows, ASM=not _interpreting(), num_warps=cfg.num_warps)
+    tm.moe_up_kernel[(P, -(-I // bn))](
+        xf, gate, up, h, ids, *tiles.values(), E, I, _units(gt, D), _units(ut, D), gate.shape[2], up.shape[2],
+        gate[0].numel(), up[0].numel(), xf.stride(0), K,
+        GATE_T=int(gt), BLOCK_G=32, NB_G=1, UP_T=int(ut), BLOCK_U=32, NB_U=1, **common)
+    tm.moe_down_kernel[(P, -(-D // bn))](
+        h, down, y, wts, ids, *tiles.values(), E, I, D, _units(dt, I), down.shape[2], down[0].numel(),
+        DOWN_T=int(dt), BLOCK_D=32, NB_D=1, **common)
+    return y
+
+
+def _route(ids: torch.Tensor, E: int, block_m: int):
+    """Tiles of up to block_m pairs of one expert over the expert-sorted pair order, built on the
+    device without a host sync: (order, tile_e, tile_lo, tile_hi), tile_e = -1 past the last tile."""
+    P = ids.numel()
+    key = torch.where((ids >= 0) & (ids < E), ids, E)  # ids outside [0, E) sort last and get no tile
+    order = torch.sort(key, stable=True).indices  # (P,) pair ids, grouped by expert
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, key, torch.ones_like(key))[:E]
+    tiles = (counts + block_m - 1) // block_m  # (E,)
+    tile_end = torch.cumsum(tiles, 0)
+    pair_start = torch.cumsum(counts, 0) - counts
+    n_max = -(-P // block_m) + min(E, P)  # at most one partly filled tile per expert
+    t = torch.arange(n_max, device=ids.device)
+    te = torch.searchsorted(tile_end, t, right=True)  # expert of tile t; E past the last tile
+    real = te < E
+    ec = te.clamp(max=E - 1)
+    lo = pair_start[ec] + (t - (tile_end[ec] - tiles[ec])) * block_m
+    hi = pair_start[ec] + counts[ec]
+    i32 = torch.int32
+    return (order.to(i32), torch.where(real, te, -1).to(i32), torch.where(real, lo, 0).to(i32),
+            torch.where(real, hi, 0).to(i32))
+
+
+def _moe_sorted(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
+    """Prefill: expert-sorted tiles through tl.dot (tf32 for float32 operands on sm_80+). Returns y (P, D)."""
+    from tierlm.kernels import triton_moe as tm
+    from tierlm.kernels import triton_q as tq
+
+    (gt, ut, dt), (E, I, D, K) = types, dims
+    P = ids.numel()
+    cap = device_info(x.device)[0] if x.is_cuda else (8, 0)
+    order, tile_e, tile_lo, tile_hi = _route(ids, E, cfg.block_m)
+    xc = x.contiguous()
+    h = torch.empty(P, I, dtype=torch.float32, device=x.device)
+    y = torch.zeros(P, D, dtype=torch.float32, device=x.device)  # pairs with no expert stay 0
+    prec = "tf32" if cap >= (8, 0) else "ieee"
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SORTED=True, USE_DOT=True, DOT_PREC=prec,
+                  W=1, R=1, ASM=False, num_warps=cfg.tile_warps)
+
+    def geo(t):
+        block = tq.BLOCK_ELEMS[int(t)]
+        return block, max(1, cfg.k_step // block)
+
+    (bg, nbg), (bu, nbu), (bd, nbd) = geo(gt), geo(ut), geo(dt)
+    n_tiles = tile_e.numel()
+    tm.moe_up_kernel[(n_tiles, -(-I // cfg.block_n))](
+        xc, gate, up, h, ids, order, tile_e, tile_lo, tile_hi, E, I, D // bg, D // bu, gate.shape[2], up.shape[2],
+        gate[0].numel(), up[0].numel(), xc.stride(0), K,
+        GATE_T=int(gt), BLOCK_G=bg, NB_G=nbg, UP_T=int(ut), BLOCK_U=bu, NB_U=nbu,
+        DOT_KIND={torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype], **common)
+    tm.moe_down_kernel[(n_tiles, -(-D // cfg.block_n))](
+        h, down, y, wts, ids, order, tile_e, tile_lo, tile_hi, E, I, D, I // bd, down.shape[2], down[0].numel(),
+        DOWN_T=int(dt), BLOCK_D=bd, NB_D=nbd, DOT_KIND=0, **common)
+    return y

@@ -1,0 +1,236 @@
+"""y = x @ dequant(w).T straight from GGUF weight bytes, with a plain-PyTorch reference beside it.
+
+``w`` is an (N, row_bytes) uint8 tensor: the bytes of an (N, K) GGUF weight, one row of K elements
+per output. On CPU the product is the reference computation (dequantize, then matmul). On CUDA:
+
+- Q4_K, Q6_K, Q8_0, Q5_0 with at most ``DECODE_MAX_M`` rows: one fused Triton launch that decodes
+  each weight byte once, in registers, and multiplies (``triton_q.qmm_kernel``);
+- more rows (prefill): a Triton launch dequantizes the weight to x's dtype, then ``torch.matmul``
+  (cuBLAS, which uses tensor cores on every card from Turing on);
+- other types: ``formats.dequantize`` then ``torch.matmul``.
+
+Glossary: M = activation rows (all leading dims of x), N = outputs, K = inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tierlm.errors import TierlmError
+from tierlm.weights.formats import GGMLType, dequantize
+from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
+
+FUSED_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)
+TRITON_TYPES = FUSED_TYPES + (GGMLType.F16, GGMLType.BF16, GGMLType.F32)  # what the kernels can decode
+DECODE_MAX_M = 16  # above this many rows the matmul is compute-bound: dequantize once, then cuBLAS
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class KernelInputError(TierlmError, ValueError):
+    """A kernel was called with tensors of the wrong shape, dtype, layout or device."""
+
+
+@dataclass(frozen=True)
+class QMMConfig:
+    """One launch configuration of the decode product.
+
+    kind "gemv": ``triton_gemv.qmv_kernel``, one program per (activation row, 32 * rows weight
+    rows, split), ``num_warps`` warps walking interleaved parts of the rows, ``rows`` rows per
+    thread. kind "tile": ``triton_q.qmm_kernel`` on (block_m, block_n) tiles decoded ``k_step``
+    weights per loop step, with tl.dot (``use_dot``) or FMAs. split_k > 1 gives each output that
+    many programs whose partial sums are added afterwards in a fixed order (no atomics: results do
+    not vary run to run).
+    """
+
+    kind: str = "gemv"
+    num_warps: int = 4
+    split_k: int = 1
+    block_m: int = 16
+    block_n: int = 32
+    k_step: int = 256
+    use_dot: bool = True
+    num_stages: int = 2
+    rows: int = 1
+
+
+# The configurations bench/kernels.py times for decode; pick_config chooses among them.
+GEMV_CONFIGS = tuple(QMMConfig("gemv", w, s, rows=r) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4))
+TILE_CONFIGS = tuple(QMMConfig("tile", 4, 1, 16, bn, 256, True) for bn in (32, 64))  # tl.dot tiles
+DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS
+DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
+    """(compute capability, multiprocessor count) of a CUDA device."""
+    return _device_info(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
+                capability: tuple[int, int], sms: int) -> QMMConfig:
+    """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
+
+    Several rows with 16-bit activations on sm_80+: tensor-core tiles (each weight decoded once
+    for all rows). Otherwise gemv, one program row per activation row (the rows after the first
+    find the weights in L2), with enough warps in flight to cover the memory latency (about 16 per
+    multiprocessor), each walking at least a few units of its rows; two rows per thread share the
+    activation loads.
+    """
+    if M > 1 and capability >= (8, 0) and dtype != torch.float32:
+        return QMMConfig("tile", 4, 1, 16, 64, 256, True)
+    from tierlm.kernels.triton_gemv import UNIT_BLOCK, UNITS_PER_BLOCK
+
+    rows = 2
+    units = K // UNIT_BLOCK[int(qtype)] * UNITS_PER_BLOCK[int(qtype)]
+    row_blocks = -(-N // (32 * rows)) * M
+    warps, split = 4, 1
+    while row_blocks * warps * split < 16 * sms and units // (warps * split) >= 8:
+        if warps < 8:
+            warps *= 2
+        else:
+            split *= 2
+    return QMMConfig("gemv", warps, split, rows=rows)
+
+
+def check_inputs(x: torch.Tensor, w: torch.Tensor, qtype, K: int, name: str = "quant_matmul") -> GGMLType:
+    """Validate x (..., K) and w (N, row_bytes) for a product; returns the normalised type."""
+    qtype = ggml_type(qtype)
+    fmt = block_format(qtype)
+    if not isinstance(x, torch.Tensor) or x.dtype not in _ACT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise KernelInputError(f"{name}: x must be a float16, bfloat16 or float32 tensor, got {got}")
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.uint8 or w.dim() != 2:
+        got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise KernelInputError(f"{name}: w must be a 2-D uint8 tensor of GGUF bytes (N, row_bytes), got {got}")
+    if K <= 0 or K % fmt.block_size:
+        raise KernelInputError(f"{name}: K={K} is not a positive multiple of the {qtype.name} block size {fmt.block_size}")
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise KernelInputError(f"{name}: x has shape {tuple(x.shape)} but its last dim must be K={K}")
+    row_bytes = tensor_nbytes(qtype, (1, K))
+    if w.shape[1] != row_bytes:
+        raise KernelInputError(
+            f"{name}: a {qtype.name} row of K={K} elements is {row_bytes} bytes, but w has rows of {w.shape[1]}; "
+            "the weight's type or K does not match its bytes"
+        )
+    if w.shape[0] > 0 and (w.stride(1) != 1 or w.stride(0) != row_bytes):
+        raise KernelInputError(f"{name}: w must be contiguous (strides {w.stride()}); call .contiguous() first")
+    if x.device != w.device:
+        raise KernelInputError(f"{name}: x is on {x.device} but w is on {w.device}; move them to one device")
+    if x.is_cuda and x.dtype == torch.bfloat16 and device_info(x.device)[0] < (8, 0):
+        raise KernelInputError(f"{name}: bfloat16 needs compute capability 8.0+; use float16 on this GPU")
+    return qtype
+
+
+def quant_matmul_ref(x: torch.Tensor, w: torch.Tensor, qtype, K: int) -> torch.Tensor:
+    """Reference: dequantize w to float32 and ``F.linear`` in float32; returns float32 (..., N)."""
+    qtype = check_inputs(x, w, qtype, K, "quant_matmul_ref")
+    wd = dequantize(w, qtype, (w.shape[0], K), torch.float32)
+    return F.linear(x.to(torch.float32), wd)
+
+
+def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, row_bytes) GGUF bytes -> (N, K) in ``dtype``: one Triton launch on CUDA for TRITON_TYPES."""
+    qtype = ggml_type(qtype)
+    N = w.shape[0]
+    if not w.is_cuda or qtype not in TRITON_TYPES or N == 0:
+        return dequantize(w, qtype, (N, K), dtype)
+    from tierlm.kernels import triton_q as tq
+
+    out = torch.empty((N, K), dtype=dtype, device=w.device)
+    bn, k_step, warps = DEQUANT_CONFIG
+    block = tq.BLOCK_ELEMS[int(qtype)]
+    nb = max(1, k_step // block)
+    nblocks = K // block
+    grid = (triton_cdiv(N, bn), triton_cdiv(nblocks, nb))
+    tq.dequant_kernel[grid](w, out, N, K, nblocks, w.shape[1], QTYPE=int(qtype), BLOCK=block, BLOCK_N=bn, NB=nb,
+                            num_warps=warps)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_kind(dtype: torch.dtype) -> int:
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig) -> torch.Tensor:
+    """Fused decode product of x2 (M, K), stride 1 along K -> (M, N) in x2's dtype."""
+    M, N = x2.shape[0], w.shape[0]
+    if cfg.kind == "gemv":
+        from tierlm.kernels import triton_gemv as tg
+
+        units = K // tg.UNIT_BLOCK[int(qtype)] * tg.UNITS_PER_BLOCK[int(qtype)]
+        per_split = triton_cdiv(units, cfg.split_k)
+        splits = triton_cdiv(units, per_split)
+        out = _out_buffer(x2, M, N, splits)
+        grid = (M, triton_cdiv(N, 32 * cfg.rows), splits)
+        tg.qmv_kernel[grid](x2, w, out, N, units, w.shape[1], x2.stride(0), N, per_split, M * N,
+                            QTYPE=int(qtype), W=cfg.num_warps, R=cfg.rows, ASM=not _interpreting(),
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        from tierlm.kernels import triton_q as tq
+
+        block = tq.BLOCK_ELEMS[int(qtype)]
+        if cfg.k_step % block:
+            raise KernelInputError(f"config k_step={cfg.k_step} is not a multiple of the {qtype.name} block ({block})")
+        nb = cfg.k_step // block
+        nblocks = K // block
+        per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb  # whole steps per split
+        splits = triton_cdiv(nblocks, per_split)
+        out = _out_buffer(x2, M, N, splits)
+        grid = (triton_cdiv(N, cfg.block_n), triton_cdiv(M, cfg.block_m), splits)
+        tq.qmm_kernel[grid](
+            x2, w, out, M, N, nblocks, w.shape[1], x2.stride(0), N, M * N, per_split,
+            QTYPE=int(qtype), BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
+            USE_DOT=cfg.use_dot, DOT_KIND=_dot_kind(x2.dtype), DOT_PREC="ieee",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
+
+
+def _out_buffer(x2: torch.Tensor, M: int, N: int, splits: int) -> torch.Tensor:
+    if splits == 1:
+        return torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    return torch.empty((splits, M, N), dtype=torch.float32, device=x2.device)  # partial sums
+
+
+def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMMConfig | None = None) -> torch.Tensor:
+    """x (..., K) float16/bfloat16/float32 times the (N, K) GGUF weight in ``w`` -> (..., N) in x.dtype.
+
+    ``config`` forces a decode launch configuration (used by benchmarks); by default ``pick_config``
+    chooses one for M <= DECODE_MAX_M, and prefill dequantizes and calls cuBLAS.
+    """
+    qtype = check_inputs(x, w, qtype, K)
+    N = w.shape[0]
+    lead = x.shape[:-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    x2 = x.reshape(-1, K)  # (M, K)
+    M = x2.shape[0]
+    if M == 0 or N == 0:
+        return x.new_zeros((*lead, N))
+    if not x.is_cuda:
+        return (x2 @ dequantize(w, qtype, (N, K), x.dtype).T).reshape(*lead, N)
+    if qtype in FUSED_TYPES and (M <= DECODE_MAX_M or config is not None):
+        if config is None:
+            cap, sms = device_info(x.device)
+            config = pick_config(qtype, M, N, K, x.dtype, cap, sms)
+        return _qmm_launch(x2, w, qtype, K, config).reshape(*lead, N)
+    wd = dequantize_rows(w, qtype, K, x.dtype)  # (N, K)
+    return torch.matmul(x2, wd.T).reshape(*lead, N)
