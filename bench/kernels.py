@@ -173,7 +173,8 @@ def warm_jobs(quick: bool):
         for M in DECODE_M:
             jobs.append(("decode", (t, N, K, M, None)))
             if name in SWEEP_SHAPES and not quick:
-                jobs += [("decode", (t, N, K, M, c)) for c in DECODE_CONFIGS if c.kind == "gemv" or M > 1]
+                jobs += [("decode", (t, N, K, M, c)) for c in DECODE_CONFIGS
+                         if (c.kind == "gemv" or M > 1) and (t == T.Q4_K or not c.q4k_block)]
         for M in PREFILL_M[:1]:
             jobs.append(("prefill", (t, N, K, M)))
     for T_ in (1, 4, 16, 512):
@@ -272,7 +273,7 @@ def main() -> None:
         for M in DECODE_M:
             x = torch.randn(M, K, device="cuda").half()
             for cfg in DECODE_CONFIGS:
-                if cfg.kind == "tile" and M == 1:
+                if (cfg.kind == "tile" and M == 1) or (cfg.q4k_block and t != T.Q4_K):
                     continue
                 s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)], reps=7)
                 res["sweep"].append(dict(shape=name, type=t.name, M=M, config=cfg.__dict__, us=s * 1e6,

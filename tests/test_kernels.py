@@ -263,6 +263,8 @@ def test_quant_matmul_matches_reference(t, dtype, M):
 @pytest.mark.parametrize("t", FUSED_TYPES)
 @pytest.mark.parametrize("cfg", DECODE_CONFIGS, ids=str)
 def test_every_decode_config(t, cfg):
+    if cfg.q4k_block and t != T.Q4_K:
+        pytest.skip("q4k_block only changes Q4_K")
     N, K = 200, 2048
     w = random_weight(t, N, K, seed=20, device="cuda")
     M = 1 if cfg.kind == "gemv" else 7
@@ -356,7 +358,7 @@ def _interp_gemv(gen: torch.Generator) -> None:
         N, K = 45, 768  # N not a multiple of a program's 32/64 rows; K = 3 K-quant blocks
         w = _interp_weight(t, N, K, gen)
         for cfg, m in [(QMMConfig("gemv", 2, 1, rows=1), 1), (QMMConfig("gemv", 4, 3, rows=2), 2),
-                       (QMMConfig("gemv", 1, 2, rows=2), 1)]:
+                       (QMMConfig("gemv", 1, 2, rows=2), 1), (QMMConfig("gemv", 2, 2, rows=2, q4k_block=True), 1)]:
             x = torch.randn(m, K, generator=gen)
             _interp_check(f"gemv {t.name} {cfg.num_warps}w x{cfg.split_k} r{cfg.rows} M={m}",
                           _qmm_launch(x, w, t, K, cfg), quant_matmul_ref(x, w, t, K))
@@ -397,8 +399,10 @@ def _interp_moe(gen: torch.Generator) -> None:
         ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         args = (x, ids.reshape(-1), wts.reshape(-1), gate, up, down, [gt, gt, dt], (E, I, D, K))
         pairs = moe._moe_pairs(*args, MoEConfig(num_warps=2, rows=1)).view(n, K, D).sum(1)
+        pairs_block = moe._moe_pairs(*args, MoEConfig(num_warps=2, rows=2, q4k_block=True)).view(n, K, D).sum(1)
         tiles = moe._moe_sorted(*args, MoEConfig(block_m=16, block_n=32)).view(n, K, D).sum(1)
         _interp_check(f"moe pairs {gt.name}/{dt.name}", pairs, ref)
+        _interp_check(f"moe pairs q4k_block {gt.name}/{dt.name}", pairs_block, ref)
         _interp_check(f"moe sorted {gt.name}/{dt.name}", tiles, ref)
 
 

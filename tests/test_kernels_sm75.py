@@ -26,7 +26,8 @@ def _representative(capability: int) -> list:
         moe = v.fn.__name__.startswith("moe")
         if moe and v.tags.get("qtype") not in (12, 14, 1):
             continue
-        key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"))
+        key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"),
+               v.constexprs.get("Q4K_BLOCK"))
         if key not in seen:
             seen.add(key)
             out.append(v)

@@ -40,12 +40,13 @@ def _geometry(qtype: int, k_step: int = 256) -> dict:
     return dict(BLOCK=block, NB=max(1, k_step // block))
 
 
-def qmv_variant(qtype: int, act: str, num_warps: int = 4, rows: int = 1, split: bool = False) -> Variant:
+def qmv_variant(qtype: int, act: str, num_warps: int = 4, rows: int = 1, split: bool = False,
+                q4k_block: bool = False) -> Variant:
     types = dict(x_ptr=_PTR[act], w_ptr="*u8", out_ptr=_PTR["fp32" if split else act], N="i32", units="i32",
                  row_bytes="i32", stride_xm="i32", stride_om="i32", units_per_split="i32", stride_os="i32")
-    const = dict(QTYPE=qtype, W=num_warps, R=rows, ASM=True)
+    const = dict(QTYPE=qtype, W=num_warps, R=rows, ASM=True, Q4K_BLOCK=q4k_block)
     aligned = ("stride_xm",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
-    return Variant(f"qmv_{qtype}_{act}_w{num_warps}_r{rows}", tg.qmv_kernel, types, const, aligned, num_warps,
+    return Variant(f"qmv_{qtype}_{act}_w{num_warps}_r{rows}{'_blk' if q4k_block else ''}", tg.qmv_kernel, types, const, aligned, num_warps,
                    tags=dict(act=act, qtype=qtype))
 
 
@@ -79,7 +80,7 @@ def moe_variants(q_up: int, q_down: int, act: str, sorted_: bool, dot_prec: str)
     if not sorted_:
         tiles = {k: "*i64" for k in tiles}
     flags = dict(BLOCK_M=bm, BLOCK_N=bn, SORTED=sorted_, USE_DOT=sorted_, DOT_PREC=dot_prec, W=4,
-                 R=1 if sorted_ else 2, ASM=not sorted_)
+                 R=1 if sorted_ else 2, ASM=not sorted_, Q4K_BLOCK=False)
     up_types = dict(x_ptr=_PTR["fp32" if not sorted_ else act], gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
                     ids_ptr="*i64", **tiles, E="i32", I="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
                     es_g="i64", es_u="i64", stride_xt="i32", TOPK="i32")
@@ -106,6 +107,8 @@ def variants(capability: int) -> list[Variant]:
     for q in QUANT:
         for act in acts:
             out.append(qmv_variant(q, act, 4, 2))
+            if q == tq.Q4_K:
+                out.append(qmv_variant(q, act, 4, 2, q4k_block=True))
             out.append(qmm_variant(q, act, 4, 8, False))
             if act != "fp32":
                 out.append(qmm_variant(q, act, 16, 32, True))

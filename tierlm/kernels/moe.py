@@ -33,20 +33,24 @@ class MoEConfig:
 
     sorted_min_pairs: from this many pairs on, pairs are sorted by expert and run as tiles of
     block_m pairs x block_n rows (tl.dot); below it, each pair is a matrix-vector product over
-    32 * rows weight rows per program with num_warps warps.
+    32 * rows weight rows per program with num_warps warps (q4k_block: see triton_gemv._gemv).
+    Defaults from the H200 measurement in bench/results: 8 warps beat 4 at one token, and at 16
+    tokens (128 pairs) the matrix-vector path beat the sorted tiles 1.9x.
     """
 
-    num_warps: int = 4
+    num_warps: int = 8
     rows: int = 2
-    sorted_min_pairs: int = 64
+    sorted_min_pairs: int = 256
     block_m: int = 16
     block_n: int = 64
     k_step: int = 256
     tile_warps: int = 4
+    q4k_block: bool = False
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
-DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r) for r in (1, 2) for w in (4, 8))
+DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r) for r in (1, 2) for w in (4, 8)) + tuple(
+    MoEConfig(num_warps=w, rows=2, q4k_block=True) for w in (4, 8))
 DEFAULT = MoEConfig()
 
 
@@ -132,10 +136,10 @@ def moe_dense(x, ids, weights, gate: torch.Tensor, up: torch.Tensor, down: torch
     return moe_quant(x, ids, weights, *rows, t, t, t, config=config)
 
 
-def _units(t: GGMLType, k: int) -> int:
-    from tierlm.kernels.triton_gemv import UNIT_BLOCK, UNITS_PER_BLOCK
+def _units(t: GGMLType, k: int, q4k_block: bool) -> int:
+    from tierlm.kernels.triton_gemv import units_per_row
 
-    return k // UNIT_BLOCK[int(t)] * UNITS_PER_BLOCK[int(t)]
+    return units_per_row(int(t), k, q4k_block)
 
 
 def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
@@ -150,13 +154,15 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
     bn = 32 * cfg.rows
     tiles = dict(order_ptr=ids, tile_e_ptr=ids, tile_lo_ptr=ids, tile_hi_ptr=ids)  # unused without SORTED
     common = dict(BLOCK_M=1, BLOCK_N=bn, SORTED=False, USE_DOT=False, DOT_KIND=0, DOT_PREC="ieee",
-                  W=cfg.num_warps, R=cfg.rows, ASM=not _interpreting(), num_warps=cfg.num_warps)
+                  W=cfg.num_warps, R=cfg.rows, ASM=not _interpreting(), Q4K_BLOCK=cfg.q4k_block,
+                  num_warps=cfg.num_warps)
+    qb = cfg.q4k_block
     tm.moe_up_kernel[(P, -(-I // bn))](
-        xf, gate, up, h, ids, *tiles.values(), E, I, _units(gt, D), _units(ut, D), gate.shape[2], up.shape[2],
+        xf, gate, up, h, ids, *tiles.values(), E, I, _units(gt, D, qb), _units(ut, D, qb), gate.shape[2], up.shape[2],
         gate[0].numel(), up[0].numel(), xf.stride(0), K,
         GATE_T=int(gt), BLOCK_G=32, NB_G=1, UP_T=int(ut), BLOCK_U=32, NB_U=1, **common)
     tm.moe_down_kernel[(P, -(-D // bn))](
-        h, down, y, wts, ids, *tiles.values(), E, I, D, _units(dt, I), down.shape[2], down[0].numel(),
+        h, down, y, wts, ids, *tiles.values(), E, I, D, _units(dt, I, qb), down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BLOCK_D=32, NB_D=1, **common)
     return y
 

@@ -56,11 +56,14 @@ class QMMConfig:
     use_dot: bool = True
     num_stages: int = 2
     rows: int = 1
+    q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
-GEMV_CONFIGS = tuple(QMMConfig("gemv", w, s, rows=r) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4))
-TILE_CONFIGS = tuple(QMMConfig("tile", 4, 1, 16, bn, 256, True) for bn in (32, 64))  # tl.dot tiles
+GEMV_CONFIGS = tuple(
+    QMMConfig("gemv", w, s, rows=r, q4k_block=b) for b in (False, True) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4)
+)  # q4k_block only changes Q4_K
+TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 64) for s in (1, 4))  # tl.dot tiles
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -88,10 +91,10 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     """
     if M > 1 and capability >= (8, 0) and dtype != torch.float32:
         return QMMConfig("tile", 4, 1, 16, 64, 256, True)
-    from tierlm.kernels.triton_gemv import UNIT_BLOCK, UNITS_PER_BLOCK
+    from tierlm.kernels.triton_gemv import units_per_row
 
     rows = 2
-    units = K // UNIT_BLOCK[int(qtype)] * UNITS_PER_BLOCK[int(qtype)]
+    units = units_per_row(int(qtype), K)
     row_blocks = -(-N // (32 * rows)) * M
     warps, split = 4, 1
     while row_blocks * warps * split < 16 * sms and units // (warps * split) >= 8:
@@ -175,13 +178,14 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
     if cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 
-        units = K // tg.UNIT_BLOCK[int(qtype)] * tg.UNITS_PER_BLOCK[int(qtype)]
+        units = tg.units_per_row(int(qtype), K, cfg.q4k_block)
         per_split = triton_cdiv(units, cfg.split_k)
         splits = triton_cdiv(units, per_split)
         out = _out_buffer(x2, M, N, splits)
         grid = (M, triton_cdiv(N, 32 * cfg.rows), splits)
         tg.qmv_kernel[grid](x2, w, out, N, units, w.shape[1], x2.stride(0), N, per_split, M * N,
                             QTYPE=int(qtype), W=cfg.num_warps, R=cfg.rows, ASM=not _interpreting(),
+                            Q4K_BLOCK=cfg.q4k_block,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         from tierlm.kernels import triton_q as tq

@@ -27,6 +27,12 @@ UNITS_PER_BLOCK = {12: 4, 14: 4, 8: 1, 6: 1, 1: 1, 30: 1, 0: 1}  # type id -> un
 UNIT_BLOCK = {12: 256, 14: 256, 8: 32, 6: 32, 1: 32, 30: 32, 0: 32}  # elements of the block a unit is cut from
 
 
+def units_per_row(qtype: int, k: int, q4k_block: bool = False) -> int:
+    """Units in a row of k elements (Q4K_BLOCK makes a whole Q4_K block one unit)."""
+    per_block = 1 if (q4k_block and qtype == 12) else UNITS_PER_BLOCK[qtype]
+    return k // UNIT_BLOCK[qtype] * per_block
+
+
 
 def _shift(dst: str, src: str, left: int) -> str:
     return f"shl.b32 {dst}, {src}, {left};" if left >= 0 else f"shr.u32 {dst}, {src}, {-left};"
@@ -168,6 +174,50 @@ def _q4k_unit(acc, wr, kb, c, keep, i, x0, x1, x2, x3, ASM: tl.constexpr):
 
 
 @triton.jit
+def _byte(w, k: tl.constexpr):
+    return (w >> (8 * k)) & 0xFF
+
+
+@triton.jit
+def _q4k_hdr_ab(w1, w2, w3, d, dmin, s: tl.constexpr, keep):
+    """(A, B) of Q4_K group s from the scale words of a block header (bytes 4..15 as w1, w2, w3)."""
+    if s < 4:
+        sc = _byte(w1, s) & 63
+        mn = _byte(w2, s) & 63
+    else:
+        lo = _byte(w3, s - 4)  # low nibbles of scale and min
+        sc = (lo & 15) | ((_byte(w1, s - 4) >> 6) << 4)
+        mn = (lo >> 4) | ((_byte(w2, s - 4) >> 6) << 4)
+    A = 16.0 * d * sc.to(tl.float32)
+    return A * keep, (A + dmin * mn.to(tl.float32)) * keep
+
+
+@triton.jit
+def _q4k_block(acc, wr, kb, keep, i, x_ptr, ASM: tl.constexpr):
+    """acc += one whole Q4_K block of the rows at wr: the 16-byte header in one load, then the four
+    32-byte chunks (group 2c in the low nibbles of chunk c, 2c+1 in the high ones)."""
+    blk = wr + kb * 144
+    hdr = tl.load(blk.to(tl.pointer_type(tl.int32)) + tl.arange(0, 4)[None, :])  # (32W, 4) words
+    even, odd = tl.split(tl.reshape(hdr, [hdr.shape[0], 2, 2]))  # words (0, 2) and (1, 3)
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    w0, w1, w2, w3 = w0[:, None], w1[:, None], w2[:, None], w3[:, None]
+    d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    for c in tl.static_range(4):
+        A0, B0 = _q4k_hdr_ab(w1, w2, w3, d, dmin, 2 * c, keep)
+        A1, B1 = _q4k_hdr_ab(w1, w2, w3, d, dmin, 2 * c + 1, keep)
+        xo = kb * 256 + c * 64 + i
+        fl, fh = _q4_floats(tl.load(blk + 16 + c * 32 + i), ASM)
+        acc += (A0 * fl - B0) * _xload(x_ptr, xo)
+        acc += (A1 * fh - B1) * _xload(x_ptr, xo + 32)
+        fl, fh = _q4_floats(tl.load(blk + 32 + c * 32 + i), ASM)
+        acc += (A0 * fl - B0) * _xload(x_ptr, xo + 16)
+        acc += (A1 * fh - B1) * _xload(x_ptr, xo + 48)
+    return acc
+
+
+@triton.jit
 def _q6k_scales(wr, kb, h, t, keep):
     """The four (row r = 0..3) scales of Q6_K unit (h, t) of block kb, times 64 d: A_r."""
     blk = wr + kb * 210
@@ -232,7 +282,8 @@ def _float_rows(x_ptr, wa, wb, ws, u0, u1, QTYPE: tl.constexpr, V: tl.constexpr,
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, row0, N, row_bytes, u0, u1,
-          QTYPE: tl.constexpr, W: tl.constexpr, R: tl.constexpr, ASM: tl.constexpr):
+          QTYPE: tl.constexpr, W: tl.constexpr, R: tl.constexpr, ASM: tl.constexpr,
+          Q4K_BLOCK: tl.constexpr = False):
     """Rows row0 .. row0 + 32R - 1 of w dotted with the activation row over units u0..u1-1.
 
     Returns (32R,) float32 (rows past N hold garbage: the caller masks its store). Thread t of
@@ -241,7 +292,10 @@ def _gemv(x_ptr, w_ptr, row0, N, row_bytes, u0, u1,
     thread's V bytes or elements of one load. Repeats inside a unit are unrolled loops, not tensor
     dimensions, so Triton cannot spread one row over several threads, whatever order it gives
     equally-strided dimensions. No load is masked: rows and units are clamped into range and a
-    unit past u1 gets zero scales (``keep``).
+    unit past u1 gets zero scales (``keep``). Q4K_BLOCK makes a Q4_K unit a whole block, read as
+    nine 16-byte loads per row (header, then nibbles) instead of 16-byte nibble loads plus eight
+    1-2 byte scale loads per 32-byte chunk: with one row per thread, every load instruction of a
+    warp touches 32 rows, so few wide loads matter more than few instructions.
     """
     t = tl.arange(0, 32 * W)
     ws = (t // 32)[:, None]  # (32W, 1): the unit stream of each warp
@@ -249,7 +303,18 @@ def _gemv(x_ptr, w_ptr, row0, N, row_bytes, u0, u1,
     stride = row_stride(row_bytes, QTYPE)
     wa = (w_ptr + tl.minimum(ra, N - 1).to(tl.int64) * stride)[:, None]  # (32W, 1)
     wb = (w_ptr + tl.minimum(ra + 32, N - 1).to(tl.int64) * stride)[:, None]
-    if QTYPE == 12:  # Q4_K unit c of block kb: nibble bytes 32c..32c+31; groups 2c (low), 2c+1 (high)
+    if QTYPE == 12 and Q4K_BLOCK:  # Q4_K unit = a whole block
+        i = tl.arange(0, 16)[None, :]
+        acc_a = tl.zeros([32 * W, 16], dtype=tl.float32)
+        acc_b = tl.zeros([32 * W, 16], dtype=tl.float32)
+        for u in range(u0, u1, W):
+            uu = u + ws
+            keep = (uu < u1).to(tl.float32)
+            uc = tl.minimum(uu, u1 - 1)
+            acc_a = _q4k_block(acc_a, wa, uc, keep, i, x_ptr, ASM)
+            if R == 2:
+                acc_b = _q4k_block(acc_b, wb, uc, keep, i, x_ptr, ASM)
+    elif QTYPE == 12:  # Q4_K unit c of block kb: nibble bytes 32c..32c+31; groups 2c (low), 2c+1 (high)
         i = tl.arange(0, 16)[None, :]
         acc_a = tl.zeros([32 * W, 16], dtype=tl.float32)
         acc_b = tl.zeros([32 * W, 16], dtype=tl.float32)
@@ -335,7 +400,8 @@ def _gemv(x_ptr, w_ptr, row0, N, row_bytes, u0, u1,
 
 @triton.jit
 def qmv_kernel(x_ptr, w_ptr, out_ptr, N, units, row_bytes, stride_xm, stride_om, units_per_split, stride_os,
-               QTYPE: tl.constexpr, W: tl.constexpr, R: tl.constexpr, ASM: tl.constexpr):
+               QTYPE: tl.constexpr, W: tl.constexpr, R: tl.constexpr, ASM: tl.constexpr,
+               Q4K_BLOCK: tl.constexpr = False):
     """out[s, m, n] = activation row m . weight row n over split s's units.
 
     Grid: (M, cdiv(N, 32R), splits); the M programs of one row block run side by side, so rows
@@ -346,7 +412,7 @@ def qmv_kernel(x_ptr, w_ptr, out_ptr, N, units, row_bytes, stride_xm, stride_om,
     s = tl.program_id(2)
     u0 = s * units_per_split
     u1 = tl.minimum(u0 + units_per_split, units)
-    acc = _gemv(x_ptr + m.to(tl.int64) * stride_xm, w_ptr, row0, N, row_bytes, u0, u1, QTYPE, W, R, ASM)
+    acc = _gemv(x_ptr + m.to(tl.int64) * stride_xm, w_ptr, row0, N, row_bytes, u0, u1, QTYPE, W, R, ASM, Q4K_BLOCK)
     rows = row0 + tl.arange(0, 32 * R)
     optr = out_ptr + s.to(tl.int64) * stride_os + m.to(tl.int64) * stride_om + rows
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=rows < N)

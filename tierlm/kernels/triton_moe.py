@@ -52,7 +52,7 @@ def moe_up_kernel(x_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, order_ptr, tile_e_ptr
                   UP_T: tl.constexpr, BLOCK_U: tl.constexpr, NB_U: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SORTED: tl.constexpr, USE_DOT: tl.constexpr,
                   DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                  ASM: tl.constexpr):
+                  ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False):
     """h[row, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]), float32 (P, I).
 
     Grid: (tiles, cdiv(I, BLOCK_N)). nb_*: blocks per row for tiles, units per row for decode;
@@ -75,9 +75,9 @@ def moe_up_kernel(x_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, order_ptr, tile_e_ptr
     else:
         xr = x_ptr + (t // TOPK).to(tl.int64) * stride_xt  # pair t's token row, as a scalar pointer
         g = _gemv(xr, gate_ptr + e * es_g, pid_n * BLOCK_N, I, rb_g, 0, tl.where(valid, nb_g, 0),
-                  GATE_T, W, R, ASM)[None, :]
+                  GATE_T, W, R, ASM, Q4K_BLOCK)[None, :]
         u = _gemv(xr, up_ptr + e * es_u, pid_n * BLOCK_N, I, rb_u, 0, tl.where(valid, nb_u, 0),
-                  UP_T, W, R, ASM)[None, :]
+                  UP_T, W, R, ASM, Q4K_BLOCK)[None, :]
     h = g / (1.0 + tl.exp(-g)) * u
     hptr = h_ptr + rows[:, None].to(tl.int64) * I + offs_n[None, :]
     tl.store(hptr, h, mask=rmask[:, None] & (offs_n < I)[None, :])
@@ -89,7 +89,7 @@ def moe_down_kernel(h_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, order_ptr, tile_e_
                     DOWN_T: tl.constexpr, BLOCK_D: tl.constexpr, NB_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SORTED: tl.constexpr, USE_DOT: tl.constexpr,
                     DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                    ASM: tl.constexpr):
+                    ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False):
     """y[pair, n] = wts[pair] * (down_e[n] . h[row]), float32 (P, D). Grid: (tiles, cdiv(D, BLOCK_N))."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -104,7 +104,7 @@ def moe_down_kernel(h_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, order_ptr, tile_e_
                    BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
     else:
         acc = _gemv(h_ptr + t.to(tl.int64) * I, down_ptr + e * es_d, pid_n * BLOCK_N, D, rb_d, 0,
-                    tl.where(valid, nb_d, 0), DOWN_T, W, R, ASM)[None, :]
+                    tl.where(valid, nb_d, 0), DOWN_T, W, R, ASM, Q4K_BLOCK)[None, :]
     wt = tl.load(wts_ptr + pair, mask=rmask, other=0.0)
     yptr = y_ptr + pair[:, None].to(tl.int64) * D + offs_n[None, :]
     tl.store(yptr, acc * wt[:, None], mask=rmask[:, None] & (offs_n < D)[None, :])
