@@ -12,13 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tierlm.kernels.quant_matmul import quant_matmul
 from tierlm.weights.formats import dequantize
 from tierlm.weights.ggml_types import GGMLType, ggml_type
-
-
-def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int) -> torch.Tensor:
-    """x (..., K) @ dequantize(w (N, RB))ᵀ → (..., N) in x.dtype."""
-    return F.linear(x, dequantize(w, qtype, (w.shape[0], K), x.dtype))
 
 
 class QuantLinear(nn.Module):

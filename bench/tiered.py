@@ -1,0 +1,224 @@
+"""Decode speed of tiered experts on a DeepSeek-V3-shaped GGUF, against the planner's prediction and the tier
+roofline, measured side by side in one run.
+
+    python bench/tiered.py MODEL.gguf --out results.json [--tokens 24] [--gpu-cap 22GiB]
+
+1. Measures the machine: GPU copy bandwidth, pinned host→GPU copy, CPU read bandwidth, disk read.
+2. For each placement (everything on the GPU; then plans for a capped GPU with all three tiers serving experts),
+   decodes greedily and reports tok/s, the bytes each tier served per token (counted by the runtime), the tier
+   roofline (those bytes over each tier's measured bandwidth), and the plan's prediction made from the same
+   measured bandwidths.
+3. Expert-cache hit rates for device caches from 5% to 50% of the experts.
+
+Disk-tier experts are evicted from the page cache after each read (posix_fadvise DONTNEED): on a machine whose
+RAM could cache the whole file this emulates a box whose RAM cannot, so "disk" bytes really come from the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tierlm  # noqa: E402
+from tierlm.plan import make_hardware, make_plan  # noqa: E402
+from tierlm.plan.command import resolve_model  # noqa: E402
+from tierlm.runtime.experts import TieredExperts  # noqa: E402
+from tierlm.runtime.generate import generate_batch  # noqa: E402
+from tierlm.runtime.placement import Placement  # noqa: E402
+from tierlm.runtime.sampling import SamplingParams  # noqa: E402
+
+GB = 1e9
+
+
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, reps=5) -> float:
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
+def measure(gguf: Path) -> dict:
+    n = 1 << 30 if DEVICE == "cuda" else 1 << 28
+    a = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    gpu = 2 * n / timeit(lambda: b.copy_(a)) / GB  # read + write bytes
+    h = torch.empty(n // 4, dtype=torch.uint8, pin_memory=DEVICE == "cuda")
+    pcie = h.numel() / timeit(lambda: a[: h.numel()].copy_(h, non_blocking=True)) / GB
+    c = torch.ones(n // 4, dtype=torch.float32)
+    t = time.perf_counter()
+    for _ in range(5):
+        c.sum()
+    cpu = 5 * c.numel() * 4 / (time.perf_counter() - t) / GB
+    fd = os.open(gguf, os.O_RDONLY)
+    size = min(os.fstat(fd).st_size, 2 << 30)
+    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    t = time.perf_counter()
+    done = 0
+    while done < size:
+        done += len(os.pread(fd, 64 << 20, done))
+    disk = done / (time.perf_counter() - t) / GB
+    os.close(fd)
+    del a, b, h, c
+    empty_cache()
+    return {"gpu_copy_gbps": gpu, "pcie_h2d_gbps": pcie, "cpu_read_gbps": cpu, "disk_read_gbps": disk,
+            "threads": torch.get_num_threads()}
+
+
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def evict_disk_reads() -> None:
+    """After a disk-tier expert is computed, drop its pages so the next use reads the disk again."""
+    original = TieredExperts.forward
+
+    def forward(self, x, ids, weights):
+        out = original(self, x, ids, weights)
+        for e in self.last_ids:
+            h = self.host.get(e)
+            if h is not None and h.tier == "disk" and self.slot_of[e] < 0:
+                for fd, off, nbytes in h.extents:
+                    os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
+        return out
+
+    TieredExperts.forward = forward
+
+
+def decode(model, tokens: int, prompt_len: int = 32) -> dict:
+    ids = list(range(1000, 1000 + prompt_len))
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    list(generate_batch(model, [ids], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))  # warm-up
+    if model.expert_stats is not None:
+        for k in model.expert_stats.hits:
+            model.expert_stats.hits[k] = model.expert_stats.bytes_read[k] = 0
+        model.expert_stats.tokens = 0
+    sync()
+    t0, times = time.perf_counter(), []
+    for _ in generate_batch(model, [ids], params):
+        sync()
+        times.append(time.perf_counter())
+    decode_s = times[-1] - times[0]
+    out = {"decode_tok_s": (len(times) - 1) / decode_s, "ttft_s": times[0] - t0}
+    if model.expert_stats is not None:
+        s = model.expert_stats.as_dict()
+        out.update(hit_rate=s["hit_rate"], expert_bytes_per_token=s["bytes_per_token"],
+                   promotions=s["promotions"])
+    return out
+
+
+def always_active_bytes(model) -> int:
+    """Bytes of the weights every token reads: all but the routed experts and the embedding table (one row)."""
+    n = 0
+    for name, t in list(model.module.named_parameters()) + list(model.module.named_buffers()):
+        if ".experts." not in name and "embed_tokens" not in name:
+            n += t.numel() * t.element_size()
+    return n
+
+
+def expert_bytes(model) -> int:
+    """Bytes of one routed expert (gate + up + down) as stored."""
+    cfg = model.config
+    total = sum(t.numel() for n, t in model.module.named_buffers() if ".experts." in n)
+    return total // (len(cfg.moe_layers) * cfg.n_routed_experts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("gguf")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--gpu-cap", default="22GiB")
+    ap.add_argument("--ram-caps", default="8GiB,3GiB", help="RAM budgets of the tiered runs")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (the GPU tier is then the CPU)")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    path = Path(args.gguf)
+    report = {"card": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "command": " ".join(sys.argv), "model": path.name, "runs": []}
+
+    def save():
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+    bw = measure(path)
+    report["bandwidth"] = bw
+    print("bandwidth", bw, flush=True)
+    save()
+
+    base = tierlm.load(path, device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32")
+    r = decode(base, args.tokens)
+    cfg = base.config
+    per_token = always_active_bytes(base) + len(cfg.moe_layers) * cfg.num_experts_per_tok * expert_bytes(base)
+    r.update(placement="all on the GPU", bytes_per_token=per_token,
+             roofline_tok_s=bw["gpu_copy_gbps"] * GB / 2 / per_token)  # copy GB/s counts read + write
+    r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
+    report["runs"].append(r)
+    print(r, flush=True)
+    save()
+    del base
+    empty_cache()
+
+    evict_disk_reads()
+    config, tensors, name, _ = resolve_model(str(path), None)
+    for ram in args.ram_caps.split(","):
+        hw = make_hardware(gpus=args.gpu_cap if DEVICE == "cuda" else "0", ram=ram, disk_gbps=bw["disk_read_gbps"],
+                           gpu_gbps=bw["gpu_copy_gbps"] / 2, pcie_gbps=bw["pcie_h2d_gbps"],
+                           ram_gbps=bw["cpu_read_gbps"])
+        plan = make_plan(config, hardware=hw, tensors=tensors, name=name, ctx=4096)
+        if not plan.fits:
+            report["runs"].append({"placement": f"gpu {args.gpu_cap} + ram {ram}", "fits": False,
+                                   "problems": plan.problems})
+            continue
+        model = tierlm.load(path, device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32", placement=Placement.from_plan(plan))
+        r = decode(model, args.tokens)
+        pred = plan.predicted
+        tiers = {"device": bw["gpu_copy_gbps"] / 2, "ram": bw["cpu_read_gbps"], "disk": bw["disk_read_gbps"]}
+        eb = r["expert_bytes_per_token"]
+        aa_t = always_active_bytes(model)
+        roof_s = aa_t / (tiers["device"] * GB) + sum(eb[t] / (tiers[t] * GB) for t in ("device", "ram", "disk"))
+        r.update(placement=f"gpu {args.gpu_cap} + ram {ram} + disk", experts=plan.expert_counts(),
+                 predicted_decode_tok_s=pred["decode_tok_s"], predicted_bottleneck=pred["bottleneck"],
+                 roofline_tok_s=1 / roof_s)
+        r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        r["prediction_error"] = pred["decode_tok_s"] / r["decode_tok_s"] - 1
+        report["runs"].append(r)
+        print(r, flush=True)
+        save()
+        del model
+        empty_cache()
+
+    # Expert-cache hit rates: a device cache of f·E experts per layer, the rest in RAM.
+    report["cache"] = []
+    for f in (0.05, 0.1, 0.25, 0.5):
+        model = tierlm.load(path, device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32", placement=Placement.by_fraction(config, f, 1 - f))
+        r = decode(model, max(8, args.tokens // 2))
+        report["cache"].append({"device_fraction": f, "hit_rate_device": r["hit_rate"]["device"],
+                                "decode_tok_s": r["decode_tok_s"], "promotions": r["promotions"]})
+        print(report["cache"][-1], flush=True)
+        save()
+        del model
+        empty_cache()
+
+
+if __name__ == "__main__":
+    main()

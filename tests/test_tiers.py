@@ -1,0 +1,181 @@
+"""Routed experts spread over the device, RAM and disk: same tokens whatever the placement, counted per tier,
+bytes as planned, recovery from out-of-memory. Every tier is emulated on the CPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tierlm
+from tierlm.runtime.experts import TieredExperts
+from tierlm.runtime.generate import generate_batch
+from tierlm.runtime.placement import Placement
+from tierlm.runtime.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory):
+    from tierlm.runtime.demo import ensure_demo
+    from tierlm.weights.convert import convert
+
+    return convert(ensure_demo(), tmp_path_factory.mktemp("tiers") / "demo-q8.gguf", "Q8_0")[0]
+
+
+PROMPTS = ["Hello, how are you?", "Explain mixture of experts in one line", "1 + 1 ="]
+
+
+def greedy(model, n=6):
+    ids = [model.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    out = {}
+    for step in generate_batch(model, ids, SamplingParams(temperature=0, max_tokens=n)):
+        for e in step:
+            out.setdefault(e.seq, []).append(e.token_id)
+    return [out[i] for i in range(len(PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_gguf):
+    model = tierlm.load(demo_gguf, dtype="float32")
+    return greedy(model), model.logits(list(range(100, 140)))
+
+
+@pytest.mark.parametrize("device,ram", [(1.0, 0.0), (0.0, 0.0), (0.25, 0.25), (0.5, 0.0)])
+def test_same_tokens_and_logits_whatever_the_placement(demo_gguf, reference, device, ram):
+    tokens, logits = reference
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.by_fraction(
+        tierlm.load(demo_gguf).config, device, ram))
+    assert torch.equal(model.logits(list(range(100, 140))), logits)
+    assert greedy(model) == tokens
+    hits = model.expert_stats.hits
+    assert (hits["device"] > 0) == (device > 0) and (hits["ram"] > 0) == (ram > 0)
+    assert (hits["disk"] > 0) == (device + ram < 1)
+
+
+def test_hits_and_bytes_are_counted_per_tier(demo_gguf):
+    cfg = tierlm.load(demo_gguf).config
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.by_fraction(cfg, 0.25, 0.25))
+    n = 37
+    model.logits(list(range(200, 200 + n)))
+    s = model.expert_stats
+    assert s.tokens == n
+    layers = model.module.model.layers
+    tiered = [layer.mlp.experts for layer in layers if isinstance(getattr(layer.mlp, "experts", None), TieredExperts)]
+    assert len(tiered) == len(cfg.moe_layers)
+    # one "hit" per (layer, expert) used in the step; its bytes are read once for all of its tokens
+    used = sum(len(t.last_ids) for t in tiered)
+    assert sum(s.hits.values()) == used
+    assert sum(s.bytes_read.values()) == used * tiered[0].expert_bytes
+    assert s.prefetched > 0  # the next layer's disk experts were hinted to the kernel
+
+
+def test_planned_bytes_match_what_is_allocated(demo_gguf):
+    """The planner's RAM and disk bytes for the experts equal what the runtime holds there (within 3%)."""
+    from tierlm.plan import make_hardware, make_plan
+    from tierlm.plan.command import resolve_model
+
+    cfg, tensors, name, path = resolve_model(str(demo_gguf), None)
+    plan = make_plan(cfg, hardware=make_hardware(gpus="0", ram="112MiB", disk_gbps=2, detect=False),
+                     tensors=tensors, name=name)
+    assert plan.fits
+    counts = plan.expert_counts()
+    assert counts["ram"] > 0 and counts["disk"] > 0  # the budget forces both host tiers
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.from_plan(plan))
+    held = {"ram": 0, "disk": 0}
+    for layer in model.module.model.layers:
+        ex = getattr(layer.mlp, "experts", None)
+        if isinstance(ex, TieredExperts):
+            for e, h in ex.host.items():
+                if ex.slot_of[e] < 0:  # device experts keep a disk view as backing; it is not read
+                    held[h.tier] += h.nbytes
+    cpu = next(d for d in plan.devices if d.kind == "cpu")
+    disk = next(d for d in plan.devices if d.kind == "disk")
+    assert held["ram"] == pytest.approx(cpu.parts["experts"], rel=0.03)
+    assert held["disk"] == pytest.approx(disk.parts["experts"], rel=0.03)
+    always_active = sum(t.numel() * t.element_size() for n, t in model.module.named_parameters()) + sum(
+        b.numel() * b.element_size() for n, b in model.module.named_buffers() if "slot_" not in n)
+    # the plan counts always-active weights as stored in the file; dense F32/F16 ones load as fp32 here
+    assert always_active >= cpu.parts["weights"] * 0.97
+
+
+def test_out_of_memory_during_decode_recovers_with_the_same_output(demo_gguf, reference, monkeypatch):
+    tokens, _ = reference
+    cfg = tierlm.load(demo_gguf).config
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.by_fraction(cfg, 0.5, 0.25))
+    calls = {"n": 0}
+    original = TieredExperts._run
+
+    def flaky(self, x, *mats):
+        calls["n"] += 1
+        if calls["n"] == 40:  # in the middle of decoding
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, x, *mats)
+
+    monkeypatch.setattr(TieredExperts, "_run", flaky)
+    slots_before = [len(layer.mlp.experts.expert_in) for layer in model.module.model.layers
+                    if isinstance(getattr(layer.mlp, "experts", None), TieredExperts)]
+    assert greedy(model) == tokens
+    assert model.oom_events == 1 and model.expert_stats.oom_events == 1
+    slots_after = [len(layer.mlp.experts.expert_in) for layer in model.module.model.layers
+                   if isinstance(getattr(layer.mlp, "experts", None), TieredExperts)]
+    assert slots_after == [s // 2 for s in slots_before]
+
+
+def test_out_of_memory_with_nothing_to_free_is_a_clear_error(demo_gguf, monkeypatch):
+    from tierlm.errors import OutOfMemory
+
+    model = tierlm.load(demo_gguf, dtype="float32")
+
+    def always(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(type(model.module), "forward", always)
+    with pytest.raises(OutOfMemory, match="nothing left to free"):
+        model.logits([1, 2, 3])
+
+
+def test_placement_must_match_the_model(demo_gguf):
+    from tierlm.errors import ConfigError
+
+    bad = Placement({99: ["ram"] * 32}, {99: 0})
+    with pytest.raises(ConfigError, match="another model"):
+        tierlm.load(demo_gguf, placement=bad)
+
+
+def test_cli_plans_prints_and_reports_tiers(demo_gguf):
+    r = subprocess.run([sys.executable, "-m", "tierlm.cli", "run", str(demo_gguf), "-p", "Hi", "--max-tokens", "4",
+                        "--gpus", "0", "--ram", "112MiB", "--disk-gbps", "2", "--stats"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "experts   gpu 0" in r.stderr and "decode" in r.stderr  # the plan, printed before loading
+    assert "experts: device 0 uses" in r.stderr and "disk" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tierlm.cli", "run", str(demo_gguf), "-p", "Hi", "--gpus", "0",
+                        "--ram", "8MiB", "--disk-gbps", "2"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1 and "the plan does not fit" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_recorded_routing_profile_puts_hot_experts_in_the_faster_tier(demo_gguf, tmp_path):
+    import shutil
+
+    from tierlm.plan import make_hardware, make_plan
+    from tierlm.plan.command import resolve_model
+    from tierlm.plan.planner import default_profile, recorded_profile_path
+    from tierlm.runtime.profile import ProfileRecorder
+
+    path = tmp_path / "m.gguf"
+    shutil.copy(demo_gguf, path)
+    model = tierlm.load(path, dtype="float32")
+    rec = ProfileRecorder(model.module)
+    model.logits(list(range(300, 340)))
+    saved = rec.save(recorded_profile_path(path))
+    rec.close()
+    counts = {int(k): v for k, v in __import__("json").loads(saved.read_text())["layers"].items()}
+    assert set(counts) == set(model.config.moe_layers)
+    assert all(sum(row) == 40 * model.config.num_experts_per_tok for row in counts.values())
+    cfg, tensors, name, p = resolve_model(str(path), None)
+    plan = make_plan(cfg, hardware=make_hardware(gpus="0", ram="112MiB", disk_gbps=2, detect=False),
+                     tensors=tensors, name=name, profile=default_profile(p))
+    for le in plan.experts:
+        row = counts[le.layer]
+        assert le.ram and le.disk
+        assert min(row[e] for e in le.ram) >= max(row[e] for e in le.disk)  # hottest first

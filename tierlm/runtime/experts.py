@@ -1,0 +1,261 @@
+"""Routed experts served from three tiers: the compute device, host RAM, and disk (memory-mapped).
+
+One ``TieredExperts`` replaces a layer's experts. Each expert's three matrices live in one tier:
+
+- ``device``: in a fixed set of slots on the layer's compute device (a GPU, or the CPU when there is none). The
+  slots are a cache: the plan fills them with the hottest experts, and an expert used often enough from a
+  slower tier replaces the coldest one (scores count uses with exponential decay, so both frequency and recency
+  count).
+- ``ram``: host memory (pinned when a GPU is present). Computed on the CPU for a few tokens; copied into a
+  device slot when a batch is large enough that the copy pays for itself.
+- ``disk``: a read-only view of the checkpoint's memory map. Read like RAM (the page cache holds what was read);
+  the next layer's likely experts are prefetched with ``posix_fadvise(WILLNEED)`` as soon as this layer's router
+  has run, guessing from the next router on this layer's input and from the previous token's choices.
+
+Every byte moved between tiers is a visible line below (``copy_``, ``.to(``) and is counted in ``TierStats``.
+
+Glossary: E experts, S device slots, I expert intermediate size, D hidden, RB bytes per weight row,
+N tokens, K experts per token.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierlm.kernels.quant_matmul import quant_matmul
+from tierlm.weights.ggml_types import GGMLType
+
+TIERS = ("device", "ram", "disk")
+
+
+@dataclass
+class TierStats:
+    """Counters shared by all layers: expert uses ("hits") and bytes read per tier, and tokens decoded."""
+
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    bytes_read: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    promotions: int = 0
+    bytes_promoted: int = 0
+    prefetched: int = 0
+    tokens: int = 0
+    oom_events: int = 0
+
+    def as_dict(self) -> dict:
+        per_token = {t: self.bytes_read[t] / self.tokens for t in TIERS} if self.tokens else dict.fromkeys(TIERS, 0.0)
+        total = sum(self.hits.values()) or 1
+        return {"hits": dict(self.hits), "hit_rate": {t: self.hits[t] / total for t in TIERS},
+                "bytes_read": dict(self.bytes_read), "bytes_per_token": per_token, "promotions": self.promotions,
+                "bytes_promoted": self.bytes_promoted, "prefetched": self.prefetched, "tokens": self.tokens,
+                "oom_events": self.oom_events}
+
+
+@dataclass
+class HostExpert:
+    """One expert's gate/up/down bytes outside the device: RAM tensors or memory-map views (disk)."""
+
+    tier: str  # "ram" or "disk"
+    mats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (I, RB), (I, RB), (D, RB) uint8 on the CPU
+    extents: tuple[tuple[int, int, int], ...] = ()  # disk: (fd, offset, nbytes) per matrix, for prefetching
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.numel() for m in self.mats)
+
+
+class TieredExperts(nn.Module):
+    def __init__(self, layer: int, types: tuple[GGMLType, GGMLType, GGMLType], n_experts: int, dim: int,
+                 inter: int, device: torch.device, slots: int, stats: TierStats, row_bytes: tuple[int, int, int],
+                 gpu_batch_threshold: int = 32, decay: float = 0.95):
+        super().__init__()
+        self.layer, self.types, self.n_experts, self.dim, self.inter = layer, types, n_experts, dim, inter
+        self.device, self.stats = torch.device(device), stats
+        rb_g, rb_u, rb_d = row_bytes
+        self.register_buffer("slot_gate", torch.empty(slots, inter, rb_g, dtype=torch.uint8, device=device))
+        self.register_buffer("slot_up", torch.empty(slots, inter, rb_u, dtype=torch.uint8, device=device))
+        self.register_buffer("slot_down", torch.empty(slots, dim, rb_d, dtype=torch.uint8, device=device))
+        self.slot_of = [-1] * n_experts  # expert → device slot, or -1
+        self.expert_in = [-1] * slots  # slot → expert, or -1
+        self.host: dict[int, HostExpert] = {}
+        self.score = [0.0] * n_experts
+        self.decay, self.gpu_batch_threshold = decay, gpu_batch_threshold
+        self.last_ids: set[int] = set()
+        self.next: TieredExperts | None = None  # the next MoE layer's experts, for prefetching
+        self.next_gate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.counts_tokens = False  # the first MoE layer counts the tokens that pass through
+
+    # ---- filling ------------------------------------------------------------------------------------------
+    def put_device(self, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        slot = self.expert_in.index(-1)
+        self._write_slot(slot, e, gate, up, down)
+
+    def put_host(self, e: int, expert: HostExpert) -> None:
+        self.host[e] = expert
+
+    def _write_slot(self, slot: int, e: int, gate, up, down) -> None:
+        self.slot_gate[slot].copy_(gate, non_blocking=True)  # host → device copy (or a device move)
+        self.slot_up[slot].copy_(up, non_blocking=True)
+        self.slot_down[slot].copy_(down, non_blocking=True)
+        self.slot_of[e], self.expert_in[slot] = slot, e
+
+    def tier_of(self, e: int) -> str:
+        return "device" if self.slot_of[e] >= 0 else self.host[e].tier
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.slot_gate[0].numel() + self.slot_up[0].numel() + self.slot_down[0].numel() \
+            if self.slot_gate.shape[0] else sum(h.nbytes for h in self.host.values()) // max(len(self.host), 1)
+
+    # ---- compute ------------------------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, gate, up, down) -> torch.Tensor:
+        g = quant_matmul(x, gate, self.types[0], self.dim)
+        u = quant_matmul(x, up, self.types[1], self.dim)
+        return quant_matmul(F.silu(g) * u, down, self.types[2], self.inter)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, D), ids/weights (N, K) → (N, D) float32. Device experts are launched first so that, on a GPU,
+        they run while the CPU computes the host experts."""
+        N, K = ids.shape
+        if self.counts_tokens:
+            self.stats.tokens += N
+        self._prefetch_next(x)
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token, w = order // K, weights.flatten()[order]
+        out = torch.zeros(N, self.dim, dtype=torch.float32, device=x.device)
+        host_work, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel, we = token[start:start + n], w[start:start + n, None]
+            start += n
+            slot = self.slot_of[e]
+            if slot < 0 and n >= self.gpu_batch_threshold and self.device.type == "cuda":
+                slot = self._promote(e)  # a big batch: copying the expert in beats computing it on the CPU
+            if slot >= 0:
+                self._count(e, "device", n)
+                y = self._run(x[sel], self.slot_gate[slot], self.slot_up[slot], self.slot_down[slot])
+                out.index_put_((sel,), y.float() * we, accumulate=True)
+            else:
+                host_work.append((e, sel, we))
+        for e, sel, we in host_work:
+            h = self.host[e]
+            self._count(e, h.tier, len(sel))
+            xs = x[sel].to("cpu", torch.float32)  # device → host: the tokens this expert needs
+            y = self._run(xs, *h.mats).to(x.device, non_blocking=True)  # host → device: its outputs
+            out.index_put_((sel,), y.float() * we, accumulate=True)
+        self.last_ids = set(e for e, n in enumerate(counts) if n)
+        self._age_and_maybe_promote(counts)
+        return out
+
+    def _count(self, e: int, tier: str, n_tokens: int) -> None:
+        self.stats.hits[tier] += 1
+        self.stats.bytes_read[tier] += self.expert_bytes
+        self.score[e] += 1.0
+
+    # ---- cache policy --------------------------------------------------------------------------------------
+    def _victim(self) -> int:
+        """The device slot holding the expert with the lowest score (an empty slot first)."""
+        if -1 in self.expert_in:
+            return self.expert_in.index(-1)
+        return min(range(len(self.expert_in)), key=lambda s: self.score[self.expert_in[s]])
+
+    def _promote(self, e: int) -> int:
+        """Copy expert e into the device, evicting the coldest resident (which goes back to its host tier)."""
+        if not len(self.expert_in) or e not in self.host:
+            return -1
+        slot = self._victim()
+        old = self.expert_in[slot]
+        if old >= 0:
+            self.slot_of[old] = -1  # its bytes still live in RAM or on disk: eviction copies nothing back
+        self._write_slot(slot, e, *self.host[e].mats)
+        self.stats.promotions += 1
+        self.stats.bytes_promoted += self.host[e].nbytes
+        return slot
+
+    def _age_and_maybe_promote(self, counts: list[int]) -> None:
+        """Decay all scores; if the hottest host expert now clearly outscores the coldest resident, swap them."""
+        self.score = [s * self.decay for s in self.score]
+        if not len(self.expert_in) or self.device.type != "cuda":
+            return  # with no GPU the "device" tier is host memory too: swapping would only copy bytes around
+        hot = max((e for e, n in enumerate(counts) if n and self.slot_of[e] < 0), key=lambda e: self.score[e],
+                  default=None)
+        if hot is None:
+            return
+        victim = self._victim()
+        cold = self.expert_in[victim]
+        if cold < 0 or self.score[hot] > 2.0 * self.score[cold] + 1.0:  # hysteresis: no ping-pong
+            self._promote(hot)
+
+    def shrink(self, keep: int) -> int:
+        """Give up device slots (after an out-of-memory error): keep the ``keep`` hottest. Returns slots freed."""
+        n = len(self.expert_in)
+        if keep >= n:
+            return 0
+        order = sorted(range(n), key=lambda s: -self.score[self.expert_in[s]] if self.expert_in[s] >= 0 else 1e30)
+        kept = order[:keep]
+        for s in order[keep:]:
+            if self.expert_in[s] >= 0:
+                self.slot_of[self.expert_in[s]] = -1
+        idx = torch.tensor(kept, dtype=torch.long, device=self.slot_gate.device)
+        self.slot_gate = self.slot_gate[idx].clone()
+        self.slot_up = self.slot_up[idx].clone()
+        self.slot_down = self.slot_down[idx].clone()
+        self.expert_in = [self.expert_in[s] for s in kept]
+        for s, e in enumerate(self.expert_in):
+            if e >= 0:
+                self.slot_of[e] = s
+        return n - keep
+
+    # ---- prefetch -------------------------------------------------------------------------------------------
+    def _prefetch_next(self, x: torch.Tensor) -> None:
+        nxt = self.next
+        if nxt is None or not any(h.tier == "disk" for h in nxt.host.values()):
+            return
+        guess = set(nxt.last_ids)
+        if self.next_gate is not None:
+            ids, _ = self.next_gate(x)  # the next router on this layer's input: a cheap guess of its choices
+            guess.update(ids.flatten().tolist())
+        nxt.prefetch(guess)
+
+    def prefetch(self, experts: set[int]) -> None:
+        """Ask the kernel to read these experts' disk pages ahead (asynchronous; a no-op for other tiers)."""
+        for e in experts:
+            h = self.host.get(e)
+            if h is None or h.tier != "disk" or self.slot_of[e] >= 0:
+                continue
+            for fd, off, n in h.extents:
+                os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+            self.stats.prefetched += 1
+
+
+def link_layers(model) -> list["TieredExperts"]:
+    """Chain the tiered layers so each prefetches for the next, and let the first count tokens."""
+    tiered = [layer.mlp.experts for layer in model.model.layers
+              if isinstance(getattr(layer.mlp, "experts", None), TieredExperts)]
+    gates = {layer.mlp.experts: layer.mlp.gate for layer in model.model.layers
+             if isinstance(getattr(layer.mlp, "experts", None), TieredExperts)}
+    for a, b in zip(tiered, tiered[1:]):
+        a.next, a.next_gate = b, gates[b]
+    if tiered:
+        tiered[0].counts_tokens = True
+    return tiered
+
+
+_fds: dict[str, int] = {}
+_fd_lock = threading.Lock()
+
+
+def file_descriptor(path: str) -> int:
+    """One read-only descriptor per checkpoint file, for prefetch hints."""
+    with _fd_lock:
+        if path not in _fds:
+            _fds[path] = os.open(path, os.O_RDONLY)
+        return _fds[path]
