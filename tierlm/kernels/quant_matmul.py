@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.errors import TierlmError
+from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
+from tierlm.kernels.cpu_quant import cpu_quant_matmul
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -230,6 +232,9 @@ def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMM
     if M == 0 or N == 0:
         return x.new_zeros((*lead, N))
     if not x.is_cuda:
+        if M <= DECODE_MAX_M and qtype in CPU_TYPES and w.is_contiguous():
+            # the C++ kernel on the GGUF bytes, float32 arithmetic (the reference's numbers up to summation order)
+            return cpu_quant_matmul(x2, w, qtype, K, mode="f32").to(x.dtype).reshape(*lead, N)
         return (x2 @ dequantize(w, qtype, (N, K), x.dtype).T).reshape(*lead, N)
     if qtype in FUSED_TYPES and (M <= DECODE_MAX_M or config is not None):
         if config is None:
