@@ -104,7 +104,23 @@ def evict_disk_reads() -> None:
     TieredExperts.forward = forward
 
 
+def random_routing(model, seed: int = 0) -> None:
+    """Give every router random weights and no bias: a synthetic file's constant router would send every token
+    to the same experts, which any cache holds. Random routers spread tokens over the experts as the planner's
+    uniform-routing assumption does."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.module.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is None:
+            continue
+        w = torch.randn(gate.weight.shape, generator=g) * 0.05
+        gate.weight.data.copy_(w.to(gate.weight.device))
+        if hasattr(gate, "e_score_correction_bias"):
+            gate.e_score_correction_bias.data.zero_()
+
+
 def decode(model, tokens: int, prompt_len: int = 32) -> dict:
+    random_routing(model)
     ids = list(range(1000, 1000 + prompt_len))
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     list(generate_batch(model, [ids], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))  # warm-up

@@ -38,9 +38,12 @@ def test_pipeline_over_two_gpus_matches_one_gpu(demo_gguf):
     assert {p.device.index for p in two.module.parameters()} == {0, 1}
     assert (two.logits(list(range(100, 140))) - ref_logits).abs().max() <= 1e-3
     assert tokens(two) == ref_tokens
-    # with tiered experts on both GPUs, RAM and disk as well
-    tiered = tierlm.load(demo_gguf, device=dm, dtype="float16", placement=Placement.by_fraction(cfg, 0.25, 0.25))
-    assert tokens(tiered) == ref_tokens
+    # with experts also in RAM and on disk (computed by the CPU in float32): same tokens as one GPU, same tiers
+    placement = Placement.by_fraction(cfg, 0.25, 0.25)
+    tiered_one = tierlm.load(demo_gguf, device="cuda:0", dtype="float16", placement=placement)
+    tiered_two = tierlm.load(demo_gguf, device=dm, dtype="float16", placement=placement)
+    assert tokens(tiered_two) == tokens(tiered_one)
+    assert tiered_two.expert_stats.hits["ram"] > 0 and tiered_two.expert_stats.hits["disk"] > 0
 
 
 def test_server_scheduler_runs_a_pipeline(demo_gguf):
