@@ -250,6 +250,17 @@ def test_falls_back_to_reference_with_one_warning_without_a_compiler(monkeypatch
         cq._library.cache_clear()
 
 
+def test_native_falls_back_to_portable_when_the_compiler_rejects_its_flags(monkeypatch):
+    monkeypatch.setitem(cq.ISAS, "native", ("-march=no-such-cpu",))
+    cq._library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cq.kernel_isa("native") == "portable"
+    finally:
+        cq._library.cache_clear()
+
+
 def test_builds_are_cached_by_content(tmp_path, monkeypatch):
     first = sorted(cq.cache_dir().glob("cpu_quant-*.so"))
     assert {p.name.split("-")[1] for p in first} >= set(RUNNABLE)
