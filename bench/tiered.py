@@ -104,23 +104,24 @@ def evict_disk_reads() -> None:
     TieredExperts.forward = forward
 
 
-def random_routing(model, seed: int = 0) -> None:
-    """Give every router random weights and no bias: a synthetic file's constant router would send every token
-    to the same experts, which any cache holds. Random routers spread tokens over the experts as the planner's
-    uniform-routing assumption does."""
+def random_routing(seed: int = 0) -> None:
+    """Route each token to K experts drawn uniformly at random. A synthetic file's random blocks share one mean,
+    so its hidden states point one way and any router sends every token to the same experts, which any cache
+    holds; uniform draws are what the planner assumes without a routing profile. Expert compute stays real."""
+    from tierlm.model.moe import Gate
+
     g = torch.Generator().manual_seed(seed)
-    for layer in model.module.model.layers:
-        gate = getattr(layer.mlp, "gate", None)
-        if gate is None:
-            continue
-        w = torch.randn(gate.weight.shape, generator=g) * 0.05
-        gate.weight.data.copy_(w.to(gate.weight.device))
-        if hasattr(gate, "e_score_correction_bias"):
-            gate.e_score_correction_bias.data.zero_()
+
+    def forward(self, x):
+        N, E, K = x.shape[0], self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        ids = torch.rand(N, E, generator=g).topk(K, dim=-1).indices.to(x.device)
+        weights = torch.full((N, K), self.cfg.routed_scaling_factor / K, device=x.device)
+        return ids, weights
+
+    Gate.forward = forward
 
 
 def decode(model, tokens: int, prompt_len: int = 32) -> dict:
-    random_routing(model)
     ids = list(range(1000, 1000 + prompt_len))
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     list(generate_batch(model, [ids], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))  # warm-up
@@ -176,6 +177,7 @@ def main() -> None:
     def save():
         Path(args.out).write_text(json.dumps(report, indent=1))
 
+    random_routing()
     bw = measure(path)
     report["bandwidth"] = bw
     print("bandwidth", bw, flush=True)

@@ -36,7 +36,7 @@ def test_pipeline_over_two_gpus_matches_one_gpu(demo_gguf):
     dm = DeviceMap.split(cfg.num_hidden_layers, ["cuda:0", "cuda:1"])
     two = tierlm.load(demo_gguf, device=dm, dtype="float16")
     assert {p.device.index for p in two.module.parameters()} == {0, 1}
-    assert (two.logits(list(range(100, 140))) - ref_logits).abs().max() <= 1e-3
+    assert (two.logits(list(range(100, 140))).cpu() - ref_logits.cpu()).abs().max() <= 1e-3  # logits come off the last GPU
     assert tokens(two) == ref_tokens
     # with experts also in RAM and on disk (computed by the CPU in float32): same tokens as one GPU, same tiers
     placement = Placement.by_fraction(cfg, 0.25, 0.25)

@@ -11,6 +11,8 @@ Glossary: B batch, T tokens, D hidden, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -77,16 +79,19 @@ class DeepseekForCausalLM(nn.Module):
             dev = self.layer_devices[i] if self.layer_devices else h.device
             if h.device != dev:  # pipeline: the activations move to the next stage's GPU
                 h, positions, cos, sin = h.to(dev), positions.to(dev), cos.to(dev), sin.to(dev)
-            h = layer(h, positions, cos, sin, cache, self.attn_impl, dtype)
+            # kernels (Triton) launch on the current CUDA device: make it the layer's own
+            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+                h = layer(h, positions, cos, sin, cache, self.attn_impl, dtype)
             finite.append(torch.isfinite(h).all().to(tokens.device))
         if pick is not None:
             h = h[torch.arange(h.shape[0], device=h.device), pick.to(h.device)]  # (B, D)
         head = self.model.norm.weight.device
         if h.device != head:
             h = h.to(head)  # to the last stage, which holds the head
-        logits = self.lm_head(self.model.norm(h, dtype)).float()
+        with torch.cuda.device(head) if head.type == "cuda" else contextlib.nullcontext():
+            logits = self.lm_head(self.model.norm(h, dtype)).float()
         self._check_finite(finite, logits)
-        return logits
+        return logits.to(tokens.device)  # back where the tokens came from (the first stage), for sampling
 
     def _check_finite(self, finite: list[torch.Tensor], logits: torch.Tensor) -> None:
         ok = torch.stack(finite)  # one device sync for the whole step, not one per layer

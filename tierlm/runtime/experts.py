@@ -221,6 +221,7 @@ class TieredExperts(nn.Module):
             return
         guess = set(nxt.last_ids)
         if self.next_gate is not None:
+            x = x.to(self.next_gate.weight.device)  # the next layer may sit on the next GPU
             ids, _ = self.next_gate(x)  # the next router on this layer's input: a cheap guess of its choices
             guess.update(ids.flatten().tolist())
         nxt.prefetch(guess)
