@@ -12,6 +12,8 @@ from tierlm.errors import ConfigError, TierlmError
 def add_placement_arguments(p) -> None:
     p.add_argument("--gpus", help="GPU memory to use, e.g. 1x22GiB or 22GiB,11GiB (caps each detected card); "
                                   "0 for none. Turns on tiered experts (GGUF models)")
+    p.add_argument("--gpu-mem", help="cap every detected GPU at this much memory, e.g. 22GiB (a big card then "
+                                     "behaves like a smaller one); same as --gpus 22GiB,22GiB,… for each card")
     p.add_argument("--ram", help="RAM for routed experts, e.g. 64GiB (default: detected available RAM)")
     p.add_argument("--disk-gbps", help="disk read GB/s for the cost model (default: measured)")
     p.add_argument("--plan", help="a plan written by `tierlm plan --json` to execute instead of planning again")
@@ -22,7 +24,7 @@ def add_placement_arguments(p) -> None:
 
 
 def wants_plan(args) -> bool:
-    return any(getattr(args, k, None) for k in ("gpus", "ram", "disk_gbps", "plan"))
+    return any(getattr(args, k, None) for k in ("gpus", "gpu_mem", "ram", "disk_gbps", "plan"))
 
 
 def make_run_plan(args, ctx: int | None = None):
@@ -41,8 +43,19 @@ def make_run_plan(args, ctx: int | None = None):
             raise ConfigError(f"--plan {args.plan}: not a plan written by `tierlm plan --json` ({e})") from None
     from tierlm.plan.planner import default_profile
 
+    gpus = args.gpus
+    if getattr(args, "gpu_mem", None):
+        import torch
+
+        if gpus:
+            raise ConfigError("--gpu-mem and --gpus both set GPU memory: pass one of them")
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ConfigError("--gpu-mem caps detected GPUs, and none is detected; plan for GPUs this machine "
+                              "lacks with --gpus (e.g. --gpus 4x22GiB)")
+        gpus = ",".join([args.gpu_mem] * n)
     config, tensors, name, path = resolve_model(args.model, None)
-    hw = make_hardware(gpus=args.gpus, ram=args.ram, disk_gbps=args.disk_gbps, model_path=path)
+    hw = make_hardware(gpus=gpus, ram=args.ram, disk_gbps=args.disk_gbps, model_path=path)
     return make_plan(config, hardware=hw, ctx=ctx, tensors=tensors, name=name, profile=default_profile(path))
 
 
