@@ -22,6 +22,7 @@ from tierlm.weights.formats import dequantize
 from tierlm.weights.ggml_types import GGMLType
 from tierlm.weights.gguf_io import GGUFFile
 from tierlm.weights.gguf_names import gguf_name
+from tierlm.weights.loader import set_param
 
 DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
@@ -78,7 +79,7 @@ def load_gguf_weights(model: DeepseekForCausalLM, gf: GGUFFile, device: torch.de
                     progress(info.nbytes)
                 continue
             value = dense(name, tuple(param.shape), want, dev)
-        _set_param(model, pname, value)
+        set_param(model, pname, value)
         if progress:
             progress(value.numel() * value.element_size())
     extra = sorted(n for n in gf.tensors if n not in used and not _is_mtp(n, cfg.num_hidden_layers))
@@ -184,7 +185,3 @@ def _swap_quantized(model: nn.Module, pname: str, data: torch.Tensor, info) -> N
 def _is_mtp(name: str, n_layers: int) -> bool:
     return name.startswith("blk.") and int(name.split(".")[1]) >= n_layers
 
-
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)

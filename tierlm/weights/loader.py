@@ -90,7 +90,7 @@ def load_hf_weights(model: DeepseekForCausalLM, ckpt: SafetensorsCheckpoint, dev
             entry = ckpt.entry(src)
             _check_shape(src, entry.shape, param.shape, entry.file.name)
             value = reader.read(src).to(device=device_of(device, pname), dtype=want_dtype)
-        _set_param(model, pname, value)
+        set_param(model, pname, value)
         if progress:
             progress(value.numel() * value.element_size())
     extra = [n for n in ckpt.names() if n not in reader.used and not _IGNORED.search(n)
@@ -125,7 +125,7 @@ def _is_mtp(name: str, cfg: ModelConfig) -> bool:
     return m is not None and int(m.group(1)) >= cfg.num_hidden_layers
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the (meta) parameter ``name`` by ``value``, frozen: inference never trains it."""
     module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
