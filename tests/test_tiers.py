@@ -179,3 +179,21 @@ def test_recorded_routing_profile_puts_hot_experts_in_the_faster_tier(demo_gguf,
         row = counts[le.layer]
         assert le.ram and le.disk
         assert min(row[e] for e in le.ram) >= max(row[e] for e in le.disk)  # hottest first
+
+
+def test_server_runs_a_tiered_plan_and_exports_tier_counters(demo_gguf):
+    """`tierlm serve MODEL.gguf --gpus 0 --ram …` plans, serves from RAM and disk, and counts both in /metrics."""
+    from test_server_harness import ServerProcess
+
+    server = ServerProcess(str(demo_gguf), "--gpus", "0", "--ram", "112MiB", "--disk-gbps", "2").wait_ready()
+    try:
+        reply = server.client().chat.completions.create(
+            model="demo-q8", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens == 4
+        hits = {line.split('tier="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in server.get("/metrics").text.splitlines()
+                if line.startswith("tierlm:expert_cache_hits_total{")}
+        assert hits["ram"] > 0 and hits["disk"] > 0 and hits["device"] == 0
+        assert "experts   gpu 0" in server.output()  # the plan was printed before loading
+    finally:
+        assert server.stop() == 0
