@@ -19,7 +19,8 @@ import torch
 from tierlm.weights.ggml_types import QK_K, FormatError, GGMLType, check_row_length
 
 GROUP_MAX_EPS = float(np.float32(1e-15))  # llama.cpp: a sub-block below this |max| is all zero
-_CHUNK_BLOCKS = 1 << 15  # blocks quantized per step: bounds the temporaries (K-quants: ~8M elements)
+_CHUNK_ELEMENTS = 1 << 18  # elements quantized per step: the search's temporaries (~1 MB each) stay in cache;
+                            # 8M-element steps ran 3x slower (memory-bound), smaller ones pay per-op overhead
 
 
 def _nearest(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -62,9 +63,10 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
     A tree reduction would differ in the last bit and flip near-ties in the scale searches; the
     rows are short (16 or 32), so one op per lane over all rows costs little.
     """
-    acc = t[..., 0]
-    for i in range(1, t.shape[-1]):
-        acc = acc + t[..., i]
+    cols = t.movedim(-1, 0).contiguous()  # (L, ...): each step adds one contiguous slab, not a strided column
+    acc = cols[0].clone()
+    for i in range(1, cols.shape[0]):
+        acc += cols[i]
     return acc
 
 
@@ -318,10 +320,11 @@ def quantize(x: torch.Tensor, type: GGMLType | int) -> torch.Tensor:
     blocks = x.detach().to(torch.float32).reshape(-1, fmt.block_size)  # (N, block_size)
     if len(blocks) == 0:
         out = torch.empty((0, fmt.type_size), dtype=torch.uint8, device=x.device)
-    elif fmt.block_size == 1 or len(blocks) <= _CHUNK_BLOCKS:
+    elif fmt.block_size == 1 or len(blocks) * fmt.block_size <= _CHUNK_ELEMENTS:
         out = _QUANT[fmt.type](blocks)
     else:
-        out = torch.cat([_QUANT[fmt.type](c.contiguous()) for c in blocks.split(_CHUNK_BLOCKS)])
+        step = _CHUNK_ELEMENTS // fmt.block_size
+        out = torch.cat([_QUANT[fmt.type](c.contiguous()) for c in blocks.split(step)])
     lead = tuple(x.shape[:-1]) if x.dim() else ()
     row = x.shape[-1] // fmt.block_size * fmt.type_size if x.dim() else fmt.type_size
     return out.reshape(*lead, row)
