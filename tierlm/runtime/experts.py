@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
+from tierlm.kernels.cpu_quant import cpu_quant_matmul
 from tierlm.kernels.quant_matmul import quant_matmul
 from tierlm.weights.ggml_types import GGMLType
 
@@ -118,6 +120,16 @@ class TieredExperts(nn.Module):
         u = quant_matmul(x, up, self.types[1], self.dim)
         return quant_matmul(F.silu(g) * u, down, self.types[2], self.inter)
 
+    def _run_host(self, x: torch.Tensor, gate, up, down) -> torch.Tensor:
+        """An expert in RAM or on disk, on the CPU. With a GPU model the CPU kernel takes int8 activations
+        (llama.cpp's CPU arithmetic, ~2x faster than float32): the GPU experts do not compute in float32
+        either. With a CPU model every tier computes the same float32 way, so placement changes no bit."""
+        if self.device.type != "cuda" or x.shape[0] > 16 or not all(t in CPU_TYPES for t in self.types):
+            return self._run(x, gate, up, down)
+        g = cpu_quant_matmul(x, gate, self.types[0], self.dim, mode="q8")
+        u = cpu_quant_matmul(x, up, self.types[1], self.dim, mode="q8")
+        return cpu_quant_matmul(F.silu(g) * u, down, self.types[2], self.inter, mode="q8")
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), ids/weights (N, K) → (N, D) float32. Device experts are launched first so that, on a GPU,
         they run while the CPU computes the host experts."""
@@ -149,7 +161,7 @@ class TieredExperts(nn.Module):
             h = self.host[e]
             self._count(e, h.tier, len(sel))
             xs = x[sel].to("cpu", torch.float32)  # device → host: the tokens this expert needs
-            y = self._run(xs, *h.mats).to(x.device, non_blocking=True)  # host → device: its outputs
+            y = self._run_host(xs, *h.mats).to(x.device, non_blocking=True)  # host → device: its outputs
             out.index_put_((sel,), y.float() * we, accumulate=True)
         self.last_ids = set(e for e, n in enumerate(counts) if n)
         self._age_and_maybe_promote(counts)
