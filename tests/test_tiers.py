@@ -197,3 +197,15 @@ def test_server_runs_a_tiered_plan_and_exports_tier_counters(demo_gguf):
         assert "experts   gpu 0" in server.output()  # the plan was printed before loading
     finally:
         assert server.stop() == 0
+
+
+def test_copy_threshold_follows_the_bandwidths():
+    """A host expert is copied to the GPU once the CPU would read it more times than one PCIe copy costs."""
+    from tierlm.plan.hardware import declared_hardware
+    from tierlm.runtime.placement import CPU_KERNEL_EFFICIENCY, CPU_ROWS, copy_threshold
+
+    slow_cpu = declared_hardware("1x22GiB", "64GiB", disk_gbps=3, ram_gbps=20, pcie_gbps=25)
+    fast_cpu = declared_hardware("1x22GiB", "64GiB", disk_gbps=3, ram_gbps=200, pcie_gbps=12)
+    assert copy_threshold(slow_cpu) == CPU_ROWS + 1  # one CPU pass already costs more than the copy
+    assert copy_threshold(fast_cpu) == -(-200 * CPU_KERNEL_EFFICIENCY // 12) * CPU_ROWS + 1
+    assert copy_threshold(declared_hardware("0", "64GiB", disk_gbps=3)) > 10**6  # no GPU: never copy

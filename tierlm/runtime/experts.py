@@ -32,6 +32,7 @@ from torch import nn
 from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
 from tierlm.kernels.cpu_quant import cpu_quant_matmul
 from tierlm.kernels.quant_matmul import quant_matmul
+from tierlm.runtime.placement import CPU_ROWS
 from tierlm.weights.ggml_types import GGMLType
 
 TIERS = ("device", "ram", "disk")
@@ -74,7 +75,7 @@ class HostExpert:
 class TieredExperts(nn.Module):
     def __init__(self, layer: int, types: tuple[GGMLType, GGMLType, GGMLType], n_experts: int, dim: int,
                  inter: int, device: torch.device, slots: int, stats: TierStats, row_bytes: tuple[int, int, int],
-                 gpu_batch_threshold: int = 32, decay: float = 0.95):
+                 gpu_batch_threshold: int = 2 * CPU_ROWS, decay: float = 0.95):
         super().__init__()
         self.layer, self.types, self.n_experts, self.dim, self.inter = layer, types, n_experts, dim, inter
         self.device, self.stats = torch.device(device), stats
@@ -124,8 +125,10 @@ class TieredExperts(nn.Module):
         """An expert in RAM or on disk, on the CPU. With a GPU model the CPU kernel takes int8 activations
         (llama.cpp's CPU arithmetic, ~2x faster than float32): the GPU experts do not compute in float32
         either. With a CPU model every tier computes the same float32 way, so placement changes no bit."""
-        if self.device.type != "cuda" or x.shape[0] > 16 or not all(t in CPU_TYPES for t in self.types):
+        if self.device.type != "cuda" or not all(t in CPU_TYPES for t in self.types):
             return self._run(x, gate, up, down)
+        if x.shape[0] > CPU_ROWS:  # the CPU kernel's rows per call; beyond, quant_matmul would dequantize
+            return torch.cat([self._run_host(c, gate, up, down) for c in x.split(CPU_ROWS)])
         g = cpu_quant_matmul(x, gate, self.types[0], self.dim, mode="q8")
         u = cpu_quant_matmul(x, up, self.types[1], self.dim, mode="q8")
         return cpu_quant_matmul(F.silu(g) * u, down, self.types[2], self.inter, mode="q8")

@@ -6,6 +6,7 @@ on the host) or given directly (tests emulate every tier on the CPU with ``by_fr
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -47,15 +48,32 @@ class DeviceMap:
                    devices[-1])
 
 
+def copy_threshold(hw) -> int:
+    """Tokens per expert from which copying a host expert to the GPU beats computing it on the CPU."""
+    if not hw.gpus:
+        return 1 << 30  # nowhere to copy to
+    pcie = min(g.pcie_gbps for g in hw.gpus)
+    passes = max(1, math.ceil(hw.ram_gbps * CPU_KERNEL_EFFICIENCY / pcie))  # CPU passes that cost one copy
+    return passes * CPU_ROWS + 1
+
+
 def device_of(device, param: str):
     """``device`` is one device for everything or a DeviceMap."""
     return device.of(param) if isinstance(device, DeviceMap) else device
+
+
+CPU_ROWS = 16  # activation rows the CPU expert kernel takes per call (kernels/cpu_quant.py)
+CPU_KERNEL_EFFICIENCY = 0.55  # share of the RAM bandwidth it reaches (bench/results/cpu-matvec.md: 52-68%)
 
 
 @dataclass
 class Placement:
     tiers: dict[int, list[str]]  # MoE layer → tier of each expert: "device" | "ram" | "disk"
     slots: dict[int, int]  # MoE layer → device slots (≥ its device experts; spare slots cache promotions)
+    # Tokens from which a host expert is copied to the GPU rather than computed by the CPU. The CPU reads the
+    # expert once per CPU_ROWS tokens; the copy reads it once over PCIe. Copy when
+    # ceil(n / CPU_ROWS) · bytes / cpu_bw > bytes / pcie_bw.
+    copy_threshold: int = 2 * CPU_ROWS
 
     def check(self, cfg: ModelConfig) -> None:
         if set(self.tiers) != set(cfg.moe_layers):
@@ -84,7 +102,7 @@ class Placement:
             for e in le.gpu:
                 t[e] = "device"
             tiers[le.layer], slots[le.layer] = t, len(le.gpu)
-        return cls(tiers, slots)
+        return cls(tiers, slots, copy_threshold(plan.hardware))
 
     @classmethod
     def by_fraction(cls, cfg: ModelConfig, device: float, ram: float, spare_slots: int = 0) -> "Placement":

@@ -140,7 +140,7 @@ def _tiered_experts(model, cfg, pname, gf: GGUFFile, device, placement, stats, u
     row_bytes = tuple(pe // r for pe, r in zip(per_expert, rows))
     tiers = placement.tiers[layer]
     mod = TieredExperts(layer, tuple(i.ggml_type for i in infos), E, D, I, torch.device(device),
-                        placement.slots[layer], stats, row_bytes)
+                        placement.slots[layer], stats, row_bytes, gpu_batch_threshold=placement.copy_threshold)
     maps = [gf.tensor_bytes(n) for n in names]
     pin = torch.cuda.is_available()
     with warnings.catch_warnings():  # the map is read-only and is never written through these views
