@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tierlm import paths
 from tierlm.errors import TierlmError
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type
@@ -65,7 +66,7 @@ class CPUKernelInputError(TierlmError, ValueError):
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: ``$TIERLM_CACHE/cpu_quant`` (default ``~/.cache/tierlm``)."""
-    return Path(os.environ.get("TIERLM_CACHE") or Path.home() / ".cache" / "tierlm") / "cpu_quant"
+    return paths.cache_dir() / "cpu_quant"
 
 
 def _compiler() -> str | None:

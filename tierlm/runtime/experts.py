@@ -107,9 +107,6 @@ class TieredExperts(nn.Module):
         self.slot_down[slot].copy_(down, non_blocking=True)
         self.slot_of[e], self.expert_in[slot] = slot, e
 
-    def tier_of(self, e: int) -> str:
-        return "device" if self.slot_of[e] >= 0 else self.host[e].tier
-
     @property
     def expert_bytes(self) -> int:
         return self.slot_gate[0].numel() + self.slot_up[0].numel() + self.slot_down[0].numel() \

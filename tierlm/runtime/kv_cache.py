@@ -25,11 +25,12 @@ from collections.abc import Sequence
 import torch
 
 from tierlm.config import ModelConfig
+from tierlm.plan import memory as plan_memory
 from tierlm.errors import TierlmError
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
+    return plan_memory.kv_bytes_per_token(cfg, dtype.itemsize)  # the planner's count, in this cache's dtype
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -88,9 +88,6 @@ class Placement:
                 raise ConfigError(f"layer {layer}: {tiers.count('device')} device experts but "
                                   f"{self.slots.get(layer, 0)} slots")
 
-    def counts(self) -> dict[str, int]:
-        return {t: sum(ts.count(t) for ts in self.tiers.values()) for t in ("device", "ram", "disk")}
-
     @classmethod
     def from_plan(cls, plan) -> "Placement":
         tiers, slots = {}, {}

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from tierlm.model.moe import Gate
-from tierlm.plan.planner import recorded_profile_path  # noqa: F401  (where profiles are saved)
 
 
 class ProfileRecorder:
