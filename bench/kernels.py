@@ -166,15 +166,21 @@ def moe_setup(T_, copies, cfg=None, E=None):
     return calls, per_expert, distinct
 
 
-def warm_jobs(quick: bool):
+def swept(name, t, M, kinds):
+    """The decode configurations the sweep times for one shape and M: the int8-activation kernels on
+    every shape, the float kernels on SWEEP_SHAPES."""
+    return [c for c in DECODE_CONFIGS if c.kind in kinds and (c.kind == "mmvq" or name in SWEEP_SHAPES)
+            and not (c.kind == "tile" and M == 1) and (t == T.Q4_K or not c.q4k_block)]
+
+
+def warm_jobs(quick: bool, kinds=("gemv", "tile", "mmvq")):
     """(kind, args) for every kernel form the timing will launch, for the compile workers."""
     jobs = []
     for name, N, K, t in SHAPES:
         for M in DECODE_M:
             jobs.append(("decode", (t, N, K, M, None)))
-            if name in SWEEP_SHAPES and not quick:
-                jobs += [("decode", (t, N, K, M, c)) for c in DECODE_CONFIGS
-                         if (c.kind == "gemv" or M > 1) and (t == T.Q4_K or not c.q4k_block)]
+            if not quick:
+                jobs += [("decode", (t, N, K, M, c)) for c in swept(name, t, M, kinds)]
         for M in PREFILL_M[:1]:
             jobs.append(("prefill", (t, N, K, M)))
     for T_ in (1, 4, 16, 512):
@@ -224,8 +230,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="default configurations only, fewer shapes")
     ap.add_argument("--budget-s", type=float, default=420, help="stop the sweeps after this many seconds")
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels before timing")
+    ap.add_argument("--sweep-kinds", default="gemv,tile,mmvq", help="decode kernel kinds the sweep times")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill comparison")
     args = ap.parse_args()
     t_start = time.time()
+    kinds = tuple(args.sweep_kinds.split(","))
     dev = torch.cuda.get_device_properties(0)
     res = dict(card=dev.name, capability=list(torch.cuda.get_device_capability()), sms=dev.multi_processor_count,
                date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
@@ -242,7 +251,7 @@ def main() -> None:
         return time.time() - t_start > args.budget_s
 
     if args.workers > 0:
-        res["prewarm_s"] = round(prewarm(warm_jobs(args.quick), args.workers), 1)
+        res["prewarm_s"] = round(prewarm(warm_jobs(args.quick, kinds), args.workers), 1)
         print(f"compiled in {res['prewarm_s']} s with {args.workers} workers", flush=True)
     bw = copy_bandwidth()
     res["copy_GBps"] = bw / GB
@@ -265,16 +274,16 @@ def main() -> None:
         torch.cuda.empty_cache()
         save()
     for name, N, K, t in SHAPES:
-        if args.quick or name not in SWEEP_SHAPES or over_budget():
+        if args.quick or over_budget():
             continue
         nbytes = tensor_nbytes(t, (N, K))
         copies = n_copies(nbytes)
         w = random_weight(t, N, K, copies)
         for M in DECODE_M:
             x = torch.randn(M, K, device="cuda").half()
-            for cfg in DECODE_CONFIGS:
-                if (cfg.kind == "tile" and M == 1) or (cfg.q4k_block and t != T.Q4_K):
-                    continue
+            for cfg in swept(name, t, M, kinds):
+                if over_budget():
+                    break
                 s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)], reps=7)
                 res["sweep"].append(dict(shape=name, type=t.name, M=M, config=cfg.__dict__, us=s * 1e6,
                                          pct=100 * nbytes / s / bw))
@@ -283,7 +292,7 @@ def main() -> None:
         save()
 
     # prefill: wrapper path vs formats.dequantize + cuBLAS
-    for name, N, K, t in SHAPES[:8]:
+    for name, N, K, t in ([] if args.no_prefill else SHAPES[:8]):
         for M in PREFILL_M:
             if over_budget() and M > PREFILL_M[0]:
                 continue
@@ -324,10 +333,13 @@ def main() -> None:
 
     for T_ in (1, 4, 16):
         moe_row(T_, None, "default")
+        moe_row(T_, MoEConfig(q8=False), "float gemv")
     moe_row(16, MoEConfig(sorted_min_pairs=1 << 30), "pairs (unsorted)")
     for cfg in moe_mod.DECODE_CONFIGS:
         if not over_budget():
-            moe_row(1, cfg, f"pairs {cfg.num_warps}w r{cfg.rows}")
+            label = (f"int8 {cfg.num_warps}w n{cfg.mmvq_rows} b{cfg.mmvq_nblk}" if cfg.q8 else
+                     f"float {cfg.num_warps}w r{cfg.rows}{' blk' if cfg.q4k_block else ''}")
+            moe_row(1, cfg, label)
     moe_row(512, None, "prefill (sorted)")
 
     res["total_s"] = round(time.time() - t_start, 1)

@@ -12,6 +12,10 @@ quantized bytes:
 - tensor-core tiles and prefill (dequantize to x.dtype + cuBLAS): each weight is rounded to
   x.dtype first (2**-11 fp16, 2**-8 bf16), errors that average out over K, plus the output rounding.
 - the MoE prefill path multiplies float32 intermediates in tf32 (10-bit mantissa, 2**-11).
+- int8-activation decode (``triton_mmvq``, the default for Q4_K/Q6_K/Q8_0/Q5_0 with up to 16
+  rows): against ``quant_matmul_q8_ref`` (the same int8 activation groups) only the float order
+  differs, as for the FMA paths; against the exact reference the activation rounding adds about
+  0.5% relative (half a step of 1/127 of each group's largest value), bounded here by Q8_TOL.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tierlm.kernels.moe import MoEConfig, moe_dense, moe_quant, moe_quant_ref
+from tierlm.kernels.moe import MoEConfig, moe_dense, moe_quant, moe_quant_q8_ref, moe_quant_ref
 from tierlm.kernels.quant_matmul import (
     DECODE_CONFIGS,
     FUSED_TYPES,
@@ -34,7 +38,10 @@ from tierlm.kernels.quant_matmul import (
     QMMConfig,
     dequantize_rows,
     quant_matmul,
+    quant_matmul_q8_ref,
     quant_matmul_ref,
+    quantize_q8,
+    quantize_q8_ref,
 )
 from tierlm.weights.formats import FORMATS, GGMLType, dequantize, quantize
 
@@ -44,6 +51,7 @@ QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q
 # output rounding to x.dtype, on top of float32 arithmetic (see the module docstring)
 FMA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 TILE_TOL = {torch.float32: 5e-3, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+Q8_TOL = 2e-2  # int8 activations against the exact float32 reference (measured 0.4-0.7%)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -220,7 +228,7 @@ def test_inline_ptx_matches_its_triton_twin():
             assert [f(out[2 * r + k]) for r in range(4)] == [1 + v / 64 for v in q]
 
 
-@pytest.mark.parametrize("group", ["gemv", "tile", "moe"])
+@pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq"])
 def test_triton_kernels_in_interpreter(group):
     """The kernels in Triton's CPU interpreter (this file run as a script, since TRITON_INTERPRET must
     be set before the kernels are defined); they take the Triton-op twins of their inline PTX."""
@@ -262,9 +270,11 @@ def test_quant_matmul_matches_reference(t, dtype, M):
         out = quant_matmul(x, w, t, K)
         assert out.dtype == dtype and out.shape == (M, N)
         assert torch.isfinite(out).all(), (t, dtype, M, N, K)
-        fused = t in FUSED_TYPES and M <= 16
-        tol = (FMA_TOL if fused and (M == 1 or dtype == torch.float32) else TILE_TOL)[dtype]
-        assert rel(out, ref) <= tol, (t.name, dtype, M, N, K, rel(out, ref))
+        if t in FUSED_TYPES and M <= 16:  # int8-activation decode
+            assert rel(out, quant_matmul_q8_ref(x, w, t, K)) <= FMA_TOL[dtype], (t.name, dtype, M, N, K)
+            assert rel(out, ref) <= Q8_TOL, (t.name, dtype, M, N, K, rel(out, ref))
+        else:
+            assert rel(out, ref) <= TILE_TOL[dtype], (t.name, dtype, M, N, K, rel(out, ref))
 
 
 @pytest.mark.gpu
@@ -275,12 +285,31 @@ def test_every_decode_config(t, cfg):
         pytest.skip("q4k_block only changes Q4_K")
     N, K = 200, 2048
     w = random_weight(t, N, K, seed=20, device="cuda")
-    M = 1 if cfg.kind == "gemv" else 7
+    M = {"gemv": 1, "tile": 7, "mmvq": 3}[cfg.kind]
     x = torch.randn(M, K, device="cuda").half()
     _poison_cache()
     out = quant_matmul(x, w, t, K, config=cfg)
+    if cfg.kind == "mmvq":
+        assert rel(out, quant_matmul_q8_ref(x, w, t, K)) <= FMA_TOL[torch.float16]
+        return
     tol = FMA_TOL if cfg.kind == "gemv" else TILE_TOL
     assert rel(out, quant_matmul_ref(x, w, t, K)) <= tol[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantize_q8_matches_reference(dtype):
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bfloat16 needs sm_80+")
+    x = (torch.randn(5, 4096, device="cuda") * 3).to(dtype)
+    x[1, :32] = 0  # an all-zero group: scale 0, no division by zero
+    got, ref = quantize_q8(x), quantize_q8_ref(x)
+    # the kernel may fuse x * inv + 0.5 into one rounding: a value exactly at a half step can land
+    # on the other side, so a few int8 values may differ by one
+    diff = (got[0].int() - ref[0].int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    assert torch.equal(got[1], ref[1]) and got[1][1, 0] == 0
+    assert torch.allclose(got[2], ref[2], rtol=1e-5, atol=1e-3 * ref[1].max().item())
 
 
 @pytest.mark.gpu
@@ -316,9 +345,14 @@ def test_moe_matches_reference(types, dtype, T_):
     _poison_cache()
     out = moe_quant(x, ids, wts, gate, up, down, *types)
     sorted_path = T_ * K >= MoEConfig().sorted_min_pairs
-    tol = 5e-3 if sorted_path else 1e-5  # tiles: fp16/bf16/tf32 operands; decode: float32 FMAs
-    if sorted_path and dtype == torch.bfloat16:
-        tol = 1.5e-2
+    if not sorted_path:  # int8 activations: against the same rounding of x and h; h itself may differ
+        # in its last float bit, which can move one of its int8 values by a step
+        q8_ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
+        assert rel(out, q8_ref) <= 1e-4 and rel(out, ref) <= Q8_TOL, (types, dtype, T_, rel(out, q8_ref), rel(out, ref))
+        float_out = moe_quant(x, ids, wts, gate, up, down, *types, config=MoEConfig(q8=False))
+        assert rel(float_out, ref) <= 1e-5, (types, dtype, T_, rel(float_out, ref))
+        return
+    tol = 1.5e-2 if dtype == torch.bfloat16 else 5e-3  # tiles: fp16/bf16/tf32 operands
     assert out.dtype == torch.float32 and rel(out, ref) <= tol, (types, dtype, T_, rel(out, ref))
 
 
@@ -414,7 +448,43 @@ def _interp_moe(gen: torch.Generator) -> None:
         _interp_check(f"moe sorted {gt.name}/{dt.name}", tiles, ref)
 
 
+def _interp_mmvq(gen: torch.Generator) -> None:
+    """The int8-activation kernels (with the integer twin of dp4a) against the int8 references."""
+    from tierlm.kernels import moe
+    from tierlm.kernels.quant_matmul import _qmm_launch
+
+    x = torch.randn(3, 768, generator=gen) * 4
+    x[0, :32] = 0
+    got, ref = quantize_q8(x), quantize_q8_ref(x)
+    if not (torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and torch.allclose(got[2], ref[2])):
+        raise SystemExit("FAIL quantize_q8 differs from quantize_q8_ref")
+    for t in FUSED_TYPES:
+        N, K = 45, 768  # N not a multiple of the rows per program; K = 3 K-quant blocks (a partial step)
+        w = _interp_weight(t, N, K, gen)
+        for cfg, m in [(QMMConfig("mmvq", 4, 1, block_n=4, nblk=4), 1), (QMMConfig("mmvq", 2, 2, block_n=8, nblk=2), 2),
+                       (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1), 1)]:
+            x = torch.randn(m, K, generator=gen)
+            out = _qmm_launch(x, w, t, K, cfg)
+            _interp_check(f"mmvq {t.name} n{cfg.block_n} b{cfg.nblk} x{cfg.split_k} M={m}", out,
+                          quant_matmul_q8_ref(x, w, t, K))
+            if not rel(out, quant_matmul_ref(x, w, t, K)) <= Q8_TOL:
+                raise SystemExit(f"FAIL mmvq {t.name}: int8 activations off the exact product by more than {Q8_TOL}")
+    E, D, K, n = 5, 256, 2, 3
+    for gt, dt, I in [(T.Q4_K, T.Q6_K, 256), (T.Q8_0, T.Q5_0, 96)]:
+        gate = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
+        up = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
+        down = _interp_weight(dt, E * D, I, gen).view(E, D, -1)
+        x = torch.randn(n, D, generator=gen)
+        ids = torch.randint(0, E, (n, K), generator=gen)
+        ids[1, 0] = -1
+        ids[2, 1] = ids[2, 0] = 3
+        wts = torch.rand(n, K, generator=gen)
+        args = (x, ids.reshape(-1), wts.reshape(-1), gate, up, down, [gt, gt, dt], (E, I, D, K))
+        got = moe._moe_pairs_q8(*args, MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2)).view(n, K, D).sum(1)
+        _interp_check(f"moe int8 {gt.name}/{dt.name}", got, moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt))
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    {"gemv": _interp_gemv, "tile": _interp_tile, "moe": _interp_moe}[sys.argv[2]](torch.Generator().manual_seed(0))
+    {"gemv": _interp_gemv, "tile": _interp_tile, "moe": _interp_moe, "mmvq": _interp_mmvq}[sys.argv[2]](torch.Generator().manual_seed(0))
     print("ok")

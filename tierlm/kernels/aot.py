@@ -14,6 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tierlm.kernels import triton_gemv as tg
+from tierlm.kernels import triton_mmvq as tv
 from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 
@@ -117,6 +118,10 @@ def variants(capability: int) -> list[Variant]:
     for act in acts:
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, False, dot_prec)
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, True, dot_prec)
+    for q in QUANT:
+        out += [mmvq_variant(q, out=act) for act in acts]
+    out += [quantize_q8_variant(act) for act in acts]
+    out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
     for w in (tq.F16, tq.BF16, tq.F32):  # moe_dense (bf16 weights are widened by a shift everywhere)
@@ -137,3 +142,38 @@ def compile_variant(v: Variant, capability: int):
     src = ASTSource(fn=fn, signature=types, constexprs=dict(v.constexprs), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+
+
+def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out: str = "fp16",
+                 num_stages: int = 2) -> Variant:
+    """The int8-activation decode product (``triton_mmvq.mmvq_kernel``)."""
+    types = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32",
+                 row_bytes="i32", nblocks="i32", blocks_per_split="i32", stride_om="i32", stride_os="i32")
+    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True)
+    aligned = ("K",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
+    return Variant(f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}", tv.mmvq_kernel, types, const, aligned, num_warps,
+                   num_stages, tags=dict(act=out, qtype=qtype))
+
+
+def quantize_q8_variant(act: str) -> Variant:
+    types = dict(x_ptr=_PTR[act], xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", K="i32", stride_xm="i32")
+    return Variant(f"quantize_q8_{act}", tv.quantize_q8_kernel, types, dict(G=8), ("K", "stride_xm"), 1,
+                   tags=dict(act=act))
+
+
+def moe_q8_variants(q_up: int, q_down: int, bn: int = 4, nblk: int = 4, num_warps: int = 4) -> list[Variant]:
+    """The up and down kernels of the int8-activation MoE decode path."""
+    const = dict(BN=bn, NBLK=nblk, ASM=True)
+    up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
+              ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
+              es_g="i64", es_u="i64", TOPK="i32")
+    down = dict(hq_ptr="*i8", hd_ptr="*fp32", hs_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32",
+                ids_ptr="*i64", E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64")
+    a_up = ("D",) + (("rb_g", "rb_u") if tq.BLOCK_BYTES[q_up] % 16 == 0 else ())
+    a_down = ("I",) + (("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ())
+    return [
+        Variant(f"moe_up_q8_{q_up}", tv.moe_up_q8_kernel, up, dict(GATE_T=q_up, UP_T=q_up, **const), a_up, num_warps,
+                tags=dict(act="fp32", qtype=q_up)),
+        Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, **const), a_down, num_warps,
+                tags=dict(act="fp32", qtype=q_down)),
+    ]

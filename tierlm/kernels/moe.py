@@ -46,11 +46,16 @@ class MoEConfig:
     k_step: int = 256
     tile_warps: int = 4
     q4k_block: bool = False
+    q8: bool = True  # decode with int8 activations (triton_mmvq), else the float gemv kernels
+    mmvq_rows: int = 4  # int8 decode: weight rows per program
+    mmvq_nblk: int = 8  # int8 decode: 256-element blocks of a row per loop step
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
-DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r) for r in (1, 2) for w in (4, 8)) + tuple(
-    MoEConfig(num_warps=w, rows=2, q4k_block=True) for w in (4, 8))
+DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
+    MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
+    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in
+    ((4, 8, 4), (8, 4, 4), (2, 8, 2), (8, 8, 8), (4, 4, 2), (16, 4, 8)))
 DEFAULT = MoEConfig()
 
 
@@ -119,7 +124,8 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
     flat_ids = ids.reshape(P).to(torch.int64)
     flat_w = weights.reshape(P).contiguous()
     if P < cfg.sorted_min_pairs:
-        y = _moe_pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
+        pairs = _moe_pairs_q8 if cfg.q8 and all(t in _Q8_TYPES for t in types) else _moe_pairs
+        y = pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
     else:
         y = _moe_sorted(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
     return y.view(T, K, D).sum(1)  # (T, D): the K slots added in a fixed order
@@ -165,6 +171,56 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
         h, down, y, wts, ids, *tiles.values(), E, I, D, _units(dt, I, qb), down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BLOCK_D=32, NB_D=1, **common)
     return y
+
+
+_Q8_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)
+
+
+def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
+    """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
+    one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D)."""
+    from tierlm.kernels import triton_mmvq as tv
+    from tierlm.kernels.quant_matmul import quantize_q8
+
+    (gt, ut, dt), (E, I, D, K) = types, dims
+    P = ids.numel()
+    xq, xd, xs = quantize_q8(x.contiguous())
+    h = torch.empty(P, I, dtype=torch.float32, device=x.device)
+    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    bn = cfg.mmvq_rows
+    common = dict(BN=bn, NBLK=cfg.mmvq_nblk, ASM=not _interpreting(), num_warps=cfg.num_warps)
+    tv.moe_up_q8_kernel[(P, -(-I // bn))](
+        xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
+        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), **common)
+    hq, hd, hs = quantize_q8(h)
+    tv.moe_down_q8_kernel[(P, -(-D // bn))](
+        hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
+        DOWN_T=int(dt), **common)
+    return y
+
+
+def moe_quant_q8_ref(x, ids, weights, gate, up, down, gate_type, up_type, down_type) -> torch.Tensor:
+    """Reference of the int8-activation decode path: ``moe_quant_ref`` with x and h rounded to their
+    int8 groups (``quant_matmul.quantize_q8_ref``) before each product, float32 (T, D)."""
+    from tierlm.kernels.quant_matmul import quantize_q8_ref
+
+    (gt, ut, dt), (E, I, D) = _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type)
+
+    def q8(v):
+        q, d, _ = quantize_q8_ref(v)
+        return (q.to(torch.float32).view(v.shape[0], -1, 32) * d[..., None]).view(v.shape)
+
+    xf = q8(x.to(torch.float32))
+    out = torch.zeros(x.shape[0], D, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        if not 0 <= e < E:
+            continue
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        xe = xf[tok]
+        h = F.silu(xe @ dequantize(gate[e], gt, (I, D)).T) * (xe @ dequantize(up[e], ut, (I, D)).T)
+        y = q8(h) @ dequantize(down[e], dt, (D, I)).T
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out
 
 
 def _route(ids: torch.Tensor, E: int, block_m: int):

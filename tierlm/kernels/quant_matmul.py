@@ -3,8 +3,10 @@
 ``w`` is an (N, row_bytes) uint8 tensor: the bytes of an (N, K) GGUF weight, one row of K elements
 per output. On CPU the product is the reference computation (dequantize, then matmul). On CUDA:
 
-- Q4_K, Q6_K, Q8_0, Q5_0 with at most ``DECODE_MAX_M`` rows: one fused Triton launch that decodes
-  each weight byte once, in registers, and multiplies (``triton_q.qmm_kernel``);
+- Q4_K, Q6_K, Q8_0, Q5_0 with at most ``DECODE_MAX_M`` rows: the activation rows are quantized to
+  int8 in groups of 32 (as llama.cpp does for its quantized matrix-vector kernels), then one launch
+  reads each weight byte once, coalesced, and multiplies with ``dp4a`` (``triton_mmvq``). The
+  float-activation kernels (``triton_gemv``, ``triton_q.qmm_kernel``) stay selectable by config;
 - more rows (prefill): a Triton launch dequantizes the weight to x's dtype, then ``torch.matmul``
   (cuBLAS, which uses tensor cores on every card from Turing on);
 - other types: ``formats.dequantize`` then ``torch.matmul``.
@@ -59,6 +61,7 @@ class QMMConfig:
     num_stages: int = 2
     rows: int = 1
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
+    nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -66,7 +69,11 @@ GEMV_CONFIGS = tuple(
     QMMConfig("gemv", w, s, rows=r, q4k_block=b) for b in (False, True) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4)
 )  # q4k_block only changes Q4_K
 TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 64) for s in (1, 4))  # tl.dot tiles
-DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS
+MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, s, block_n=bn, nblk=nb, num_stages=st)
+                     for (bn, nb, w) in ((4, 8, 4), (8, 4, 4), (2, 8, 2), (4, 4, 2), (8, 8, 8), (16, 4, 8),
+                                         (8, 8, 4), (2, 4, 1))
+                     for s in (1, 2, 4) for st in (1, 3))
+DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
 
@@ -85,26 +92,17 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
                 capability: tuple[int, int], sms: int) -> QMMConfig:
     """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
 
-    Several rows with 16-bit activations on sm_80+: tensor-core tiles (each weight decoded once
-    for all rows). Otherwise gemv, one program row per activation row (the rows after the first
-    find the weights in L2), with enough warps in flight to cover the memory latency (about 16 per
-    multiprocessor), each walking at least a few units of its rows; two rows per thread share the
-    activation loads.
+    The int8-activation kernel (``triton_mmvq``) with 4 rows x 8 blocks of 256 per program and 4
+    warps (8 words, two 16-byte loads, per thread and step); K is split until there are about four
+    programs per multiprocessor, keeping at least one full step per split.
     """
-    if M > 1 and capability >= (8, 0) and dtype != torch.float32:
-        return QMMConfig("tile", 4, 1, 16, 64, 256, True)
-    from tierlm.kernels.triton_gemv import units_per_row
-
-    rows = 2
-    units = units_per_row(int(qtype), K)
-    row_blocks = -(-N // (32 * rows)) * M
-    warps, split = 4, 1
-    while row_blocks * warps * split < 16 * sms and units // (warps * split) >= 8:
-        if warps < 8:
-            warps *= 2
-        else:
-            split *= 2
-    return QMMConfig("gemv", warps, split, rows=rows)
+    cfg = QMMConfig("mmvq", 4, 1, block_n=4, nblk=8)
+    steps = K // (256 * cfg.nblk)  # full loop steps in a row
+    programs = M * triton_cdiv(N, cfg.block_n)
+    split = 1
+    while programs * split < 4 * sms and steps // (split * 2) >= 1:
+        split *= 2
+    return QMMConfig("mmvq", cfg.num_warps, split, block_n=cfg.block_n, nblk=cfg.nblk)
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, qtype, K: int, name: str = "quant_matmul") -> GGMLType:
@@ -174,10 +172,66 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of the int8 activation groups: x2 (M, K) -> xq int8 (M, K), xd and xs float32
+    (M, K/32) with x ~= xd * xq per group of 32 and xs = xd * sum(xq)."""
+    M, K = x2.shape
+    v = x2.to(torch.float32).reshape(M, K // 32, 32)
+    amax = v.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    q = torch.floor(v * inv[..., None] + 0.5).clamp(-127, 127)
+    xd = amax / 127.0
+    return q.to(torch.int8).reshape(M, K), xd, xd * q.sum(-1)
+
+
+def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter)."""
+    M, K = x2.shape
+    if K % 32:
+        raise KernelInputError(f"quantize_q8: K={K} is not a multiple of 32")
+    if not (x2.is_cuda or _interpreting()):
+        return quantize_q8_ref(x2)
+    from tierlm.kernels import triton_mmvq as tv
+
+    xq = torch.empty((M, K), dtype=torch.int8, device=x2.device)
+    xd = torch.empty((M, K // 32), dtype=torch.float32, device=x2.device)
+    xs = torch.empty_like(xd)
+    G = 8
+    tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, num_warps=1)
+    return xq, xd, xs
+
+
+def quant_matmul_q8_ref(x: torch.Tensor, w: torch.Tensor, qtype, K: int) -> torch.Tensor:
+    """Reference of the int8-activation product: the weight dequantized times the activations as
+    their int8 groups hold them (``quantize_q8_ref``), float32 (..., N). The kernels match it up
+    to float summation order."""
+    qtype = check_inputs(x, w, qtype, K, "quant_matmul_q8_ref")
+    x2 = x.reshape(-1, K)
+    xq, xd, _ = quantize_q8_ref(x2)
+    xdq = (xq.to(torch.float32).reshape(-1, K // 32, 32) * xd[..., None]).reshape(x2.shape)
+    out = F.linear(xdq, dequantize(w, qtype, (w.shape[0], K), torch.float32))
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
 def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig) -> torch.Tensor:
     """Fused decode product of x2 (M, K), stride 1 along K -> (M, N) in x2's dtype."""
     M, N = x2.shape[0], w.shape[0]
-    if cfg.kind == "gemv":
+    if cfg.kind == "mmvq":
+        from tierlm.kernels import triton_mmvq as tv
+
+        if qtype not in FUSED_TYPES:
+            raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
+        xq, xd, xs = quantize_q8(x2)
+        nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
+        step = cfg.nblk * 256 // tv.BLOCK_ELEMS[int(qtype)]  # blocks per loop step
+        per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), step) * step  # whole steps per split
+        splits = triton_cdiv(nblocks, per_split)
+        out = _out_buffer(x2, M, N, splits)
+        grid = (M, triton_cdiv(N, cfg.block_n), splits)
+        tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
+                             QTYPE=int(qtype), BN=cfg.block_n, NBLK=cfg.nblk, ASM=not _interpreting(),
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 
         units = tg.units_per_row(int(qtype), K, cfg.q4k_block)

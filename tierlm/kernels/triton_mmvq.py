@@ -1,0 +1,314 @@
+"""Decode products with int8 activations: each weight byte read once, coalesced, and multiplied four
+lanes at a time by ``dp4a`` (the scheme of llama.cpp's MMVQ kernels).
+
+The activation row is first cut into groups of 32 values, each stored as int8 ``xq`` with a float
+scale ``xd`` (``x ~= xd * xq``) and ``xs = xd * sum(xq)`` (``quantize_q8_kernel``). A weight block
+then contributes, per group of equal scale, ``scale * xd * sum(q * xq)`` with the integer sum done
+by ``dp4a`` on packed bytes, and ``- min * xs`` for the formats with an offset. Per weight that is
+about one integer instruction, so the kernels stay bound by memory, not arithmetic, on every card
+from Turing on (``dp4a`` is sm_61+).
+
+Layout: a program owns BN weight rows and walks NBLK blocks of each per step. The tensors of one
+step are (rows, blocks, words of a block): neighbouring threads read neighbouring bytes of one
+block, so a warp's load is one contiguous run (16-byte loads for Q4_K, whose 144-byte blocks are
+16-byte aligned; pairs of 2-byte loads for Q6_K, Q8_0 and Q5_0, whose blocks are only 2-byte
+aligned). The activation words are the same for every row: they come from L1.
+
+``ASM`` selects the ``dp4a`` instruction; without it (Triton's CPU interpreter) a Triton-op twin
+computes the same integer sums.
+
+Glossary: BN = weight rows per program, NBLK = blocks per row per step, kb = block index along K,
+c = 32-byte chunk of a Q4_K block's nibbles, h = 128-element half of a Q6_K block, w = 4-byte word.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from tierlm.kernels.triton_q import row_stride
+
+Q4_K, Q6_K, Q8_0, Q5_0 = 12, 14, 8, 6
+TYPES = (Q4_K, Q6_K, Q8_0, Q5_0)
+BLOCK_ELEMS = {Q4_K: 256, Q6_K: 256, Q8_0: 32, Q5_0: 32}
+GROUP = 32  # activation values per int8 group
+_SIGN4 = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
+_M4 = tl.constexpr(0x0F0F0F0F)
+
+
+@triton.jit
+def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr):
+    """Row m, groups g0..g0+G-1 of x: xq = round(x * 127 / max|x|) as int8, xd = max|x| / 127,
+    xs = xd * sum(xq). Grid: (M, cdiv(K / 32, G))."""
+    m = tl.program_id(0)
+    g = tl.program_id(1) * G + tl.arange(0, G)
+    gmask = g < K // 32
+    offs = g[:, None] * 32 + tl.arange(0, 32)[None, :]
+    x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=gmask[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
+    q = tl.floor(x * inv[:, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+    d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    tl.store(xq_ptr + m.to(tl.int64) * K + offs, q.to(tl.int8), mask=gmask[:, None])
+    ng = K // 32
+    tl.store(xd_ptr + m.to(tl.int64) * ng + g, d, mask=gmask)
+    tl.store(xs_ptr + m.to(tl.int64) * ng + g, d * tl.sum(q, axis=1).to(tl.float32), mask=gmask)
+
+
+@triton.jit
+def _sb(v):
+    """Signed value of the low byte of an int32."""
+    v = v & 0xFF
+    return v - ((v & 0x80) << 1)
+
+
+@triton.jit
+def _dp4a(a, b, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """Sum of the four byte products of a and b (b signed; a signed or unsigned), as int32."""
+    if ASM:
+        if A_SIGNED:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    s = a * 0
+    for i in tl.static_range(4):
+        if A_SIGNED:
+            ai = _sb(a >> (8 * i))
+        else:
+            ai = (a >> (8 * i)) & 0xFF
+        s += ai * _sb(b >> (8 * i))
+    return s
+
+
+@triton.jit
+def _f16(bits):
+    """Low 16 bits of an int32 as a float16 value, widened to float32."""
+    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _u32(p):
+    """The 4-byte word at a 2-byte aligned uint16 pointer, from two 2-byte loads."""
+    return tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """Q4_K: (BN,) partial dot products over blocks kb0..kb1-1.
+
+    Tensors are (BN, NBLK, 4 chunks, 4 words): chunk c is the 32 nibble bytes of groups 2c (low
+    nibbles) and 2c+1 (high nibbles). Its two 16-byte halves are two loads of the same shape, so
+    one thread holds the whole chunk: its scales are decoded once for 64 weights and the sums over
+    its words need no shuffle.
+    """
+    c = tl.arange(0, 4)
+    c3 = c[None, None, :]  # over (BN, NBLK, chunk)
+    low = c3 < 2  # groups 0..3 have plain 6-bit scales
+    sh = 8 * ((2 * c3) % 4)  # the byte of the header words that holds group 2c's scale bits
+    wo = 8 * c[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): nibble word offset after the 16-byte header
+    acc = tl.zeros([BN, NBLK, 4], dtype=tl.float32)
+    for k in range(kb0, kb1, NBLK):
+        kb = k + tl.arange(0, NBLK)
+        keep = (kb < kb1)[None, :, None]
+        kb = tl.minimum(kb, kb1 - 1)
+        blk = (wrow[:, None] + kb[None, :] * 144).to(tl.pointer_type(tl.int32))  # (BN, NBLK)
+        w0 = tl.load(blk)[:, :, None]
+        w1 = tl.load(blk + 1)[:, :, None]
+        w2 = tl.load(blk + 2)[:, :, None]
+        w3 = tl.load(blk + 3)[:, :, None]
+        d = _f16(w0)
+        dmin = _f16(w0 >> 16)
+        b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
+        sc_lo = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
+        mn_lo = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
+        b1, b2, b3 = (w1 >> (sh + 8)) & 0xFF, (w2 >> (sh + 8)) & 0xFF, (w3 >> (sh + 8)) & 0xFF
+        sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
+        mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
+        qp = blk[:, :, None, None] + 4 + wo[None, None]  # (BN, NBLK, 4, 4): first half of each chunk
+        q0 = tl.load(qp)
+        q1 = tl.load(qp + 4)
+        # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
+        xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
+        s_lo = tl.sum(_dp4a(q0 & _M4, tl.load(xp), False, ASM) + _dp4a(q1 & _M4, tl.load(xp + 4), False, ASM), axis=3)
+        s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, tl.load(xp + 8), False, ASM)
+                      + _dp4a((q1 >> 4) & _M4, tl.load(xp + 12), False, ASM), axis=3)
+        gi = tl.broadcast_to((kb[:, None] * 8 + 2 * c[None, :])[None], [BN, NBLK, 4])  # x group of the low nibbles
+        dxl, dxh = tl.load(xd_ptr + gi), tl.load(xd_ptr + gi + 1)
+        sxl, sxh = tl.load(xs_ptr + gi), tl.load(xs_ptr + gi + 1)
+        part = d * (sc_lo.to(tl.float32) * dxl * s_lo.to(tl.float32) + sc_hi.to(tl.float32) * dxh * s_hi.to(tl.float32)) \
+            - dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)
+        acc += tl.where(keep, part, 0.0)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """Q6_K: tensors are (BN, NBLK, 2 halves, 2 quarters, 4 words); word w = 4 * quarter + r of half h
+    gives the four int8 words of elements 128h + 32i + 4w + (0..3), i = 0..3, whose scale is
+    scales[8h + 2i + quarter]."""
+    h4 = tl.arange(0, 2)[None, :, None, None]  # over (NBLK, h, quarter, r)
+    w4 = tl.arange(0, 2)[None, None, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]
+    h2 = tl.arange(0, 2)[:, None]  # over (h, quarter)
+    qt2 = tl.arange(0, 2)[None, :]
+    acc = tl.zeros([BN, NBLK, 2, 2], dtype=tl.float32)
+    for k in range(kb0, kb1, NBLK):
+        kb = k + tl.arange(0, NBLK)
+        keep = (kb < kb1)[None, :, None, None]
+        kb = tl.minimum(kb, kb1 - 1)
+        blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
+        b16 = blk.to(tl.pointer_type(tl.uint16))[:, :, None, None, None]
+        A = _u32(b16 + (32 * h4 + 2 * w4)[None])  # ql bytes 64h + 4w: low nibbles -> i = 0, high -> i = 2
+        B = _u32(b16 + (32 * h4 + 16 + 2 * w4)[None])  # ql bytes 64h + 32 + 4w: i = 1 and 3
+        H = _u32(b16 + (64 + 16 * h4 + 2 * w4)[None])  # qh bytes 128 + 32h + 4w: 2 bits for each i
+        d = _f16(tl.load(blk.to(tl.pointer_type(tl.uint16)) + 104).to(tl.int32))[:, :, None, None]
+        sp = (blk[:, :, None, None] + 192 + (8 * h2 + qt2)[None, None]).to(tl.pointer_type(tl.int8))
+        xo = tl.broadcast_to((kb[:, None, None, None] * 64 + 32 * h4 + w4)[None], [BN, NBLK, 2, 2, 4])
+        # xo: the word of element 128h + 4w; gi: the x group of i = 0
+        gi = tl.broadcast_to((kb[:, None, None] * 8 + 4 * h2[None])[None], [BN, NBLK, 2, 2])
+        part = tl.zeros([BN, NBLK, 2, 2], dtype=tl.float32)
+        for i in tl.static_range(4):
+            if i == 0:
+                q = (A & _M4) | ((H << 4) & 0x30303030)
+            elif i == 1:
+                q = (B & _M4) | ((H << 2) & 0x30303030)
+            elif i == 2:
+                q = ((A >> 4) & _M4) | (H & 0x30303030)
+            else:
+                q = ((B >> 4) & _M4) | ((H >> 2) & 0x30303030)
+            q = ((q | _SIGN4) - 0x20202020) ^ _SIGN4  # each byte minus 32, no borrow across bytes
+            s = tl.sum(_dp4a(q, tl.load(xq32 + xo + 8 * i), True, ASM), axis=4).to(tl.float32)
+            sc = tl.load(sp + 2 * i).to(tl.float32)  # (BN, NBLK, 2, 2)
+            part += sc * tl.load(xd_ptr + gi + i) * s
+        acc += tl.where(keep, d * part, 0.0)
+    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+
+
+@triton.jit
+def _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """Q8_0: tensors are (BN, NB, 8 words) with NB = 8 NBLK blocks (256 elements per NBLK, as for
+    the K-quants); a 34-byte block is d then 32 int8. Every word keeps its own float sum until the
+    loop ends, so no step needs a shuffle."""
+    NB: tl.constexpr = 8 * NBLK
+    w = tl.arange(0, 8)
+    acc = tl.zeros([BN, NB, 8], dtype=tl.float32)
+    for k in range(kb0, kb1, NB):
+        kb = k + tl.arange(0, NB)
+        keep = (kb < kb1)[None, :, None]
+        kb = tl.minimum(kb, kb1 - 1)
+        b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
+        q = _u32(b16 + 1 + 2 * w[None, None, :])
+        xo = tl.broadcast_to((kb[:, None] * 8 + w[None, :])[None], [BN, NB, 8])
+        s = _dp4a(q, tl.load(xq32 + xo), True, ASM).to(tl.float32)
+        d = _f16(tl.load(b16).to(tl.int32))
+        acc += tl.where(keep, d * tl.load(xd_ptr + tl.broadcast_to(kb[None, :, None], [BN, NB, 1])) * s, 0.0)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _spread4(t):
+    """Bits 0..3 of t to bit 4 of bytes 0..3."""
+    return ((t * 0x00204081) & 0x01010101) << 4
+
+
+@triton.jit
+def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """Q5_0: tensors are (BN, NB, 4 words), NB = 8 NBLK; a 22-byte block is d, 32 fifth bits, 16 bytes
+    of nibbles (element j in the low nibble of byte j, element 16 + j in its high nibble); w = q - 16."""
+    NB: tl.constexpr = 8 * NBLK
+    w = tl.arange(0, 4)
+    w3 = w[None, None, :]
+    acc = tl.zeros([BN, NB, 4], dtype=tl.float32)
+    for k in range(kb0, kb1, NB):
+        kb = k + tl.arange(0, NB)
+        keep = (kb < kb1)[None, :, None]
+        kb = tl.minimum(kb, kb1 - 1)
+        b16 = (wrow[:, None] + kb[None, :] * 22).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
+        qh = _u32(b16 + 1)
+        Q = _u32(b16 + 3 + 2 * w3)
+        lo = (Q & _M4) | _spread4((qh >> (4 * w3)) & 15)
+        hi = ((Q >> 4) & _M4) | _spread4((qh >> (16 + 4 * w3)) & 15)
+        xo = tl.broadcast_to((kb[:, None] * 8 + w[None, :])[None], [BN, NB, 4])
+        s = (_dp4a(lo, tl.load(xq32 + xo), False, ASM) + _dp4a(hi, tl.load(xq32 + xo + 4), False, ASM)).to(tl.float32)
+        d = _f16(tl.load(b16).to(tl.int32))
+        kb3 = tl.broadcast_to(kb[None, :, None], [BN, NB, 1])
+        acc += tl.where(keep, d * (tl.load(xd_ptr + kb3) * s - 4.0 * tl.load(xs_ptr + kb3)), 0.0)  # 16 xs over 4 words
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
+              QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """Rows row0 .. row0 + BN - 1 of the weight at w_ptr dotted with one quantized activation row
+    (xq int8, xd/xs per 32 values) over blocks kb0..kb1-1: (BN,) float32. Rows past N are clamped
+    (their values are garbage for the caller to mask); an empty block range gives zeros."""
+    rows = tl.minimum(row0 + tl.arange(0, BN), N - 1)
+    wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
+    xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
+    if QTYPE == 12:
+        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+    elif QTYPE == 14:
+        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+    elif QTYPE == 8:
+        return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+    else:
+        return _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+
+
+@triton.jit
+def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
+                stride_om, stride_os,
+                QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """out[s, m, n] = weight row n . activation row m over split s's blocks.
+
+    Grid: (M, cdiv(N, BN), splits); the M programs of one row block run side by side, so the rows
+    after the first find the weights in L2.
+    """
+    m = tl.program_id(0).to(tl.int64)
+    row0 = tl.program_id(1) * BN
+    s = tl.program_id(2)
+    kb0 = s * blocks_per_split
+    kb1 = tl.minimum(kb0 + blocks_per_split, nblocks)
+    acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * (K // 32), xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
+                    kb0, kb1, QTYPE, BN, NBLK, ASM)
+    rows = row0 + tl.arange(0, BN)
+    tl.store(out_ptr + s.to(tl.int64) * stride_os + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty),
+             mask=rows < N)
+
+
+@triton.jit
+def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
+                     es_g, es_u, TOPK,
+                     GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
+                     ASM: tl.constexpr):
+    """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
+    e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
+    [0, E) reads nothing and gives zeros."""
+    t = tl.program_id(0)
+    row0 = tl.program_id(1) * BN
+    e = tl.load(ids_ptr + t)
+    valid = (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0).to(tl.int64)
+    tok = (t // TOPK).to(tl.int64)
+    xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * (D // 32), xs_ptr + tok * (D // 32)
+    g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM)
+    u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM)
+    rows = row0 + tl.arange(0, BN)
+    tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
+
+
+@triton.jit
+def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
+                       DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
+    t = tl.program_id(0)
+    row0 = tl.program_id(1) * BN
+    e = tl.load(ids_ptr + t)
+    valid = (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0).to(tl.int64)
+    p = t.to(tl.int64)
+    acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * (I // 32), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM)
+    rows = row0 + tl.arange(0, BN)
+    tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
