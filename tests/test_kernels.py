@@ -462,7 +462,8 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         N, K = 45, 768  # N not a multiple of the rows per program; K = 3 K-quant blocks (a partial step)
         w = _interp_weight(t, N, K, gen)
         for cfg, m in [(QMMConfig("mmvq", 4, 1, block_n=4, nblk=4), 1), (QMMConfig("mmvq", 2, 2, block_n=8, nblk=2), 2),
-                       (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1), 1)]:
+                       (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, prefetch=True), 1),
+                       (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, prefetch=True), 1)]:
             x = torch.randn(m, K, generator=gen)
             out = _qmm_launch(x, w, t, K, cfg)
             _interp_check(f"mmvq {t.name} n{cfg.block_n} b{cfg.nblk} x{cfg.split_k} M={m}", out,
@@ -480,7 +481,7 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         ids[2, 1] = ids[2, 0] = 3
         wts = torch.rand(n, K, generator=gen)
         args = (x, ids.reshape(-1), wts.reshape(-1), gate, up, down, [gt, gt, dt], (E, I, D, K))
-        got = moe._moe_pairs_q8(*args, MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2)).view(n, K, D).sum(1)
+        got = moe._moe_pairs_q8(*args, MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True)).view(n, K, D).sum(1)
         _interp_check(f"moe int8 {gt.name}/{dt.name}", got, moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt))
 
 

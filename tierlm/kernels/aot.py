@@ -119,7 +119,7 @@ def variants(capability: int) -> list[Variant]:
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, False, dot_prec)
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, True, dot_prec)
     for q in QUANT:
-        out += [mmvq_variant(q, out=act) for act in acts]
+        out += [mmvq_variant(q, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
     out += [quantize_q8_variant(act) for act in acts]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
@@ -145,13 +145,13 @@ def compile_variant(v: Variant, capability: int):
 
 
 def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out: str = "fp16",
-                 num_stages: int = 2) -> Variant:
+                 num_stages: int = 2, prefetch: bool = False) -> Variant:
     """The int8-activation decode product (``triton_mmvq.mmvq_kernel``)."""
     types = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32",
                  row_bytes="i32", nblocks="i32", blocks_per_split="i32", stride_om="i32", stride_os="i32")
-    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True)
+    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch)
     aligned = ("K",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
-    return Variant(f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}", tv.mmvq_kernel, types, const, aligned, num_warps,
+    return Variant(f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}", tv.mmvq_kernel, types, const, aligned, num_warps,
                    num_stages, tags=dict(act=out, qtype=qtype))
 
 
@@ -163,7 +163,7 @@ def quantize_q8_variant(act: str) -> Variant:
 
 def moe_q8_variants(q_up: int, q_down: int, bn: int = 4, nblk: int = 4, num_warps: int = 4) -> list[Variant]:
     """The up and down kernels of the int8-activation MoE decode path."""
-    const = dict(BN=bn, NBLK=nblk, ASM=True)
+    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=True)
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")

@@ -49,13 +49,14 @@ class MoEConfig:
     q8: bool = True  # decode with int8 activations (triton_mmvq), else the float gemv kernels
     mmvq_rows: int = 4  # int8 decode: weight rows per program
     mmvq_nblk: int = 8  # int8 decode: 256-element blocks of a row per loop step
+    mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
 DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
-    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in
-    ((4, 8, 4), (8, 4, 4), (2, 8, 2), (8, 8, 8), (4, 4, 2), (16, 4, 8)))
+    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb, mmvq_pf=pf) for (bn, nb, w) in
+    ((4, 4, 2), (2, 4, 1), (4, 4, 1), (2, 8, 1), (4, 2, 1), (1, 8, 1), (8, 4, 2)) for pf in (False, True))
 DEFAULT = MoEConfig()
 
 
@@ -188,7 +189,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     bn = cfg.mmvq_rows
-    common = dict(BN=bn, NBLK=cfg.mmvq_nblk, ASM=not _interpreting(), num_warps=cfg.num_warps)
+    common = dict(BN=bn, NBLK=cfg.mmvq_nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf, num_warps=cfg.num_warps)
     tv.moe_up_q8_kernel[(P, -(-I // bn))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), **common)

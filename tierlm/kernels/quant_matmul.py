@@ -62,6 +62,7 @@ class QMMConfig:
     rows: int = 1
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
+    prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -69,10 +70,10 @@ GEMV_CONFIGS = tuple(
     QMMConfig("gemv", w, s, rows=r, q4k_block=b) for b in (False, True) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4)
 )  # q4k_block only changes Q4_K
 TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 64) for s in (1, 4))  # tl.dot tiles
-MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, s, block_n=bn, nblk=nb, num_stages=st)
-                     for (bn, nb, w) in ((4, 8, 4), (8, 4, 4), (2, 8, 2), (4, 4, 2), (8, 8, 8), (16, 4, 8),
-                                         (8, 8, 4), (2, 4, 1))
-                     for s in (1, 2, 4) for st in (1, 3))
+MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, s, block_n=bn, nblk=nb, prefetch=pf)
+                     for (bn, nb, w) in ((2, 4, 1), (1, 8, 1), (4, 2, 1), (4, 4, 1), (2, 8, 1), (1, 4, 1),
+                                         (4, 4, 2), (4, 8, 4))
+                     for s in (1, 2) for pf in (False, True))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -174,14 +175,23 @@ def _interpreting() -> bool:
 
 def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference of the int8 activation groups: x2 (M, K) -> xq int8 (M, K), xd and xs float32
-    (M, K/32) with x ~= xd * xq per group of 32 and xs = xd * sum(xq)."""
+    (M, K/32) with x ~= xd * xq per group of 32 and xs = xd * sum(xq).
+
+    Computed on the CPU with the kernel's roundings: 127 / max|x| and max|x| / 127 correctly
+    rounded in float32 (PyTorch's CUDA division by a scalar multiplies by a reciprocal, one ulp
+    off at times), then floor(x * inv + 0.5) with a single rounding, like the kernel's fused
+    multiply-add (float64 holds the float32 product exactly). Ties matter: with float16 inputs a
+    value of exactly half the group's maximum lands on 63.5.
+    """
     M, K = x2.shape
-    v = x2.to(torch.float32).reshape(M, K // 32, 32)
+    v = x2.detach().to("cpu", torch.float32).reshape(M, K // 32, 32)
     amax = v.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), torch.zeros_like(amax))
-    q = torch.floor(v * inv[..., None] + 0.5).clamp(-127, 127)
-    xd = amax / 127.0
-    return q.to(torch.int8).reshape(M, K), xd, xd * q.sum(-1)
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c127 / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    q = torch.floor(v.double() * inv.double()[..., None] + 0.5).clamp(-127, 127)
+    xd = amax / c127
+    xs = xd * q.sum(-1).to(torch.float32)
+    return q.to(torch.int8).reshape(M, K).to(x2.device), xd.to(x2.device), xs.to(x2.device)
 
 
 def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,7 +239,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         out = _out_buffer(x2, M, N, splits)
         grid = (M, triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
-                             QTYPE=int(qtype), BN=cfg.block_n, NBLK=cfg.nblk, ASM=not _interpreting(),
+                             QTYPE=int(qtype), BN=cfg.block_n, NBLK=cfg.nblk, ASM=not _interpreting(), PF=cfg.prefetch,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg

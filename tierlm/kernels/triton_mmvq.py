@@ -95,13 +95,25 @@ def _u32(p):
 
 
 @triton.jit
-def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+def _q4k_fetch(wrow, kb, wo):
+    """The weight bytes of one Q4_K step: header words 0..3 (BN, NBLK, 1) and the two halves of the
+    nibble chunks (BN, NBLK, 4, 4)."""
+    blk = (wrow[:, None] + kb[None, :] * 144).to(tl.pointer_type(tl.int32))  # (BN, NBLK)
+    qp = blk[:, :, None, None] + 4 + wo[None, None]
+    return (tl.load(blk)[:, :, None], tl.load(blk + 1)[:, :, None], tl.load(blk + 2)[:, :, None],
+            tl.load(blk + 3)[:, :, None], tl.load(qp), tl.load(qp + 4))
+
+
+@triton.jit
+def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+              PF: tl.constexpr):
     """Q4_K: (BN,) partial dot products over blocks kb0..kb1-1.
 
     Tensors are (BN, NBLK, 4 chunks, 4 words): chunk c is the 32 nibble bytes of groups 2c (low
     nibbles) and 2c+1 (high nibbles). Its two 16-byte halves are two loads of the same shape, so
     one thread holds the whole chunk: its scales are decoded once for 64 weights and the sums over
-    its words need no shuffle.
+    its words need no shuffle. PF loads the next step's weight bytes before computing this one's
+    (twice the bytes in flight per thread).
     """
     c = tl.arange(0, 4)
     c3 = c[None, None, :]  # over (BN, NBLK, chunk)
@@ -109,15 +121,17 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
     sh = 8 * ((2 * c3) % 4)  # the byte of the header words that holds group 2c's scale bits
     wo = 8 * c[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): nibble word offset after the 16-byte header
     acc = tl.zeros([BN, NBLK, 4], dtype=tl.float32)
+    if PF:
+        n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), wo)
     for k in range(kb0, kb1, NBLK):
         kb = k + tl.arange(0, NBLK)
         keep = (kb < kb1)[None, :, None]
         kb = tl.minimum(kb, kb1 - 1)
-        blk = (wrow[:, None] + kb[None, :] * 144).to(tl.pointer_type(tl.int32))  # (BN, NBLK)
-        w0 = tl.load(blk)[:, :, None]
-        w1 = tl.load(blk + 1)[:, :, None]
-        w2 = tl.load(blk + 2)[:, :, None]
-        w3 = tl.load(blk + 3)[:, :, None]
+        if PF:
+            w0, w1, w2, w3, q0, q1 = n0, n1, n2, n3, nq0, nq1
+            n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), wo)
+        else:
+            w0, w1, w2, w3, q0, q1 = _q4k_fetch(wrow, kb, wo)
         d = _f16(w0)
         dmin = _f16(w0 >> 16)
         b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
@@ -126,9 +140,6 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         b1, b2, b3 = (w1 >> (sh + 8)) & 0xFF, (w2 >> (sh + 8)) & 0xFF, (w3 >> (sh + 8)) & 0xFF
         sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
         mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
-        qp = blk[:, :, None, None] + 4 + wo[None, None]  # (BN, NBLK, 4, 4): first half of each chunk
-        q0 = tl.load(qp)
-        q1 = tl.load(qp + 4)
         # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
         xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
         s_lo = tl.sum(_dp4a(q0 & _M4, tl.load(xp), False, ASM) + _dp4a(q1 & _M4, tl.load(xp + 4), False, ASM), axis=3)
@@ -144,7 +155,20 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
-def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+def _q6k_fetch(wrow, kb, h4, w4):
+    """The weight words of one Q6_K step: A, B, H (BN, NBLK, 2, 2, 4) and d (BN, NBLK, 1, 1)."""
+    blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
+    b16 = blk.to(tl.pointer_type(tl.uint16))[:, :, None, None, None]
+    A = _u32(b16 + (32 * h4 + 2 * w4)[None])  # ql bytes 64h + 4w: low nibbles -> i = 0, high -> i = 2
+    B = _u32(b16 + (32 * h4 + 16 + 2 * w4)[None])  # ql bytes 64h + 32 + 4w: i = 1 and 3
+    H = _u32(b16 + (64 + 16 * h4 + 2 * w4)[None])  # qh bytes 128 + 32h + 4w: 2 bits for each i
+    d = _f16(tl.load(blk.to(tl.pointer_type(tl.uint16)) + 104).to(tl.int32))[:, :, None, None]
+    return A, B, H, d
+
+
+@triton.jit
+def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+              PF: tl.constexpr):
     """Q6_K: tensors are (BN, NBLK, 2 halves, 2 quarters, 4 words); word w = 4 * quarter + r of half h
     gives the four int8 words of elements 128h + 32i + 4w + (0..3), i = 0..3, whose scale is
     scales[8h + 2i + quarter]."""
@@ -153,16 +177,18 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
     h2 = tl.arange(0, 2)[:, None]  # over (h, quarter)
     qt2 = tl.arange(0, 2)[None, :]
     acc = tl.zeros([BN, NBLK, 2, 2], dtype=tl.float32)
+    if PF:
+        nA, nB, nH, nd = _q6k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), h4, w4)
     for k in range(kb0, kb1, NBLK):
         kb = k + tl.arange(0, NBLK)
         keep = (kb < kb1)[None, :, None, None]
         kb = tl.minimum(kb, kb1 - 1)
+        if PF:
+            A, B, H, d = nA, nB, nH, nd
+            nA, nB, nH, nd = _q6k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), h4, w4)
+        else:
+            A, B, H, d = _q6k_fetch(wrow, kb, h4, w4)
         blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
-        b16 = blk.to(tl.pointer_type(tl.uint16))[:, :, None, None, None]
-        A = _u32(b16 + (32 * h4 + 2 * w4)[None])  # ql bytes 64h + 4w: low nibbles -> i = 0, high -> i = 2
-        B = _u32(b16 + (32 * h4 + 16 + 2 * w4)[None])  # ql bytes 64h + 32 + 4w: i = 1 and 3
-        H = _u32(b16 + (64 + 16 * h4 + 2 * w4)[None])  # qh bytes 128 + 32h + 4w: 2 bits for each i
-        d = _f16(tl.load(blk.to(tl.pointer_type(tl.uint16)) + 104).to(tl.int32))[:, :, None, None]
         sp = (blk[:, :, None, None] + 192 + (8 * h2 + qt2)[None, None]).to(tl.pointer_type(tl.int8))
         xo = tl.broadcast_to((kb[:, None, None, None] * 64 + 32 * h4 + w4)[None], [BN, NBLK, 2, 2, 4])
         # xo: the word of element 128h + 4w; gi: the x group of i = 0
@@ -186,22 +212,34 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
-def _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+def _q80_fetch(wrow, kb, w):
+    """One Q8_0 step: the quant words (BN, NB, 8) and d (BN, NB, 1)."""
+    b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
+    return _u32(b16 + 1 + 2 * w[None, None, :]), _f16(tl.load(b16).to(tl.int32))
+
+
+@triton.jit
+def _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+              PF: tl.constexpr):
     """Q8_0: tensors are (BN, NB, 8 words) with NB = 8 NBLK blocks (256 elements per NBLK, as for
     the K-quants); a 34-byte block is d then 32 int8. Every word keeps its own float sum until the
     loop ends, so no step needs a shuffle."""
     NB: tl.constexpr = 8 * NBLK
     w = tl.arange(0, 8)
     acc = tl.zeros([BN, NB, 8], dtype=tl.float32)
+    if PF:
+        nq, nd = _q80_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NB), kb1 - 1), w)
     for k in range(kb0, kb1, NB):
         kb = k + tl.arange(0, NB)
         keep = (kb < kb1)[None, :, None]
         kb = tl.minimum(kb, kb1 - 1)
-        b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
-        q = _u32(b16 + 1 + 2 * w[None, None, :])
+        if PF:
+            q, d = nq, nd
+            nq, nd = _q80_fetch(wrow, tl.minimum(kb + NB, kb1 - 1), w)
+        else:
+            q, d = _q80_fetch(wrow, kb, w)
         xo = tl.broadcast_to((kb[:, None] * 8 + w[None, :])[None], [BN, NB, 8])
         s = _dp4a(q, tl.load(xq32 + xo), True, ASM).to(tl.float32)
-        d = _f16(tl.load(b16).to(tl.int32))
         acc += tl.where(keep, d * tl.load(xd_ptr + tl.broadcast_to(kb[None, :, None], [BN, NB, 1])) * s, 0.0)
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
@@ -213,25 +251,36 @@ def _spread4(t):
 
 
 @triton.jit
-def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+def _q50_fetch(wrow, kb, w3):
+    """One Q5_0 step: the fifth-bit word (BN, NB, 1), the nibble words (BN, NB, 4), d (BN, NB, 1)."""
+    b16 = (wrow[:, None] + kb[None, :] * 22).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
+    return _u32(b16 + 1), _u32(b16 + 3 + 2 * w3), _f16(tl.load(b16).to(tl.int32))
+
+
+@triton.jit
+def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+              PF: tl.constexpr):
     """Q5_0: tensors are (BN, NB, 4 words), NB = 8 NBLK; a 22-byte block is d, 32 fifth bits, 16 bytes
     of nibbles (element j in the low nibble of byte j, element 16 + j in its high nibble); w = q - 16."""
     NB: tl.constexpr = 8 * NBLK
     w = tl.arange(0, 4)
     w3 = w[None, None, :]
     acc = tl.zeros([BN, NB, 4], dtype=tl.float32)
+    if PF:
+        nqh, nQ, nd = _q50_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NB), kb1 - 1), w3)
     for k in range(kb0, kb1, NB):
         kb = k + tl.arange(0, NB)
         keep = (kb < kb1)[None, :, None]
         kb = tl.minimum(kb, kb1 - 1)
-        b16 = (wrow[:, None] + kb[None, :] * 22).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
-        qh = _u32(b16 + 1)
-        Q = _u32(b16 + 3 + 2 * w3)
+        if PF:
+            qh, Q, d = nqh, nQ, nd
+            nqh, nQ, nd = _q50_fetch(wrow, tl.minimum(kb + NB, kb1 - 1), w3)
+        else:
+            qh, Q, d = _q50_fetch(wrow, kb, w3)
         lo = (Q & _M4) | _spread4((qh >> (4 * w3)) & 15)
         hi = ((Q >> 4) & _M4) | _spread4((qh >> (16 + 4 * w3)) & 15)
         xo = tl.broadcast_to((kb[:, None] * 8 + w[None, :])[None], [BN, NB, 4])
         s = (_dp4a(lo, tl.load(xq32 + xo), False, ASM) + _dp4a(hi, tl.load(xq32 + xo + 4), False, ASM)).to(tl.float32)
-        d = _f16(tl.load(b16).to(tl.int32))
         kb3 = tl.broadcast_to(kb[None, :, None], [BN, NB, 1])
         acc += tl.where(keep, d * (tl.load(xd_ptr + kb3) * s - 4.0 * tl.load(xs_ptr + kb3)), 0.0)  # 16 xs over 4 words
     return tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -239,7 +288,7 @@ def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 @triton.jit
 def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
-              QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+              QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr = False):
     """Rows row0 .. row0 + BN - 1 of the weight at w_ptr dotted with one quantized activation row
     (xq int8, xd/xs per 32 values) over blocks kb0..kb1-1: (BN,) float32. Rows past N are clamped
     (their values are garbage for the caller to mask); an empty block range gives zeros."""
@@ -247,19 +296,20 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12:
-        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 14:
-        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 8:
-        return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+        return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     else:
-        return _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+        return _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
 
 
 @triton.jit
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os,
-                QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+                QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+                PF: tl.constexpr = False):
     """out[s, m, n] = weight row n . activation row m over split s's blocks.
 
     Grid: (M, cdiv(N, BN), splits); the M programs of one row block run side by side, so the rows
@@ -271,7 +321,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
     kb0 = s * blocks_per_split
     kb1 = tl.minimum(kb0 + blocks_per_split, nblocks)
     acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * (K // 32), xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
-                    kb0, kb1, QTYPE, BN, NBLK, ASM)
+                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(out_ptr + s.to(tl.int64) * stride_os + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty),
              mask=rows < N)
@@ -281,7 +331,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr):
+                     ASM: tl.constexpr, PF: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros."""
@@ -292,15 +342,16 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     e = tl.where(valid, e, 0).to(tl.int64)
     tok = (t // TOPK).to(tl.int64)
     xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * (D // 32), xs_ptr + tok * (D // 32)
-    g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM)
-    u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM)
+    g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM, PF)
+    u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
 
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
-                       DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+                       DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+                       PF: tl.constexpr = False):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -309,6 +360,6 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
     acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * (I // 32), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM)
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
