@@ -157,7 +157,7 @@ def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out
 
 def quantize_q8_variant(act: str) -> Variant:
     types = dict(x_ptr=_PTR[act], xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", K="i32", stride_xm="i32")
-    return Variant(f"quantize_q8_{act}", tv.quantize_q8_kernel, types, dict(G=8), ("K", "stride_xm"), 1,
+    return Variant(f"quantize_q8_{act}", tv.quantize_q8_kernel, types, dict(G=8, ASM=True), ("K", "stride_xm"), 1,
                    tags=dict(act=act))
 
 

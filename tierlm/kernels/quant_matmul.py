@@ -177,18 +177,18 @@ def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     """Reference of the int8 activation groups: x2 (M, K) -> xq int8 (M, K), xd and xs float32
     (M, K/32) with x ~= xd * xq per group of 32 and xs = xd * sum(xq).
 
-    Computed on the CPU with the kernel's roundings: 127 / max|x| and max|x| / 127 correctly
-    rounded in float32 (PyTorch's CUDA division by a scalar multiplies by a reciprocal, one ulp
-    off at times), then floor(x * inv + 0.5) with a single rounding, like the kernel's fused
-    multiply-add (float64 holds the float32 product exactly). Ties matter: with float16 inputs a
-    value of exactly half the group's maximum lands on 63.5.
+    Computed on the CPU with the kernel's roundings, so the two agree bit for bit: 127 / max|x|
+    and max|x| / 127 correctly rounded in float32 (PyTorch's CUDA division by a scalar multiplies
+    by a reciprocal, one ulp off at times), x * inv rounded to float32, then to the nearest
+    integer with ties to even. Ties are common: with 16-bit inputs a value of exactly half its
+    group's maximum lands on 63.5 give or take an ulp.
     """
     M, K = x2.shape
     v = x2.detach().to("cpu", torch.float32).reshape(M, K // 32, 32)
     amax = v.abs().amax(-1)
     c127 = torch.full_like(amax, 127.0)
     inv = torch.where(amax > 0, c127 / amax.clamp_min(1e-30), torch.zeros_like(amax))
-    q = torch.floor(v.double() * inv.double()[..., None] + 0.5).clamp(-127, 127)
+    q = torch.round(v * inv[..., None]).clamp(-127, 127)
     xd = amax / c127
     xs = xd * q.sum(-1).to(torch.float32)
     return q.to(torch.int8).reshape(M, K).to(x2.device), xd.to(x2.device), xs.to(x2.device)
@@ -207,7 +207,8 @@ def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     xd = torch.empty((M, K // 32), dtype=torch.float32, device=x2.device)
     xs = torch.empty_like(xd)
     G = 8
-    tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, num_warps=1)
+    tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, ASM=not _interpreting(),
+                                                         num_warps=1)
     return xq, xd, xs
 
 
@@ -237,7 +238,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), step) * step  # whole steps per split
         splits = triton_cdiv(nblocks, per_split)
         out = _out_buffer(x2, M, N, splits)
-        grid = (M, triton_cdiv(N, cfg.block_n), splits)
+        grid = (M * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=cfg.nblk, ASM=not _interpreting(), PF=cfg.prefetch,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)

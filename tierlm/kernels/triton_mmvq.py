@@ -37,9 +37,20 @@ _M4 = tl.constexpr(0x0F0F0F0F)
 
 
 @triton.jit
-def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr):
-    """Row m, groups g0..g0+G-1 of x: xq = round(x * 127 / max|x|) as int8, xd = max|x| / 127,
-    xs = xd * sum(xq). Grid: (M, cdiv(K / 32, G))."""
+def _rint(v, ASM: tl.constexpr):
+    """Round to the nearest integer, ties to even (cvt.rni; the twin rounds up and fixes ties)."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [v], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    r = tl.floor(v + 0.5)
+    return tl.where(((r - v) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0), r - 1.0, r)
+
+
+@triton.jit
+def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr, ASM: tl.constexpr):
+    """Row m, groups g0..g0+G-1 of x: xq = round(x * (127 / max|x|)) as int8 (the product rounded to
+    float32, then to the nearest integer, ties to even), xd = max|x| / 127, xs = xd * sum(xq).
+    Grid: (M, cdiv(K / 32, G))."""
     m = tl.program_id(0)
     g = tl.program_id(1) * G + tl.arange(0, G)
     gmask = g < K // 32
@@ -47,7 +58,7 @@ def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.conste
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=gmask[:, None], other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
-    q = tl.floor(x * inv[:, None] + 0.5)
+    q = _rint(x * inv[:, None], ASM)  # no add after the product: nothing to fuse it into
     q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
     d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
     tl.store(xq_ptr + m.to(tl.int64) * K + offs, q.to(tl.int8), mask=gmask[:, None])
@@ -312,12 +323,15 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
                 PF: tl.constexpr = False):
     """out[s, m, n] = weight row n . activation row m over split s's blocks.
 
-    Grid: (M, cdiv(N, BN), splits); the M programs of one row block run side by side, so the rows
-    after the first find the weights in L2.
+    Grid: (M * cdiv(N, BN), splits); program i is row block i // M of activation row i % M, so the
+    M programs of one row block run side by side and the rows after the first find the weights in
+    L2 (and the first axis, unlike the second, has room for 129280 one-row blocks).
     """
-    m = tl.program_id(0).to(tl.int64)
-    row0 = tl.program_id(1) * BN
-    s = tl.program_id(2)
+    pid = tl.program_id(0)
+    M = tl.num_programs(0) // tl.cdiv(N, BN)
+    m = (pid % M).to(tl.int64)
+    row0 = (pid // M) * BN
+    s = tl.program_id(1)
     kb0 = s * blocks_per_split
     kb1 = tl.minimum(kb0 + blocks_per_split, nblocks)
     acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * (K // 32), xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
