@@ -333,7 +333,7 @@ def main() -> None:
 
     for T_ in (1, 4, 16):
         moe_row(T_, None, "default")
-        moe_row(T_, MoEConfig(q8=False), "float gemv")
+        moe_row(T_, MoEConfig(q8=False, num_warps=8), "float gemv")
     moe_row(16, MoEConfig(sorted_min_pairs=1 << 30), "pairs (unsorted)")
     for cfg in moe_mod.DECODE_CONFIGS:
         if not over_budget():

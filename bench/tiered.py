@@ -1,7 +1,7 @@
 """Decode speed of tiered experts on a DeepSeek-V3-shaped GGUF, against the planner's prediction and the tier
 roofline, measured side by side in one run.
 
-    python bench/tiered.py MODEL.gguf --out results.json [--tokens 24] [--gpu-cap 22GiB]
+    python bench/tiered.py MODEL.gguf --out results.json [--tokens 24] [--gpu-cap 22GiB] [--gpus 2]
 
 1. Measures the machine: GPU copy bandwidth, pinned host→GPU copy, CPU read bandwidth, disk read.
 2. For each placement (everything on the GPU; then plans for a capped GPU with all three tiers serving experts),
@@ -9,6 +9,10 @@ roofline, measured side by side in one run.
    roofline (those bytes over each tier's measured bandwidth), and the plan's prediction made from the same
    measured bandwidths.
 3. Expert-cache hit rates for device caches from 5% to 50% of the experts.
+
+With ``--gpus N`` the tiered plans are made for N GPUs of ``--gpu-cap`` each (layers split into pipeline stages
+over the first N cards, each card's allocator capped at its plan), and every run's greedy tokens are compared
+with those of the all-on-one-GPU run under the same routing draws.
 
 Disk-tier experts are evicted from the page cache after each read (posix_fadvise DONTNEED): on a machine whose
 RAM could cache the whole file this emulates a box whose RAM cannot, so "disk" bytes really come from the disk.
@@ -32,7 +36,8 @@ from tierlm.plan import make_hardware, make_plan  # noqa: E402
 from tierlm.plan.command import resolve_model  # noqa: E402
 from tierlm.runtime.experts import TieredExperts  # noqa: E402
 from tierlm.runtime.generate import generate_batch  # noqa: E402
-from tierlm.runtime.placement import Placement  # noqa: E402
+from tierlm.runtime.placement import DeviceMap, Placement  # noqa: E402
+from tierlm.runtime.planned import cap_gpu_memory  # noqa: E402
 from tierlm.runtime.sampling import SamplingParams  # noqa: E402
 
 GB = 1e9
@@ -117,43 +122,65 @@ def evict_disk_reads() -> None:
     TieredExperts.forward = forward
 
 
-def random_routing(seed: int = 0) -> None:
+ROUTE = {"main": torch.Generator(), "guess": torch.Generator(), "in_guess": False}
+
+
+def random_routing() -> None:
     """Route each token to K experts drawn uniformly at random. A synthetic file's random blocks share one mean,
     so its hidden states point one way and any router sends every token to the same experts, which any cache
-    holds; uniform draws are what the planner assumes without a routing profile. Expert compute stays real."""
+    holds; uniform draws are what the planner assumes without a routing profile. Expert compute stays real.
+    The prefetcher's look-ahead calls of the next router draw from their own generator, so every placement
+    sees the same routing sequence (``decode`` reseeds both) and their tokens can be compared."""
     from tierlm.model.moe import Gate
-
-    g = torch.Generator().manual_seed(seed)
 
     def forward(self, x):
         N, E, K = x.shape[0], self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        g = ROUTE["guess"] if ROUTE["in_guess"] else ROUTE["main"]
         ids = torch.rand(N, E, generator=g).topk(K, dim=-1).indices.to(x.device)
         weights = torch.full((N, K), self.cfg.routed_scaling_factor / K, device=x.device)
         return ids, weights
 
     Gate.forward = forward
+    original = TieredExperts._prefetch_next
+
+    def prefetch_next(self, x):
+        ROUTE["in_guess"] = True
+        try:
+            original(self, x)
+        finally:
+            ROUTE["in_guess"] = False
+
+    TieredExperts._prefetch_next = prefetch_next
 
 
 def decode(model, tokens: int, prompt_len: int = 32) -> dict:
     ids = list(range(1000, 1000 + prompt_len))
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     list(generate_batch(model, [ids], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))  # warm-up
+    ROUTE["main"].manual_seed(0)
+    ROUTE["guess"].manual_seed(1)
     if model.expert_stats is not None:
         for k in model.expert_stats.hits:
             model.expert_stats.hits[k] = model.expert_stats.bytes_read[k] = 0
         model.expert_stats.tokens = 0
     sync()
-    t0, times = time.perf_counter(), []
-    for _ in generate_batch(model, [ids], params):
+    t0, times, toks = time.perf_counter(), [], []
+    for ev in generate_batch(model, [ids], params):
         sync()
         times.append(time.perf_counter())
+        toks.append(ev)
     decode_s = times[-1] - times[0]
-    out = {"decode_tok_s": (len(times) - 1) / decode_s, "ttft_s": times[0] - t0}
+    out = {"decode_tok_s": (len(times) - 1) / decode_s, "ttft_s": times[0] - t0, "tokens": token_ids(toks)}
     if model.expert_stats is not None:
         s = model.expert_stats.as_dict()
         out.update(hit_rate=s["hit_rate"], expert_bytes_per_token=s["bytes_per_token"],
                    promotions=s["promotions"])
     return out
+
+
+def token_ids(steps) -> list[int]:
+    """The token ids of generate_batch's steps (lists of TokenEvent)."""
+    return [ev.token_id for step in steps for ev in step]
 
 
 def always_active_bytes(model) -> int:
@@ -181,6 +208,7 @@ def main() -> None:
     ap.add_argument("--ram-caps", default="8GiB,3GiB", help="RAM budgets of the tiered runs")
     ap.add_argument("--no-cache-sweep", action="store_true", help="skip the expert-cache hit-rate runs")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (the GPU tier is then the CPU)")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs (each capped at --gpu-cap) in the tiered plans")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -199,10 +227,11 @@ def main() -> None:
 
     base = tierlm.load(path, device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32")
     r = decode(base, args.tokens)
+    ref_tokens = r["tokens"]
     cfg = base.config
     per_token = always_active_bytes(base) + len(cfg.moe_layers) * cfg.num_experts_per_tok * expert_bytes(base)
     r.update(placement="all on the GPU", bytes_per_token=per_token,
-             roofline_tok_s=bw["gpu_copy_gbps"] * GB / 2 / per_token)  # copy GB/s counts read + write
+             roofline_tok_s=bw["gpu_copy_gbps"] * GB / per_token)  # copy GB/s (read + write bytes), as in kernels.py
     r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
     report["runs"].append(r)
     print(r, flush=True)
@@ -213,22 +242,33 @@ def main() -> None:
     evict_disk_reads()
     config, tensors, name, _ = resolve_model(str(path), None)
     for ram in args.ram_caps.split(","):
-        hw = make_hardware(gpus=args.gpu_cap if DEVICE == "cuda" else "0", ram=ram, disk_gbps=bw["disk_read_gbps"],
-                           gpu_gbps=bw["gpu_copy_gbps"] / 2, pcie_gbps=bw["pcie_h2d_gbps"],
+        gpus = ",".join([args.gpu_cap] * args.gpus)
+        hw = make_hardware(gpus=gpus if DEVICE == "cuda" else "0", ram=ram, disk_gbps=bw["disk_read_gbps"],
+                           gpu_gbps=bw["gpu_copy_gbps"], pcie_gbps=bw["pcie_h2d_gbps"],
                            ram_gbps=bw["cpu_read_gbps"])
         plan = make_plan(config, hardware=hw, tensors=tensors, name=name, ctx=4096)
         if not plan.fits:
-            report["runs"].append({"placement": f"gpu {args.gpu_cap} + ram {ram}", "fits": False,
+            report["runs"].append({"placement": f"{args.gpus}x gpu {args.gpu_cap} + ram {ram}", "fits": False,
                                    "problems": plan.problems})
+            print(report["runs"][-1], flush=True)
+            save()
             continue
-        model = tierlm.load(path, device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32", placement=Placement.from_plan(plan))
+        device = DeviceMap.from_plan(plan, config.num_hidden_layers) if DEVICE == "cuda" else DEVICE
+        if DEVICE == "cuda":
+            cap_gpu_memory(plan)
+        model = tierlm.load(path, device=device, dtype="bfloat16" if DEVICE == "cuda" else "float32",
+                            placement=Placement.from_plan(plan))
         r = decode(model, args.tokens)
+        r["same_tokens"] = r["tokens"] == ref_tokens
+        r["tokens_matching_prefix"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref_tokens)) if a != b),
+                                           min(len(r["tokens"]), len(ref_tokens)))
+        r["devices"] = sorted(set(device.layers)) if DEVICE == "cuda" else [DEVICE]
         pred = plan.predicted
-        tiers = {"device": bw["gpu_copy_gbps"] / 2, "ram": bw["cpu_read_gbps"], "disk": bw["disk_read_gbps"]}
+        tiers = {"device": bw["gpu_copy_gbps"], "ram": bw["cpu_read_gbps"], "disk": bw["disk_read_gbps"]}
         eb = r["expert_bytes_per_token"]
         aa_t = always_active_bytes(model)
         roof_s = aa_t / (tiers["device"] * GB) + sum(eb[t] / (tiers[t] * GB) for t in ("device", "ram", "disk"))
-        r.update(placement=f"gpu {args.gpu_cap} + ram {ram} + disk", experts=plan.expert_counts(),
+        r.update(placement=f"{args.gpus}x gpu {args.gpu_cap} + ram {ram} + disk", experts=plan.expert_counts(),
                  predicted_decode_tok_s=pred["decode_tok_s"], predicted_bottleneck=pred["bottleneck"],
                  roofline_tok_s=1 / roof_s)
         r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]

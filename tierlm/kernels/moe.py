@@ -34,11 +34,13 @@ class MoEConfig:
     sorted_min_pairs: from this many pairs on, pairs are sorted by expert and run as tiles of
     block_m pairs x block_n rows (tl.dot); below it, each pair is a matrix-vector product over
     32 * rows weight rows per program with num_warps warps (q4k_block: see triton_gemv._gemv).
-    Defaults from the H200 measurement in bench/results: 8 warps beat 4 at one token, and at 16
-    tokens (128 pairs) the matrix-vector path beat the sorted tiles 1.9x.
+    Defaults from the H200 measurements in bench/results: int8 decode with one warp of 4 rows x 2
+    blocks per program was the fastest decode form (1.87x the experts' read time at one token,
+    against 3.4x for the best float kernel), and at 16 tokens (128 pairs) the matrix-vector path
+    beat the sorted tiles 1.9x. ``num_warps``/``rows`` apply to both decode kernels.
     """
 
-    num_warps: int = 8
+    num_warps: int = 1
     rows: int = 2
     sorted_min_pairs: int = 256
     block_m: int = 16
@@ -48,7 +50,7 @@ class MoEConfig:
     q4k_block: bool = False
     q8: bool = True  # decode with int8 activations (triton_mmvq), else the float gemv kernels
     mmvq_rows: int = 4  # int8 decode: weight rows per program
-    mmvq_nblk: int = 8  # int8 decode: 256-element blocks of a row per loop step
+    mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
 
 

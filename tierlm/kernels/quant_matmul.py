@@ -89,21 +89,27 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# Default int8 decode tiles (rows per program, 256-element blocks per step, warps) per weight type at
+# one activation row, the best geometric mean over DeepSeek-V3's shapes in the H200 sweep
+# (bench/results/kernels-NVIDIA_H200-int8.md); at 2-4 rows one warp of 4 x 4 was best for Q4_K.
+MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0: (1, 4, 1), GGMLType.Q5_0: (1, 4, 1)}
+MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
+
+
 def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
                 capability: tuple[int, int], sms: int) -> QMMConfig:
     """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
 
-    The int8-activation kernel (``triton_mmvq``) with 4 rows x 8 blocks of 256 per program and 4
-    warps (8 words, two 16-byte loads, per thread and step); K is split until there are about four
-    programs per multiprocessor, keeping at least one full step per split.
+    Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
+    int8-activation kernel with the measured tile of its type. More rows with 16-bit activations on
+    sm_80+: tensor-core tiles, which decode each weight once for all rows.
     """
-    cfg = QMMConfig("mmvq", 4, 1, block_n=4, nblk=8)
-    steps = K // (256 * cfg.nblk)  # full loop steps in a row
-    programs = M * triton_cdiv(N, cfg.block_n)
-    split = 1
-    while programs * split < 4 * sms and steps // (split * 2) >= 1:
-        split *= 2
-    return QMMConfig("mmvq", cfg.num_warps, split, block_n=cfg.block_n, nblk=cfg.nblk)
+    if M > MMVQ_MAX_M and capability >= (8, 0) and dtype != torch.float32:
+        return QMMConfig("tile", 4, 1, 16, 64, 256, True)
+    bn, nb, w = MMVQ_TILES[qtype]
+    if M > 1 and qtype == GGMLType.Q4_K:
+        bn, nb, w = 4, 4, 1
+    return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb)
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, qtype, K: int, name: str = "quant_matmul") -> GGMLType:

@@ -35,9 +35,13 @@ from tierlm.plan.hardware import GB, Hardware
 from tierlm.plan.inventory import Inventory
 from tierlm.plan.memory import PREFILL_CHUNK, kv_bytes_per_token_layer
 
-GPU_EFFICIENCY = 0.8          # quantized matvec at ≥ 80% of measured memory bandwidth (DESIGN.md target)
+GPU_EFFICIENCY = 0.5          # quantized decode as measured on an H200 (bench/results/kernels-NVIDIA_H200-int8.md):
+                              # fused MoE at 1/1.87 of the experts' read time, dense matvecs 40-56% of copy bandwidth
+                              # (the DESIGN.md target is 0.8; the planner predicts what the kernels do today)
 CPU_EFFICIENCY = 0.6          # CPU expert matvec at ~61% of measured DRAM read (PEERS.md, int4 on 16 cores)
-DISK_EFFICIENCY = 0.9         # experts are 8–30 MB contiguous slices: reads run near sequential speed
+DISK_EFFICIENCY = 0.7         # experts are 8–30 MB contiguous slices read through the memory map (page faults and
+                              # readahead): 0.70 of the sequential read speed, measured in tiered decode on an
+                              # H200 host (bench/results/tiered-h200x2.md, second run)
 GPU_COMPUTE_EFFICIENCY = 0.5  # prefill GEMMs (dequantize + cuBLAS fp16) at half the fp16 tensor peak
 GPU_LAYER_OVERHEAD_S = 50e-6  # ~15 kernel launches and the router's top-k per layer per step
 CPU_EXPERT_SYNC_S = 100e-6    # per MoE layer with experts off the GPU: hidden state to host, CPU dispatch, back

@@ -10,7 +10,12 @@ One ``TieredExperts`` replaces a layer's experts. Each expert's three matrices l
   device slot when a batch is large enough that the copy pays for itself.
 - ``disk``: a read-only view of the checkpoint's memory map. Read like RAM (the page cache holds what was read);
   the next layer's likely experts are prefetched with ``posix_fadvise(WILLNEED)`` as soon as this layer's router
-  has run, guessing from the next router on this layer's input and from the previous token's choices.
+  has run, guessing from the next router on this layer's input and from the previous token's choices. This
+  layer's own disk experts are asked for the moment its router has chosen them, all at once (the disk serves
+  them in parallel), and they are computed last, after the device and RAM experts.
+
+On a GPU, with Q4_K/Q6_K/Q8_0/Q5_0 weights and a decode-sized batch, the device-resident experts run as one
+fused MoE launch over the slots (``kernels.moe.moe_quant``), started before the CPU works on the host experts.
 
 Every byte moved between tiers is a visible line below (``copy_``, ``.to(``) and is counted in ``TierStats``.
 
@@ -31,11 +36,13 @@ from torch import nn
 
 from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
 from tierlm.kernels.cpu_quant import cpu_quant_matmul
+from tierlm.kernels.moe import MoEConfig, moe_quant
 from tierlm.kernels.quant_matmul import quant_matmul
 from tierlm.runtime.placement import CPU_ROWS
 from tierlm.weights.ggml_types import GGMLType
 
 TIERS = ("device", "ram", "disk")
+FUSED_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)  # what the fused MoE kernels decode
 
 
 @dataclass
@@ -85,6 +92,8 @@ class TieredExperts(nn.Module):
         self.register_buffer("slot_down", torch.empty(slots, dim, rb_d, dtype=torch.uint8, device=device))
         self.slot_of = [-1] * n_experts  # expert → device slot, or -1
         self.expert_in = [-1] * slots  # slot → expert, or -1
+        self.slot_map = torch.full((n_experts,), -1, dtype=torch.int64, device=device)  # slot_of, on the device
+        self.fused = self.device.type == "cuda" and all(t in FUSED_TYPES for t in types)
         self.host: dict[int, HostExpert] = {}
         self.score = [0.0] * n_experts
         self.decay, self.gpu_batch_threshold = decay, gpu_batch_threshold
@@ -106,6 +115,11 @@ class TieredExperts(nn.Module):
         self.slot_up[slot].copy_(up, non_blocking=True)
         self.slot_down[slot].copy_(down, non_blocking=True)
         self.slot_of[e], self.expert_in[slot] = slot, e
+        self._sync_slot_map()
+
+    def _sync_slot_map(self) -> None:
+        if self.fused:
+            self.slot_map.copy_(torch.tensor(self.slot_of, dtype=torch.int64), non_blocking=False)
 
     @property
     def expert_bytes(self) -> int:
@@ -140,6 +154,8 @@ class TieredExperts(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        self.prefetch({e for e, n in enumerate(counts) if n})  # this layer's disk experts, all requested now
+        fused = self.fused and len(self.expert_in) > 0 and N * K < MoEConfig().sorted_min_pairs
         token, w = order // K, weights.flatten()[order]
         out = torch.zeros(N, self.dim, dtype=torch.float32, device=x.device)
         host_work, start = [], 0
@@ -153,10 +169,16 @@ class TieredExperts(nn.Module):
                 slot = self._promote(e)  # a big batch: copying the expert in beats computing it on the CPU
             if slot >= 0:
                 self._count(e, "device", n)
-                y = self._run(x[sel], self.slot_gate[slot], self.slot_up[slot], self.slot_down[slot])
-                out.index_put_((sel,), y.float() * we, accumulate=True)
+                if not fused:
+                    y = self._run(x[sel], self.slot_gate[slot], self.slot_up[slot], self.slot_down[slot])
+                    out.index_put_((sel,), y.float() * we, accumulate=True)
             else:
                 host_work.append((e, sel, we))
+        if fused and len(host_work) < sum(1 for n in counts if n):  # some experts are on the device
+            # one launch pair for every device expert; an id whose expert is elsewhere maps to slot -1: no work
+            out += moe_quant(x, self.slot_map[ids], weights.float(), self.slot_gate, self.slot_up, self.slot_down,
+                             *self.types)
+        host_work.sort(key=lambda w: self.host[w[0]].tier == "disk")  # RAM first: the disk reads get time
         for e, sel, we in host_work:
             h = self.host[e]
             self._count(e, h.tier, len(sel))
@@ -187,6 +209,8 @@ class TieredExperts(nn.Module):
         old = self.expert_in[slot]
         if old >= 0:
             self.slot_of[old] = -1  # its bytes still live in RAM or on disk: eviction copies nothing back
+            if self.fused:
+                self.slot_map[old] = -1
         self._write_slot(slot, e, *self.host[e].mats)
         self.stats.promotions += 1
         self.stats.bytes_promoted += self.host[e].nbytes
@@ -224,6 +248,7 @@ class TieredExperts(nn.Module):
         for s, e in enumerate(self.expert_in):
             if e >= 0:
                 self.slot_of[e] = s
+        self._sync_slot_map()
         return n - keep
 
     # ---- prefetch -------------------------------------------------------------------------------------------
