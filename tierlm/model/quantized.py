@@ -47,6 +47,9 @@ class QuantEmbedding(nn.Module):
         return dequantize(rows, self.qtype, (rows.shape[0], self.dim)).view(*ids.shape, self.dim)
 
 
+_FUSED_MOE = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)
+
+
 class QuantRoutedExperts(nn.Module):
     """All routed experts of one layer in block formats (GGUF's stacked ``ffn_*_exps``). Same dispatch as
     ``moe.RoutedExperts``: tokens grouped per expert, each active expert run once."""
@@ -66,6 +69,11 @@ class QuantRoutedExperts(nn.Module):
         return quant_matmul(F.silu(g) * u, self.down_q[e], self.types[2], self.inter)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """On a GPU with Q4_K/Q6_K/Q8_0/Q5_0 weights and a decode-sized batch: the fused MoE kernels (two
+        launches for every expert of the layer). Otherwise one call per active expert."""
+        from tierlm.kernels.moe import MoEConfig, moe_quant
         from tierlm.model.moe import dispatch
 
+        if x.is_cuda and all(t in _FUSED_MOE for t in self.types) and ids.numel() < MoEConfig().sorted_min_pairs:
+            return moe_quant(x, ids, weights.float(), self.gate_q, self.up_q, self.down_q, *self.types)
         return dispatch(self.expert, self.n_experts, x, ids, weights)

@@ -8,11 +8,12 @@ One ``TieredExperts`` replaces a layer's experts. Each expert's three matrices l
   count).
 - ``ram``: host memory (pinned when a GPU is present). Computed on the CPU for a few tokens; copied into a
   device slot when a batch is large enough that the copy pays for itself.
-- ``disk``: a read-only view of the checkpoint's memory map. Read like RAM (the page cache holds what was read);
-  the next layer's likely experts are prefetched with ``posix_fadvise(WILLNEED)`` as soon as this layer's router
-  has run, guessing from the next router on this layer's input and from the previous token's choices. This
-  layer's own disk experts are asked for the moment its router has chosen them, all at once (the disk serves
-  them in parallel), and they are computed last, after the device and RAM experts.
+- ``disk``: byte ranges of the checkpoint (and a read-only view of its memory map). The moment this layer's
+  router has chosen them, its disk experts are read with large positional reads (``os.preadv``) on a few
+  threads, all at once (the disk serves them in parallel, with no page-fault-sized reads), into a small pool of
+  reusable host buffers; they are computed last, after the device and RAM experts, so the reads overlap that
+  work. The next layer's likely experts are hinted to the kernel with ``posix_fadvise(WILLNEED)``, guessing
+  from the next router on this layer's input and from the previous token's choices.
 
 On a GPU, with Q4_K/Q6_K/Q8_0/Q5_0 weights and a decode-sized batch, the device-resident experts run as one
 fused MoE launch over the slots (``kernels.moe.moe_quant``), started before the CPU works on the host experts.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +79,48 @@ class HostExpert:
     @property
     def nbytes(self) -> int:
         return sum(m.numel() for m in self.mats)
+
+
+def _pread_into(fd: int, offset: int, buf: torch.Tensor) -> None:
+    view = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read at byte {offset + done} of a checkpoint file (truncated since loading?)")
+        done += n
+
+
+class DiskReader:
+    """Reads disk-tier experts into reusable host buffers on a few threads (reads release the GIL).
+
+    One reader serves every layer (layers run one after another), so the buffers held at once are about one
+    layer's disk experts: K experts per token, a few MB to tens of MB each.
+    """
+
+    def __init__(self, workers: int = 8):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tierlm-disk")
+        self.free: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+
+    def submit(self, h: HostExpert) -> tuple[tuple, tuple[torch.Tensor, ...], list[Future]]:
+        key = tuple(tuple(m.shape) for m in h.mats)
+        free = self.free.setdefault(key, [])
+        bufs = free.pop() if free else tuple(torch.empty(m.shape, dtype=torch.uint8) for m in h.mats)
+        futs = [self.pool.submit(_pread_into, fd, off, b) for (fd, off, _), b in zip(h.extents, bufs)]
+        return key, bufs, futs
+
+    def release(self, key: tuple, bufs: tuple[torch.Tensor, ...]) -> None:
+        self.free[key].append(bufs)
+
+
+_reader: DiskReader | None = None
+
+
+def disk_reader() -> DiskReader:
+    global _reader
+    if _reader is None:
+        _reader = DiskReader()
+    return _reader
 
 
 class TieredExperts(nn.Module):
@@ -154,7 +198,9 @@ class TieredExperts(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        self.prefetch({e for e, n in enumerate(counts) if n})  # this layer's disk experts, all requested now
+        reads = {e: disk_reader().submit(self.host[e]) for e, n in enumerate(counts)
+                 if n and self.slot_of[e] < 0 and e in self.host and self.host[e].tier == "disk"
+                 and self.host[e].extents}  # this layer's disk experts, all read now, in parallel
         fused = self.fused and len(self.expert_in) > 0 and N * K < MoEConfig().sorted_min_pairs
         token, w = order // K, weights.flatten()[order]
         out = torch.zeros(N, self.dim, dtype=torch.float32, device=x.device)
@@ -178,13 +224,26 @@ class TieredExperts(nn.Module):
             # one launch pair for every device expert; an id whose expert is elsewhere maps to slot -1: no work
             out += moe_quant(x, self.slot_map[ids], weights.float(), self.slot_gate, self.slot_up, self.slot_down,
                              *self.types)
-        host_work.sort(key=lambda w: self.host[w[0]].tier == "disk")  # RAM first: the disk reads get time
+        host_work.sort(key=lambda w: w[0] in reads)  # RAM first: the disk reads get time
         for e, sel, we in host_work:
             h = self.host[e]
             self._count(e, h.tier, len(sel))
             xs = x[sel].to("cpu", torch.float32)  # device → host: the tokens this expert needs
-            y = self._run_host(xs, *h.mats).to(x.device, non_blocking=True)  # host → device: its outputs
+            mats = h.mats
+            if e in reads:
+                key, mats, futs = reads[e]
+                for f in futs:
+                    f.result()  # disk → RAM buffer
+            y = self._run_host(xs, *mats).to(x.device, non_blocking=True)  # host → device: its outputs
+            if e in reads:
+                disk_reader().release(key, mats)  # y is the kernel's own output: the buffer is free again
             out.index_put_((sel,), y.float() * we, accumulate=True)
+        computed = {w[0] for w in host_work}
+        for e, (key, bufs, futs) in reads.items():  # read but not computed here (promoted meanwhile)
+            if e not in computed:
+                for f in futs:
+                    f.result()
+                disk_reader().release(key, bufs)
         self.last_ids = set(e for e, n in enumerate(counts) if n)
         self._age_and_maybe_promote(counts)
         return out
