@@ -61,6 +61,39 @@ def timeit(fn, reps=5) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def disk_read_gbps(path: Path, nbytes: int = 2 << 30) -> float:
+    """The file's read speed from the disk: the better of 64 MB sequential reads and 8 MB reads at random
+    offsets on 8 threads (the runtime's disk reader's pattern), each over ``nbytes`` dropped from the page
+    cache first. A virtual disk's single-stream speed varies run to run; parallel reads are steadier."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+
+    def read(off: int, n: int) -> None:
+        buf = memoryview(bytearray(n))
+        done = 0
+        while done < n:
+            done += os.preadv(fd, [buf[done:]], off + done)
+
+    n = min(size, nbytes)
+    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    t = time.perf_counter()
+    for off in range(0, n - (64 << 20) + 1, 64 << 20):
+        read(off, 64 << 20)
+    seq = (n // (64 << 20) * (64 << 20)) / (time.perf_counter() - t) / GB
+    rng = random.Random(0)
+    offs = [rng.randrange(0, size - (8 << 20)) // 4096 * 4096 for _ in range(n // (8 << 20))]
+    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda o: read(o, 8 << 20), offs))
+    par = len(offs) * (8 << 20) / (time.perf_counter() - t) / GB
+    os.close(fd)
+    return max(seq, par)
+
+
 def measure(gguf: Path) -> dict:
     n = 1 << 30 if DEVICE == "cuda" else 1 << 28
     a = torch.empty(n, dtype=torch.uint8, device=DEVICE)
@@ -73,15 +106,7 @@ def measure(gguf: Path) -> dict:
     for _ in range(5):
         c.sum()
     cpu = 5 * c.numel() * 4 / (time.perf_counter() - t) / GB
-    fd = os.open(gguf, os.O_RDONLY)
-    size = min(os.fstat(fd).st_size, 2 << 30)
-    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
-    t = time.perf_counter()
-    done = 0
-    while done < size:
-        done += len(os.pread(fd, 64 << 20, done))
-    disk = done / (time.perf_counter() - t) / GB
-    os.close(fd)
+    disk = disk_read_gbps(gguf)
     del a, b, h, c
     empty_cache()
     return {"gpu_copy_gbps": gpu, "pcie_h2d_gbps": pcie, "cpu_read_gbps": cpu, "disk_read_gbps": disk,
@@ -89,6 +114,9 @@ def measure(gguf: Path) -> dict:
 
 
 def empty_cache() -> None:
+    import gc
+
+    gc.collect()  # the tiered layers link to each other: free a model's GPU memory before the next loads
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
@@ -153,28 +181,42 @@ def random_routing() -> None:
     TieredExperts._prefetch_next = prefetch_next
 
 
+def storage_read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (Linux /proc/self/io; 0 elsewhere): the disk
+    traffic of used experts, of prefetch hints (the kernel's readahead runs in this process) and of faults."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def decode(model, tokens: int, prompt_len: int = 32) -> dict:
     ids = list(range(1000, 1000 + prompt_len))
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     list(generate_batch(model, [ids], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))  # warm-up
     ROUTE["main"].manual_seed(0)
     ROUTE["guess"].manual_seed(1)
-    if model.expert_stats is not None:
-        for k in model.expert_stats.hits:
-            model.expert_stats.hits[k] = model.expert_stats.bytes_read[k] = 0
-        model.expert_stats.tokens = 0
     sync()
-    t0, times, toks = time.perf_counter(), [], []
+    t0, times, toks, io0 = time.perf_counter(), [], [], 0
     for ev in generate_batch(model, [ids], params):
         sync()
         times.append(time.perf_counter())
         toks.append(ev)
-    decode_s = times[-1] - times[0]
-    out = {"decode_tok_s": (len(times) - 1) / decode_s, "ttft_s": times[0] - t0, "tokens": token_ids(toks)}
+        if len(times) == 1:  # the prompt is done: from here on, decode steps alone are counted
+            io0 = storage_read_bytes()
+            if model.expert_stats is not None:
+                model.expert_stats.reset()
+    steps = len(times) - 1
+    out = {"decode_tok_s": steps / (times[-1] - times[0]), "ttft_s": times[0] - t0, "tokens": token_ids(toks),
+           "storage_read_bytes_per_token": (storage_read_bytes() - io0) / steps}
     if model.expert_stats is not None:
         s = model.expert_stats.as_dict()
         out.update(hit_rate=s["hit_rate"], expert_bytes_per_token=s["bytes_per_token"],
-                   promotions=s["promotions"])
+                   promotions=s["promotions"], prefetched=s["prefetched"], prefetch_used=s["prefetch_used"],
+                   bytes_prefetched_per_token=s["bytes_prefetched"] / max(s["tokens"], 1))
     return out
 
 
@@ -209,7 +251,13 @@ def main() -> None:
     ap.add_argument("--no-cache-sweep", action="store_true", help="skip the expert-cache hit-rate runs")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (the GPU tier is then the CPU)")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs (each capped at --gpu-cap) in the tiered plans")
+    ap.add_argument("--prefetch", choices=("adaptive", "always"), default="adaptive",
+                    help="always: take every prefetch hint, however rarely the hinted experts are used")
     args = ap.parse_args()
+    if args.prefetch == "always":
+        import tierlm.runtime.experts as experts_mod
+
+        experts_mod.PREFETCH_MIN_PRECISION = 0.0
     global DEVICE
     DEVICE = args.device
     path = Path(args.gguf)
@@ -278,6 +326,10 @@ def main() -> None:
         save()
         del model
         empty_cache()
+
+    if DEVICE == "cuda":  # the cache sweep below runs on one uncapped GPU
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.set_per_process_memory_fraction(1.0, i)
 
     # Expert-cache hit rates: a device cache of f·E experts per layer, the rest in RAM.
     report["cache"] = []

@@ -209,3 +209,50 @@ def test_copy_threshold_follows_the_bandwidths():
     assert copy_threshold(slow_cpu) == CPU_ROWS + 1  # one CPU pass already costs more than the copy
     assert copy_threshold(fast_cpu) == -(-200 * CPU_KERNEL_EFFICIENCY // 12) * CPU_ROWS + 1
     assert copy_threshold(declared_hardware("0", "64GiB", disk_gbps=3)) > 10**6  # no GPU: never copy
+
+
+def _tiered_layers(model):
+    return [layer.mlp.experts for layer in model.module.model.layers
+            if isinstance(getattr(layer.mlp, "experts", None), TieredExperts)]
+
+
+def test_prefetch_stops_when_its_guesses_miss_and_resumes_when_they_hit(demo_gguf, monkeypatch):
+    """Hints cost disk bandwidth: under routing no guess can predict (fresh random experts every step) each
+    layer stops taking them, apart from probing rounds; under routing that repeats they stay on."""
+    from tierlm.model.moe import Gate
+    from tierlm.runtime import experts as ex
+
+    cfg = tierlm.load(demo_gguf).config
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    g = torch.Generator().manual_seed(0)
+    mode = {"random": True}
+
+    def route(self, x):
+        if mode["random"]:
+            ids = torch.rand(x.shape[0], E, generator=g).topk(K, dim=-1).indices
+        else:
+            ids = torch.arange(E - K, E).expand(x.shape[0], K)  # the same experts, all on disk, every step
+        return ids, torch.full((x.shape[0], K), 1.0 / K)
+
+    monkeypatch.setattr(Gate, "forward", route)
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.by_fraction(cfg, 0.0, 0.25))
+    layers = _tiered_layers(model)
+    s = model.expert_stats
+
+    def steps(n):
+        for i in range(n):
+            model.logits([100 + i])
+
+    steps(120)
+    late = layers[-1]
+    assert late.prefetch_precision < ex.PREFETCH_MIN_PRECISION
+    before = s.prefetched
+    steps(2 * ex.PREFETCH_PROBE_EVERY)
+    # off apart from one probing round per PREFETCH_PROBE_EVERY steps and layer
+    assert s.prefetched - before <= 2 * (len(layers) - 1) * 2 * K
+    mode["random"] = False
+    steps(3 * ex.PREFETCH_PROBE_EVERY + 60)
+    assert late.prefetch_precision >= ex.PREFETCH_MIN_PRECISION and late.takes_hints()
+    before, used = s.prefetched, s.prefetch_used
+    steps(10)
+    assert s.prefetched > before and s.prefetch_used - used == s.prefetched - before  # every hint used

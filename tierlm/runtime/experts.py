@@ -13,7 +13,11 @@ One ``TieredExperts`` replaces a layer's experts. Each expert's three matrices l
   threads, all at once (the disk serves them in parallel, with no page-fault-sized reads), into a small pool of
   reusable host buffers; they are computed last, after the device and RAM experts, so the reads overlap that
   work. The next layer's likely experts are hinted to the kernel with ``posix_fadvise(WILLNEED)``, guessing
-  from the next router on this layer's input and from the previous token's choices.
+  from the next router on this layer's input and from the previous token's choices. A wrong guess costs disk
+  bandwidth, the scarcest thing when experts live on disk, so each layer measures how many of the experts
+  hinted to it were then used (decayed counts) and takes no more hints while that precision is under
+  ``PREFETCH_MIN_PRECISION``, with one probing round every ``PREFETCH_PROBE_EVERY`` steps to notice when
+  guessing starts to pay (uniformly random routing, for one, can never be guessed).
 
 On a GPU, with Q4_K/Q6_K/Q8_0/Q5_0 weights and a decode-sized batch, the device-resident experts run as one
 fused MoE launch over the slots (``kernels.moe.moe_quant``), started before the CPU works on the host experts.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,6 +49,11 @@ from tierlm.runtime.placement import CPU_ROWS
 from tierlm.weights.ggml_types import GGMLType
 
 TIERS = ("device", "ram", "disk")
+DISK_INFLIGHT = 16  # disk experts read ahead at once (buffers held: as many expert sizes)
+PREFETCH_MIN_PRECISION = 0.5  # hints kept only while at least half of the hinted experts are then used
+PREFETCH_WARMUP = 32  # experts hinted to a layer (in all) before its precision is trusted
+PREFETCH_PROBE_EVERY = 16  # steps between probing rounds while hints are off
+PREFETCH_DECAY = 0.98  # per step, on the hinted and used counts
 FUSED_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)  # what the fused MoE kernels decode
 
 
@@ -55,16 +65,23 @@ class TierStats:
     bytes_read: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     promotions: int = 0
     bytes_promoted: int = 0
-    prefetched: int = 0
+    prefetched: int = 0  # disk experts hinted to the kernel ahead of use
+    prefetch_used: int = 0  # ... of which the layer then used
+    bytes_prefetched: int = 0  # bytes those hints asked the disk for
     tokens: int = 0
     oom_events: int = 0
+
+    def reset(self) -> None:
+        """Zero every counter (e.g. after a warm-up)."""
+        self.__init__()
 
     def as_dict(self) -> dict:
         per_token = {t: self.bytes_read[t] / self.tokens for t in TIERS} if self.tokens else dict.fromkeys(TIERS, 0.0)
         total = sum(self.hits.values()) or 1
         return {"hits": dict(self.hits), "hit_rate": {t: self.hits[t] / total for t in TIERS},
                 "bytes_read": dict(self.bytes_read), "bytes_per_token": per_token, "promotions": self.promotions,
-                "bytes_promoted": self.bytes_promoted, "prefetched": self.prefetched, "tokens": self.tokens,
+                "bytes_promoted": self.bytes_promoted, "prefetched": self.prefetched,
+                "prefetch_used": self.prefetch_used, "bytes_prefetched": self.bytes_prefetched, "tokens": self.tokens,
                 "oom_events": self.oom_events}
 
 
@@ -145,6 +162,9 @@ class TieredExperts(nn.Module):
         self.next: TieredExperts | None = None  # the next MoE layer's experts, for prefetching
         self.next_gate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.counts_tokens = False  # the first MoE layer counts the tokens that pass through
+        self.hinted: set[int] = set()  # disk experts hinted for this layer's next step
+        self.pf_issued = self.pf_used = 0.0  # decayed counts of hinted experts and of those then used
+        self.pf_total = self.pf_steps = 0  # hinted experts ever; steps
 
     # ---- filling ------------------------------------------------------------------------------------------
     def put_device(self, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
@@ -198,9 +218,20 @@ class TieredExperts(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        reads = {e: disk_reader().submit(self.host[e]) for e, n in enumerate(counts)
-                 if n and self.slot_of[e] < 0 and e in self.host and self.host[e].tier == "disk"
-                 and self.host[e].extents}  # this layer's disk experts, all read now, in parallel
+        self._score_hints({e for e, n in enumerate(counts) if n})
+        # this layer's disk experts, read now, in parallel: all of them at decode, a window of DISK_INFLIGHT
+        # (bounding the buffers) for a prefill batch that touches most experts
+        todo = deque(e for e, n in enumerate(counts) if n and self.slot_of[e] < 0 and e in self.host
+                     and self.host[e].tier == "disk" and self.host[e].extents)
+        reads: dict[int, tuple] = {}
+
+        def top_up() -> None:
+            while todo and len(reads) < DISK_INFLIGHT:
+                e = todo.popleft()
+                if self.slot_of[e] < 0:  # not promoted meanwhile
+                    reads[e] = disk_reader().submit(self.host[e])
+
+        top_up()
         fused = self.fused and len(self.expert_in) > 0 and N * K < MoEConfig().sorted_min_pairs
         token, w = order // K, weights.flatten()[order]
         out = torch.zeros(N, self.dim, dtype=torch.float32, device=x.device)
@@ -224,26 +255,30 @@ class TieredExperts(nn.Module):
             # one launch pair for every device expert; an id whose expert is elsewhere maps to slot -1: no work
             out += moe_quant(x, self.slot_map[ids], weights.float(), self.slot_gate, self.slot_up, self.slot_down,
                              *self.types)
-        host_work.sort(key=lambda w: w[0] in reads)  # RAM first: the disk reads get time
+        is_read = {e for e, n in enumerate(counts) if n and e in self.host and self.host[e].tier == "disk"
+                   and self.host[e].extents}
+        host_work.sort(key=lambda w: w[0] in is_read)  # RAM first: the disk reads get time
         for e, sel, we in host_work:
             h = self.host[e]
             self._count(e, h.tier, len(sel))
             xs = x[sel].to("cpu", torch.float32)  # device → host: the tokens this expert needs
             mats = h.mats
-            if e in reads:
+            if e in is_read:
+                if e not in reads:  # past the window: read it now
+                    reads[e] = disk_reader().submit(h)
                 key, mats, futs = reads[e]
                 for f in futs:
                     f.result()  # disk → RAM buffer
             y = self._run_host(xs, *mats).to(x.device, non_blocking=True)  # host → device: its outputs
-            if e in reads:
+            if e in is_read:
                 disk_reader().release(key, mats)  # y is the kernel's own output: the buffer is free again
+                del reads[e]
+                top_up()
             out.index_put_((sel,), y.float() * we, accumulate=True)
-        computed = {w[0] for w in host_work}
-        for e, (key, bufs, futs) in reads.items():  # read but not computed here (promoted meanwhile)
-            if e not in computed:
-                for f in futs:
-                    f.result()
-                disk_reader().release(key, bufs)
+        for key, bufs, futs in reads.values():  # read but not computed here (promoted meanwhile)
+            for f in futs:
+                f.result()
+            disk_reader().release(key, bufs)
         self.last_ids = set(e for e, n in enumerate(counts) if n)
         self._age_and_maybe_promote(counts)
         return out
@@ -313,8 +348,8 @@ class TieredExperts(nn.Module):
     # ---- prefetch -------------------------------------------------------------------------------------------
     def _prefetch_next(self, x: torch.Tensor) -> None:
         nxt = self.next
-        if nxt is None or not any(h.tier == "disk" for h in nxt.host.values()):
-            return
+        if nxt is None or not nxt.takes_hints() or not any(h.tier == "disk" for h in nxt.host.values()):
+            return  # no guessing (no router run, no device sync) when it would not be used
         guess = set(nxt.last_ids)
         if self.next_gate is not None:
             x = x.to(self.next_gate.weight.device)  # the next layer may sit on the next GPU
@@ -322,15 +357,43 @@ class TieredExperts(nn.Module):
             guess.update(ids.flatten().tolist())
         nxt.prefetch(guess)
 
+    @property
+    def prefetch_precision(self) -> float:
+        """Decayed share of the experts hinted to this layer that it then used (1.0 before any hint)."""
+        return self.pf_used / self.pf_issued if self.pf_issued else 1.0
+
+    def takes_hints(self) -> bool:
+        """Whether hints for this layer currently pay: during warm-up, while precise enough, or when probing."""
+        if self.pf_total < PREFETCH_WARMUP or self.prefetch_precision >= PREFETCH_MIN_PRECISION:
+            return True
+        return self.pf_steps % PREFETCH_PROBE_EVERY == 0
+
+    def _score_hints(self, used: set[int]) -> None:
+        self.pf_issued *= PREFETCH_DECAY
+        self.pf_used *= PREFETCH_DECAY
+        self.pf_steps += 1
+        if self.hinted:
+            hit = len(self.hinted & used)
+            self.pf_issued += len(self.hinted)
+            self.pf_total += len(self.hinted)
+            self.pf_used += hit
+            self.stats.prefetch_used += hit
+            self.hinted = set()
+
     def prefetch(self, experts: set[int]) -> None:
-        """Ask the kernel to read these experts' disk pages ahead (asynchronous; a no-op for other tiers)."""
+        """Ask the kernel to read these experts' disk pages ahead (asynchronous; a no-op for other tiers, and
+        while this layer's hints have not been paying, see ``takes_hints``)."""
+        if not self.takes_hints():
+            return
         for e in experts:
             h = self.host.get(e)
-            if h is None or h.tier != "disk" or self.slot_of[e] >= 0:
+            if h is None or h.tier != "disk" or self.slot_of[e] >= 0 or e in self.hinted:
                 continue
             for fd, off, n in h.extents:
                 os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+            self.hinted.add(e)
             self.stats.prefetched += 1
+            self.stats.bytes_prefetched += h.nbytes
 
 
 def link_layers(model) -> list["TieredExperts"]:
@@ -351,8 +414,12 @@ _fd_lock = threading.Lock()
 
 
 def file_descriptor(path: str) -> int:
-    """One read-only descriptor per checkpoint file, for prefetch hints."""
+    """One read-only descriptor per checkpoint file, for the disk reader and prefetch hints. It is marked
+    for random access: the kernel's readahead would otherwise extend every expert read by up to the
+    device's readahead window (8 MB on some virtual disks), reading the neighbouring expert for nothing."""
     with _fd_lock:
         if path not in _fds:
-            _fds[path] = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            _fds[path] = fd
         return _fds[path]
