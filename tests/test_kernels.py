@@ -229,6 +229,21 @@ def test_inline_ptx_matches_its_triton_twin():
             assert [f(out[2 * r + k]) for r in range(4)] == [1 + v / 64 for v in q]
 
 
+def test_pick_config_follows_the_measured_rules():
+    """Decode launch choice (bench/results/kernels-NVIDIA_H200-int8.md): int8 kernels up to 4 rows with
+    the tile measured best per type; tensor-core tiles above, or from 2 rows for the 129280-row head;
+    no tiles without sm_80 or with float32 activations."""
+    h, f16 = (9, 0), torch.float16
+    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=4)
+    assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
+    assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
+    assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=4)
+    assert pick_config(T.Q6_K, 4, 129280, 7168, f16, h, 132).kind == "tile"
+    assert pick_config(T.Q4_K, 16, 2048, 7168, f16, h, 132).kind == "tile"
+    assert pick_config(T.Q4_K, 16, 2048, 7168, f16, (7, 5), 68).kind == "mmvq"  # Turing: no tiles
+    assert pick_config(T.Q6_K, 4, 129280, 7168, torch.float32, h, 132).kind == "mmvq"
+
+
 @pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq"])
 def test_triton_kernels_in_interpreter(group):
     """The kernels in Triton's CPU interpreter (this file run as a script, since TRITON_INTERPRET must

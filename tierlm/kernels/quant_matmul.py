@@ -94,6 +94,7 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
 # (bench/results/kernels-NVIDIA_H200-int8.md); at 2-4 rows one warp of 4 x 4 was best for Q4_K.
 MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0: (1, 4, 1), GGMLType.Q5_0: (1, 4, 1)}
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
+TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
 
 def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
@@ -102,9 +103,11 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
     int8-activation kernel with the measured tile of its type. More rows with 16-bit activations on
-    sm_80+: tensor-core tiles, which decode each weight once for all rows.
+    sm_80+ (or several rows of a matrix as tall as the output head): tensor-core tiles, which decode
+    each weight once for all rows.
     """
-    if M > MMVQ_MAX_M and capability >= (8, 0) and dtype != torch.float32:
+    tiles_ok = capability >= (8, 0) and dtype != torch.float32
+    if tiles_ok and (M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW)):
         return QMMConfig("tile", 4, 1, 16, 64, 256, True)
     bn, nb, w = MMVQ_TILES[qtype]
     if M > 1 and qtype == GGMLType.Q4_K:
