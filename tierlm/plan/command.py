@@ -11,7 +11,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import struct
 import sys
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from tierlm.plan.inventory import RECIPES
 from tierlm.plan.planner import default_profile, load_profile, make_plan
 from tierlm.plan.report import format_plan, plan_to_json
 from tierlm.presets import known_config
-
-_MAX_HEADER = 100 * 2**20
+from tierlm.weights.safetensors_header import read_header
 
 
 def _positive_int(text: str) -> int:
@@ -124,22 +122,5 @@ def safetensors_records(folder: Path) -> list[tuple[str, tuple[int, ...], str, i
         f = folder / fname
         if not f.exists():
             raise CheckpointError(f"shard {fname} listed in {index.name} is missing from {folder}; re-download it")
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            raw = fh.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 0 < n <= min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{f} is not a safetensors file or is truncated (header length {n}); "
-                                      "re-download it")
-            try:
-                header = json.loads(fh.read(n))
-            except ValueError as e:
-                raise CheckpointError(f"{f} has a corrupt header ({e}); re-download it") from None
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            if end > size - 8 - n:
-                raise CheckpointError(f"{f} is truncated: tensor {name} ends past the end of the file; re-download it")
-            out.append((name, tuple(info["shape"]), info["dtype"], end - start))
+        out += [(e.name, e.shape, e.dtype, e.nbytes) for e in read_header(f).values()]
     return out

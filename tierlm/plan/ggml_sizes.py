@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 from tierlm.errors import CheckpointError
+from tierlm.weights.safetensors_header import ITEMSIZE
 
 # name: (GGML type id, block elements, block bytes). Ids are the numbers a GGUF file stores.
 GGML_TYPES: dict[str, tuple[int, int, int]] = {
@@ -44,10 +45,7 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
 _BY_ID = {tid: name for name, (tid, _, _) in GGML_TYPES.items()}
 
 # Plain element types of safetensors checkpoints (bytes per element); F8_E4M3 scales are separate F32 tensors.
-SAFETENSORS_DTYPES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}
+SAFETENSORS_DTYPES: dict[str, int] = ITEMSIZE
 
 FP8 = "FP8"
 FP8_BLOCK = (128, 128)

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -396,7 +396,7 @@ class TieredExperts(nn.Module):
             self.stats.bytes_prefetched += h.nbytes
 
 
-def link_layers(model) -> list["TieredExperts"]:
+def link_layers(model) -> list[TieredExperts]:
     """Chain the tiered layers so each prefetches for the next, and let the first count tokens."""
     tiered = [layer.mlp.experts for layer in model.model.layers
               if isinstance(getattr(layer.mlp, "experts", None), TieredExperts)]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import mmap
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tierlm.errors import CheckpointError
+from tierlm.weights.safetensors_header import TensorEntry, read_header
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -23,57 +22,6 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_MAX_HEADER = 100 * 2**20  # real headers are a few MB at most
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: str  # safetensors dtype string, e.g. "BF16"
-    shape: tuple[int, ...]
-    file: Path
-    start: int  # absolute byte offset in the file
-    nbytes: int
-
-
-def _read_header(path: Path) -> dict[str, TensorEntry]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path.name} is truncated ({size} bytes, no safetensors header); re-download it")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{path.name} is not a valid safetensors file (header length {n} for a "
-                                  f"{size}-byte file): the file is truncated or corrupt; re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path.name} has a corrupt safetensors header ({e}); re-download it") from None
-    base = 8 + n
-    entries: dict[str, TensorEntry] = {}
-    data_end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry; re-download it") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path.name}: tensor {name!r} has dtype {dtype}, which tierlm cannot read")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * DTYPES[dtype].itemsize or begin < 0:
-            raise CheckpointError(f"{path.name}: tensor {name!r} header says {end - begin} bytes for shape "
-                                  f"{list(shape)} {dtype}; the file is corrupt, re-download it")
-        entries[name] = TensorEntry(name, dtype, shape, path, base + begin, end - begin)
-        data_end = max(data_end, end)
-    if base + data_end > size:
-        raise CheckpointError(f"{path.name} is truncated: expected {base + data_end:,} bytes, found {size:,}; "
-                              "re-download it")
-    return entries
 
 
 class SafetensorsCheckpoint:
@@ -104,7 +52,7 @@ class SafetensorsCheckpoint:
                                           "folder (config.json + *.safetensors) or a .gguf file")
         self.entries: dict[str, TensorEntry] = {}
         for f in files:
-            for name, e in _read_header(f).items():
+            for name, e in read_header(f).items():
                 if name in self.entries:
                     raise CheckpointError(f"tensor {name!r} appears in both {self.entries[name].file.name} and "
                                           f"{f.name}; the checkpoint is inconsistent")
