@@ -316,11 +316,13 @@ def main() -> None:
         eb = r["expert_bytes_per_token"]
         aa_t = always_active_bytes(model)
         roof_s = aa_t / (tiers["device"] * GB) + sum(eb[t] / (tiers[t] * GB) for t in ("device", "ram", "disk"))
+        # the runs decode one sequence: compare with the plan's single-sequence figure, not its batch throughput
         r.update(placement=f"{args.gpus}x gpu {args.gpu_cap} + ram {ram} + disk", experts=plan.expert_counts(),
-                 predicted_decode_tok_s=pred["decode_tok_s"], predicted_bottleneck=pred["bottleneck"],
+                 predicted_decode_tok_s=pred["decode_tok_s_single"], predicted_bottleneck=pred["bottleneck_single"],
+                 plan_batch=pred["decode_batch"], predicted_batch_tok_s=pred["decode_tok_s"],
                  roofline_tok_s=1 / roof_s)
         r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
-        r["prediction_error"] = pred["decode_tok_s"] / r["decode_tok_s"] - 1
+        r["prediction_error"] = pred["decode_tok_s_single"] / r["decode_tok_s"] - 1
         report["runs"].append(r)
         print(r, flush=True)
         save()

@@ -233,6 +233,19 @@ def test_design_box_puts_about_half_the_experts_on_disk(box_plan):
     assert any("--ram" in s for s in p.suggestions)
 
 
+def test_single_sequence_speed_is_predicted_beside_the_batch_throughput():
+    """A batch of B decodes B tokens per step but each sequence only one: one sequence alone is slower than the
+    batch's total and faster than the total / B (the always-active weights are read once per step either way)."""
+    hw = declared_hardware("4x22GiB", "128GiB", 3.5)
+    p = make_plan(V3, "Q4_K_M", hw, ctx=4096)
+    pr = p.predicted
+    assert pr["decode_batch"] > 1
+    assert pr["decode_tok_s"] / pr["decode_batch"] < pr["decode_tok_s_single"] < pr["decode_tok_s"]
+    one = make_plan(V3, "Q4_K_M", hw, ctx=4096, batch=1).predicted
+    assert one["decode_batch"] == 1 and one["decode_tok_s_single"] == pytest.approx(one["decode_tok_s"])
+    assert "for one sequence decoding alone" in format_plan(p)
+
+
 def test_big_ram_box_needs_no_disk():
     p = make_plan(V3, "Q4_K_M", declared_hardware("1x24GiB", "384GiB", 3.5))
     assert p.fits and p.expert_counts()["disk"] == 0 and p.expert_counts()["gpu"] > 0

@@ -289,7 +289,9 @@ def make_plan(config: ModelConfig, recipe: str = "Q4_K_M", hardware: Hardware | 
         problems.append("the KV cache does not fit in RAM")
 
     layout = Layout(stage_of_layer, len(gpus) - 1 if gpus else None, 0 if gpus else None, tier, usage, ebytes)
+    single = decode_cost(config, inv, hw, layout, 1, min(ctx, DECODE_CONTEXT))  # one sequence alone, same layout
     predicted = {**decode_cost(config, inv, hw, layout, batch, min(ctx, DECODE_CONTEXT)),
+                 "decode_tok_s_single": single["decode_tok_s"], "bottleneck_single": single["bottleneck"],
                  **prefill_cost(config, inv, hw, layout, ctx), "efficiencies": dict(EFFICIENCIES)}
     layers = [LayerExperts(i, f"cuda:{stage_of_layer[i]}" if stage_of_layer[i] is not None else "cpu",
                            *[[e for e, t in enumerate(tier[i]) if t == want] for want in ("gpu", "ram", "disk")])

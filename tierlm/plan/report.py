@@ -19,7 +19,7 @@ Bytes are integers, bandwidths GB/s (10⁹ B/s), times seconds.
                    layers [{layer, device, gpu [expert ids], ram [ids], disk [ids]}]}
     kv            {bytes_per_token, context, batch, dtype, bytes}
     workspace     {hidden, attention, ffn, dequant, logits, total, batch}
-    predicted     {decode_tok_s, decode_tok_s_overlapped, decode_roofline_tok_s, decode_batch, decode_context,
+    predicted     {decode_tok_s, decode_tok_s_single, decode_tok_s_overlapped, decode_roofline_tok_s, decode_batch, decode_context,
                    bytes_per_token, bottleneck ("gpu"|"cpu"|"disk"|"overhead"), bottleneck_device,
                    tiers [{tier, bytes_per_token, gbps, seconds_per_token, share}],
                    prefill_tok_s, prefill_tokens, time_to_first_token_s, prefill_bottleneck,
@@ -228,6 +228,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  decode    {_rate(pr['decode_tok_s'])} tok/s (batch {pr['decode_batch']}, {pr['decode_context']} "
                  f"tokens in context; {_rate(pr['decode_tok_s_overlapped'])} if tiers overlapped perfectly) — "
                  f"bottleneck: {pr['bottleneck']}")
+    if pr["decode_batch"] > 1 and "decode_tok_s_single" in pr:
+        lines.append(f"            {_rate(pr['decode_tok_s_single'])} tok/s for one sequence decoding alone")
     tiers = [("tier", "bytes/token", "GB/s", "ms/token", "share")]
     for t in pr["tiers"]:
         tiers.append((t["tier"], _gb(t["bytes_per_token"]) if t["bytes_per_token"] else "-",
