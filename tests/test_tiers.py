@@ -134,6 +134,21 @@ def test_out_of_memory_with_nothing_to_free_is_a_clear_error(demo_gguf, monkeypa
         model.logits([1, 2, 3])
 
 
+def test_disk_reads_past_the_staging_window_give_the_same_logits(demo_gguf, reference, monkeypatch):
+    """A prompt touching more disk experts than the staging window holds reads the rest as the window frees up."""
+    from tierlm.runtime import experts as ex
+
+    monkeypatch.setattr(ex, "STAGING_EXPERTS_PER_TOPK", 0.25)  # a window of one expert
+    reads = []
+    original = ex.DiskReader.submit
+    monkeypatch.setattr(ex.DiskReader, "submit", lambda self, h: reads.append(h) or original(self, h))
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.by_fraction(
+        tierlm.load(demo_gguf).config, 0.0, 0.0))
+    assert torch.equal(model.logits(list(range(100, 140))), reference[1])
+    assert len(reads) == model.expert_stats.hits["disk"] > len(model.config.moe_layers)
+    assert sum(len(v) for v in ex.disk_reader().free.values()) >= 1  # the buffers came back to the pool
+
+
 def test_placement_must_match_the_model(demo_gguf):
     from tierlm.errors import ConfigError
 

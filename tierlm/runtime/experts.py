@@ -45,11 +45,11 @@ from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
 from tierlm.kernels.cpu_quant import cpu_quant_matmul
 from tierlm.kernels.moe import MoEConfig, moe_quant
 from tierlm.kernels.quant_matmul import quant_matmul
+from tierlm.plan.memory import STAGING_EXPERTS_PER_TOPK
 from tierlm.runtime.placement import CPU_ROWS
 from tierlm.weights.ggml_types import GGMLType
 
 TIERS = ("device", "ram", "disk")
-DISK_INFLIGHT = 16  # disk experts read ahead at once (buffers held: as many expert sizes)
 PREFETCH_MIN_PRECISION = 0.5  # hints kept only while at least half of the hinted experts are then used
 PREFETCH_WARMUP = 32  # experts hinted to a layer (in all) before its precision is trusted
 PREFETCH_PROBE_EVERY = 16  # steps between probing rounds while hints are off
@@ -219,14 +219,14 @@ class TieredExperts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         self._score_hints({e for e, n in enumerate(counts) if n})
-        # this layer's disk experts, read now, in parallel: all of them at decode, a window of DISK_INFLIGHT
-        # (bounding the buffers) for a prefill batch that touches most experts
+        # this layer's disk experts, read now, in parallel: all of them at decode; a prefill batch that touches
+        # most experts reads through a window of the staging RAM the planner reserves (2 K experts)
         todo = deque(e for e, n in enumerate(counts) if n and self.slot_of[e] < 0 and e in self.host
                      and self.host[e].tier == "disk" and self.host[e].extents)
         reads: dict[int, tuple] = {}
 
         def top_up() -> None:
-            while todo and len(reads) < DISK_INFLIGHT:
+            while todo and len(reads) < STAGING_EXPERTS_PER_TOPK * K:
                 e = todo.popleft()
                 if self.slot_of[e] < 0:  # not promoted meanwhile
                     reads[e] = disk_reader().submit(self.host[e])
