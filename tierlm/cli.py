@@ -139,7 +139,8 @@ def _print_expert_stats(model) -> None:
     parts = [f"{t} {d['hits'][t]} uses ({100 * d['hit_rate'][t]:.0f}%), {d['bytes_per_token'][t] / 1e6:.2f} MB/token"
              for t in ("device", "ram", "disk")]
     _err().print(f"[dim]experts: {'; '.join(parts)}; {d['promotions']} promoted to the device, "
-                 f"{d['prefetched']} disk prefetches, {d['oom_events']} out-of-memory recoveries[/dim]")
+                 f"{d['prefetched']} disk prefetches ({d['prefetch_used']} used), "
+                 f"{d['oom_events']} out-of-memory recoveries[/dim]")
 
 
 def cmd_chat(args) -> int:
