@@ -4,11 +4,14 @@ lanes at a time by ``dp4a`` (the scheme of llama.cpp's MMVQ kernels).
 The activation row is first cut into groups of 32 values, each stored as int8 ``xq`` with a float
 scale ``xd`` (``x ~= xd * xq``) and ``xs = xd * sum(xq)`` (``quantize_q8_kernel``). A weight block
 then contributes, per group of equal scale, ``scale * xd * sum(q * xq)`` with the integer sum done
-by ``dp4a`` on packed bytes, and ``- min * xs`` for the formats with an offset. Per weight that is
-about one integer instruction, so the kernels stay bound by memory, not arithmetic, on every card
-from Turing on (``dp4a`` is sm_61+).
+by ``dp4a`` on packed bytes, and ``- min * xs`` for the formats with an offset. That leaves a few
+instructions per weight and thread (about 2 for Q4_K and 3.4 for Q6_K in the sm_90 SASS, addressing
+and scales included), under what the memory bandwidth needs on every card from Turing on (``dp4a``
+is sm_61+); what the kernels reach is in ``bench/results/kernels-NVIDIA_H200-int8.md``.
 
-Layout: a program owns BN weight rows and walks NBLK blocks of each per step. The tensors of one
+Layout: a program owns BN weight rows and walks NBLK blocks of 256 elements of each per step (8 NBLK
+blocks of 32 for Q8_0 and Q5_0). ``PF`` loads the next step's weight bytes before computing the
+current step's (measured slower on an H200; kept for other cards). The tensors of one
 step are (rows, blocks, words of a block): neighbouring threads read neighbouring bytes of one
 block, so a warp's load is one contiguous run (16-byte loads for Q4_K, whose 144-byte blocks are
 16-byte aligned; pairs of 2-byte loads for Q6_K, Q8_0 and Q5_0, whose blocks are only 2-byte
@@ -29,9 +32,7 @@ import triton.language as tl
 from tierlm.kernels.triton_q import row_stride
 
 Q4_K, Q6_K, Q8_0, Q5_0 = 12, 14, 8, 6
-TYPES = (Q4_K, Q6_K, Q8_0, Q5_0)
 BLOCK_ELEMS = {Q4_K: 256, Q6_K: 256, Q8_0: 32, Q5_0: 32}
-GROUP = 32  # activation values per int8 group
 _SIGN4 = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 _M4 = tl.constexpr(0x0F0F0F0F)
 
