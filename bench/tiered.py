@@ -68,14 +68,13 @@ def disk_read_gbps(path: Path, nbytes: int = 2 << 30) -> float:
     import random
     from concurrent.futures import ThreadPoolExecutor
 
+    from tierlm.runtime.experts import pread_into
+
     fd = os.open(path, os.O_RDONLY)
     size = os.fstat(fd).st_size
 
     def read(off: int, n: int) -> None:
-        buf = memoryview(bytearray(n))
-        done = 0
-        while done < n:
-            done += os.preadv(fd, [buf[done:]], off + done)
+        pread_into(fd, off, torch.empty(n, dtype=torch.uint8))
 
     n = min(size, nbytes)
     os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)

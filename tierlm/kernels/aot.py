@@ -17,6 +17,8 @@ from tierlm.kernels import triton_gemv as tg
 from tierlm.kernels import triton_mmvq as tv
 from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
+from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
+from tierlm.kernels.quant_matmul import MMVQ_TILES
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -119,7 +121,8 @@ def variants(capability: int) -> list[Variant]:
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, False, dot_prec)
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, True, dot_prec)
     for q in QUANT:
-        out += [mmvq_variant(q, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
+        bn, nblk, warps = MMVQ_TILES[q]  # the default launch, then the prefetching form
+        out += [mmvq_variant(q, bn, nblk, warps, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
     out += [quantize_q8_variant(act) for act in acts]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
@@ -161,9 +164,10 @@ def quantize_q8_variant(act: str) -> Variant:
                    tags=dict(act=act))
 
 
-def moe_q8_variants(q_up: int, q_down: int, bn: int = 4, nblk: int = 4, num_warps: int = 4) -> list[Variant]:
-    """The up and down kernels of the int8-activation MoE decode path."""
-    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=True)
+def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nblk: int = MOE_DEFAULT.mmvq_nblk,
+                    num_warps: int = MOE_DEFAULT.num_warps, prefetch: bool = MOE_DEFAULT.mmvq_pf) -> list[Variant]:
+    """The up and down kernels of the int8-activation MoE decode path (``moe.DEFAULT``'s launch unless told)."""
+    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=prefetch)
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")

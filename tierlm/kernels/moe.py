@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierlm.kernels.quant_matmul import KernelInputError, _interpreting, device_info
+from tierlm.kernels.quant_matmul import FUSED_TYPES, KernelInputError, _interpreting, device_info
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -127,7 +127,7 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
     flat_ids = ids.reshape(P).to(torch.int64)
     flat_w = weights.reshape(P).contiguous()
     if P < cfg.sorted_min_pairs:
-        pairs = _moe_pairs_q8 if cfg.q8 and all(t in _Q8_TYPES for t in types) else _moe_pairs
+        pairs = _moe_pairs_q8 if cfg.q8 and all(t in FUSED_TYPES for t in types) else _moe_pairs
         y = pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
     else:
         y = _moe_sorted(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
@@ -174,9 +174,6 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
         h, down, y, wts, ids, *tiles.values(), E, I, D, _units(dt, I, qb), down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BLOCK_D=32, NB_D=1, **common)
     return y
-
-
-_Q8_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)
 
 
 def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tierlm.kernels.quant_matmul import quant_matmul
+from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
+from tierlm.kernels.moe import moe_quant
+from tierlm.kernels.quant_matmul import FUSED_TYPES, quant_matmul
 from tierlm.weights.formats import dequantize
 from tierlm.weights.ggml_types import GGMLType, ggml_type
 
@@ -47,9 +49,6 @@ class QuantEmbedding(nn.Module):
         return dequantize(rows, self.qtype, (rows.shape[0], self.dim)).view(*ids.shape, self.dim)
 
 
-_FUSED_MOE = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)
-
-
 class QuantRoutedExperts(nn.Module):
     """All routed experts of one layer in block formats (GGUF's stacked ``ffn_*_exps``). Same dispatch as
     ``moe.RoutedExperts``: tokens grouped per expert, each active expert run once."""
@@ -58,6 +57,7 @@ class QuantRoutedExperts(nn.Module):
                  types: tuple[int, int, int], n_experts: int, dim: int, inter: int):
         super().__init__()
         self.types = tuple(ggml_type(t) for t in types)
+        self.fusable = all(t in FUSED_TYPES for t in self.types)  # the fused MoE kernels decode these types
         self.dim, self.inter, self.n_experts = dim, inter, n_experts
         self.register_buffer("gate_q", gate.reshape(self.n_experts, inter, -1))  # (E, I, RB)
         self.register_buffer("up_q", up.reshape(self.n_experts, inter, -1))  # (E, I, RB)
@@ -71,9 +71,8 @@ class QuantRoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """On a GPU with Q4_K/Q6_K/Q8_0/Q5_0 weights and a decode-sized batch: the fused MoE kernels (two
         launches for every expert of the layer). Otherwise one call per active expert."""
-        from tierlm.kernels.moe import MoEConfig, moe_quant
         from tierlm.model.moe import dispatch
 
-        if x.is_cuda and all(t in _FUSED_MOE for t in self.types) and ids.numel() < MoEConfig().sorted_min_pairs:
+        if x.is_cuda and self.fusable and ids.numel() < MOE_DEFAULT.sorted_min_pairs:
             return moe_quant(x, ids, weights.float(), self.gate_q, self.up_q, self.down_q, *self.types)
         return dispatch(self.expert, self.n_experts, x, ids, weights)

@@ -43,8 +43,9 @@ from torch import nn
 
 from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
 from tierlm.kernels.cpu_quant import cpu_quant_matmul
-from tierlm.kernels.moe import MoEConfig, moe_quant
-from tierlm.kernels.quant_matmul import quant_matmul
+from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
+from tierlm.kernels.moe import moe_quant
+from tierlm.kernels.quant_matmul import FUSED_TYPES, quant_matmul
 from tierlm.plan.memory import STAGING_EXPERTS_PER_TOPK
 from tierlm.runtime.placement import CPU_ROWS
 from tierlm.weights.ggml_types import GGMLType
@@ -54,7 +55,6 @@ PREFETCH_MIN_PRECISION = 0.5  # hints kept only while at least half of the hinte
 PREFETCH_WARMUP = 32  # experts hinted to a layer (in all) before its precision is trusted
 PREFETCH_PROBE_EVERY = 16  # steps between probing rounds while hints are off
 PREFETCH_DECAY = 0.98  # per step, on the hinted and used counts
-FUSED_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q5_0)  # what the fused MoE kernels decode
 
 
 @dataclass
@@ -98,7 +98,8 @@ class HostExpert:
         return sum(m.numel() for m in self.mats)
 
 
-def _pread_into(fd: int, offset: int, buf: torch.Tensor) -> None:
+def pread_into(fd: int, offset: int, buf: torch.Tensor) -> None:
+    """Fill ``buf`` (a CPU uint8 tensor) with the file's bytes from ``offset``, looping over short reads."""
     view = memoryview(buf.numpy()).cast("B")
     done = 0
     while done < len(view):
@@ -123,7 +124,7 @@ class DiskReader:
         key = tuple(tuple(m.shape) for m in h.mats)
         free = self.free.setdefault(key, [])
         bufs = free.pop() if free else tuple(torch.empty(m.shape, dtype=torch.uint8) for m in h.mats)
-        futs = [self.pool.submit(_pread_into, fd, off, b) for (fd, off, _), b in zip(h.extents, bufs)]
+        futs = [self.pool.submit(pread_into, fd, off, b) for (fd, off, _), b in zip(h.extents, bufs)]
         return key, bufs, futs
 
     def release(self, key: tuple, bufs: tuple[torch.Tensor, ...]) -> None:
@@ -162,6 +163,7 @@ class TieredExperts(nn.Module):
         self.next: TieredExperts | None = None  # the next MoE layer's experts, for prefetching
         self.next_gate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.counts_tokens = False  # the first MoE layer counts the tokens that pass through
+        self.has_disk = False  # whether any expert lives on disk (put_host): prefetching is pointless otherwise
         self.hinted: set[int] = set()  # disk experts hinted for this layer's next step
         self.pf_issued = self.pf_used = 0.0  # decayed counts of hinted experts and of those then used
         self.pf_total = self.pf_steps = 0  # hinted experts ever; steps
@@ -173,6 +175,7 @@ class TieredExperts(nn.Module):
 
     def put_host(self, e: int, expert: HostExpert) -> None:
         self.host[e] = expert
+        self.has_disk = self.has_disk or expert.tier == "disk"
 
     def _write_slot(self, slot: int, e: int, gate, up, down) -> None:
         self.slot_gate[slot].copy_(gate, non_blocking=True)  # host → device copy (or a device move)
@@ -221,8 +224,9 @@ class TieredExperts(nn.Module):
         self._score_hints({e for e, n in enumerate(counts) if n})
         # this layer's disk experts, read now, in parallel: all of them at decode; a prefill batch that touches
         # most experts reads through a window of the staging RAM the planner reserves (2 K experts)
-        todo = deque(e for e, n in enumerate(counts) if n and self.slot_of[e] < 0 and e in self.host
-                     and self.host[e].tier == "disk" and self.host[e].extents)
+        on_disk = [e for e, n in enumerate(counts) if n and e in self.host and self.host[e].tier == "disk"
+                   and self.host[e].extents]
+        todo = deque(e for e in on_disk if self.slot_of[e] < 0)
         reads: dict[int, tuple] = {}
 
         def top_up() -> None:
@@ -232,7 +236,7 @@ class TieredExperts(nn.Module):
                     reads[e] = disk_reader().submit(self.host[e])
 
         top_up()
-        fused = self.fused and len(self.expert_in) > 0 and N * K < MoEConfig().sorted_min_pairs
+        fused = self.fused and len(self.expert_in) > 0 and N * K < MOE_DEFAULT.sorted_min_pairs
         token, w = order // K, weights.flatten()[order]
         out = torch.zeros(N, self.dim, dtype=torch.float32, device=x.device)
         host_work, start = [], 0
@@ -255,8 +259,7 @@ class TieredExperts(nn.Module):
             # one launch pair for every device expert; an id whose expert is elsewhere maps to slot -1: no work
             out += moe_quant(x, self.slot_map[ids], weights.float(), self.slot_gate, self.slot_up, self.slot_down,
                              *self.types)
-        is_read = {e for e, n in enumerate(counts) if n and e in self.host and self.host[e].tier == "disk"
-                   and self.host[e].extents}
+        is_read = set(on_disk)
         host_work.sort(key=lambda w: w[0] in is_read)  # RAM first: the disk reads get time
         for e, sel, we in host_work:
             h = self.host[e]
@@ -303,8 +306,6 @@ class TieredExperts(nn.Module):
         old = self.expert_in[slot]
         if old >= 0:
             self.slot_of[old] = -1  # its bytes still live in RAM or on disk: eviction copies nothing back
-            if self.fused:
-                self.slot_map[old] = -1
         self._write_slot(slot, e, *self.host[e].mats)
         self.stats.promotions += 1
         self.stats.bytes_promoted += self.host[e].nbytes
@@ -348,7 +349,7 @@ class TieredExperts(nn.Module):
     # ---- prefetch -------------------------------------------------------------------------------------------
     def _prefetch_next(self, x: torch.Tensor) -> None:
         nxt = self.next
-        if nxt is None or not nxt.takes_hints() or not any(h.tier == "disk" for h in nxt.host.values()):
+        if nxt is None or not nxt.has_disk or not nxt.takes_hints():
             return  # no guessing (no router run, no device sync) when it would not be used
         guess = set(nxt.last_ids)
         if self.next_gate is not None:
