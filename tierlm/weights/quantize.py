@@ -204,7 +204,9 @@ def _q45_k_common(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep:
     """
     n = x.shape[0]
     xs = x.reshape(n * 8, 32)  # (S, L)
-    av_x = torch.sqrt(_div(_seqsum(xs * xs).unsqueeze(-1), 32))
+    # C's sqrtf is correctly rounded; torch's float32 sqrt on the CPU is not always (one ulp off, which moves a
+    # weight and then a min). The float64 root rounded to float32 is the correctly rounded float32 root.
+    av_x = torch.sqrt(_div(_seqsum(xs * xs).unsqueeze(-1), 32).double()).float()
     w = av_x + xs.abs()
     scale, the_min, L = _make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep)
     scale, the_min, L = scale.view(n, 8), the_min.view(n, 8), L.view(n, 8, 32)
