@@ -271,3 +271,23 @@ def test_prefetch_stops_when_its_guesses_miss_and_resumes_when_they_hit(demo_ggu
     before, used = s.prefetched, s.prefetch_used
     steps(10)
     assert s.prefetched > before and s.prefetch_used - used == s.prefetched - before  # every hint used
+
+
+def test_disk_experts_are_promoted_from_their_read_not_from_the_memory_map(demo_gguf):
+    """A hot disk expert is copied into a device slot from the buffers this step read it into: its memory-map
+    view would fault its pages in one at a time. The views are overwritten with zeros here, so a promotion
+    that copied them would change the logits."""
+    cfg = tierlm.load(demo_gguf).config
+    ref = tierlm.load(demo_gguf, dtype="float32")
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.by_fraction(cfg, 0.25, 0.0))
+    layers = _tiered_layers(model)
+    for layer in layers:
+        layer.promotes = True  # what a GPU does; with no GPU the slots are host memory, so it is off by default
+        for h in layer.host.values():
+            assert h.tier == "disk"
+            h.mats = tuple(torch.zeros_like(m) for m in h.mats)
+    for i in range(24):  # single tokens, repeating: a few experts get hot
+        prompt = [100 + i % 3]
+        assert torch.equal(model.logits(prompt), ref.logits(prompt))
+    promoted = [e for layer in layers for e in layer.expert_in if e in layer.host]
+    assert model.expert_stats.promotions >= len(layers) and promoted

@@ -156,6 +156,8 @@ class TieredExperts(nn.Module):
         self.expert_in = [-1] * slots  # slot → expert, or -1
         self.slot_map = torch.full((n_experts,), -1, dtype=torch.int64, device=device)  # slot_of, on the device
         self.fused = self.device.type == "cuda" and all(t in FUSED_TYPES for t in types)
+        # hot host experts are copied into the slots: on a GPU only; with no GPU the slots are host memory too
+        self.promotes = self.device.type == "cuda"
         self.host: dict[int, HostExpert] = {}
         self.score = [0.0] * n_experts
         self.decay, self.gpu_batch_threshold = decay, gpu_batch_threshold
@@ -236,10 +238,13 @@ class TieredExperts(nn.Module):
                     reads[e] = disk_reader().submit(self.host[e])
 
         top_up()
+        is_read = set(on_disk)
+        kept: tuple[int, tuple] | None = None  # the hottest disk expert computed this step and its read, for promotion
         fused = self.fused and len(self.expert_in) > 0 and N * K < MOE_DEFAULT.sorted_min_pairs
         token, w = order // K, weights.flatten()[order]
         out = torch.zeros(N, self.dim, dtype=torch.float32, device=x.device)
         host_work, start = [], 0
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert → (tokens, weighted outputs), summed by id
         for e, n in enumerate(counts):
             if n == 0:
                 continue
@@ -247,44 +252,59 @@ class TieredExperts(nn.Module):
             start += n
             slot = self.slot_of[e]
             if slot < 0 and n >= self.gpu_batch_threshold and self.device.type == "cuda":
-                slot = self._promote(e)  # a big batch: copying the expert in beats computing it on the CPU
+                # a big batch: copying the expert in beats computing it on the CPU
+                slot = self._promote_read(e, reads) if e in is_read else self._promote(e)
             if slot >= 0:
                 self._count(e, "device", n)
                 if not fused:
                     y = self._run(x[sel], self.slot_gate[slot], self.slot_up[slot], self.slot_down[slot])
-                    out.index_put_((sel,), y.float() * we, accumulate=True)
+                    parts[e] = sel, y.float() * we
             else:
                 host_work.append((e, sel, we))
         if fused and len(host_work) < sum(1 for n in counts if n):  # some experts are on the device
             # one launch pair for every device expert; an id whose expert is elsewhere maps to slot -1: no work
             out += moe_quant(x, self.slot_map[ids], weights.float(), self.slot_gate, self.slot_up, self.slot_down,
                              *self.types)
-        is_read = set(on_disk)
         host_work.sort(key=lambda w: w[0] in is_read)  # RAM first: the disk reads get time
         for e, sel, we in host_work:
             h = self.host[e]
             self._count(e, h.tier, len(sel))
             xs = x[sel].to("cpu", torch.float32)  # device → host: the tokens this expert needs
             mats = h.mats
+            read = None
             if e in is_read:
-                if e not in reads:  # past the window: read it now
-                    reads[e] = disk_reader().submit(h)
-                key, mats, futs = reads[e]
+                read = reads.pop(e) if e in reads else disk_reader().submit(h)  # past the window: read it now
+                key, mats, futs = read
                 for f in futs:
                     f.result()  # disk → RAM buffer
             y = self._run_host(xs, *mats).to(x.device, non_blocking=True)  # host → device: its outputs
-            if e in is_read:
-                disk_reader().release(key, mats)  # y is the kernel's own output: the buffer is free again
-                del reads[e]
+            parts[e] = sel, y.float() * we
+            if read is not None:  # y is the kernel's own tensor: the buffer is free, unless kept for promotion
+                if self.promotes and (kept is None or self.score[e] > self.score[kept[0]]):
+                    kept, read = (e, read), kept and kept[1]
+                if read is not None:
+                    disk_reader().release(*read[:2])
                 top_up()
-            out.index_put_((sel,), y.float() * we, accumulate=True)
+        for e in sorted(parts):  # in expert order, whatever tier computed each: placement changes no rounding
+            out.index_put_((parts[e][0],), parts[e][1], accumulate=True)
         for key, bufs, futs in reads.values():  # read but not computed here (promoted meanwhile)
             for f in futs:
                 f.result()
             disk_reader().release(key, bufs)
         self.last_ids = set(e for e, n in enumerate(counts) if n)
-        self._age_and_maybe_promote(counts)
+        self._age_and_maybe_promote(counts, {kept[0]: kept[1][1]} if kept else {})
+        if kept:
+            disk_reader().release(*kept[1][:2])
         return out
+
+    def _promote_read(self, e: int, reads: dict[int, tuple]) -> int:
+        """Promote disk expert e from this step's read of it (started now if it was past the window)."""
+        key, bufs, futs = reads.pop(e) if e in reads else disk_reader().submit(self.host[e])
+        for f in futs:
+            f.result()
+        slot = self._promote(e, bufs)
+        disk_reader().release(key, bufs)
+        return slot
 
     def _count(self, e: int, tier: str, n_tokens: int) -> None:
         self.stats.hits[tier] += 1
@@ -298,32 +318,40 @@ class TieredExperts(nn.Module):
             return self.expert_in.index(-1)
         return min(range(len(self.expert_in)), key=lambda s: self.score[self.expert_in[s]])
 
-    def _promote(self, e: int) -> int:
-        """Copy expert e into the device, evicting the coldest resident (which goes back to its host tier)."""
+    def _promote(self, e: int, mats: tuple[torch.Tensor, ...] | None = None) -> int:
+        """Copy expert e into the device, evicting the coldest resident (which goes back to its host tier).
+        A disk expert is copied from ``mats``, the buffers it was just read into: its memory-map view would
+        fault its pages in one at a time, synchronously (tens of ms per expert)."""
         if not len(self.expert_in) or e not in self.host:
             return -1
+        if mats is None:
+            if self.host[e].tier == "disk" and self.host[e].extents:
+                return -1
+            mats = self.host[e].mats
         slot = self._victim()
         old = self.expert_in[slot]
         if old >= 0:
             self.slot_of[old] = -1  # its bytes still live in RAM or on disk: eviction copies nothing back
-        self._write_slot(slot, e, *self.host[e].mats)
+        self._write_slot(slot, e, *mats)
         self.stats.promotions += 1
         self.stats.bytes_promoted += self.host[e].nbytes
         return slot
 
-    def _age_and_maybe_promote(self, counts: list[int]) -> None:
-        """Decay all scores; if the hottest host expert now clearly outscores the coldest resident, swap them."""
+    def _age_and_maybe_promote(self, counts: list[int], staged: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        """Decay all scores; if the hottest host expert now clearly outscores the coldest resident, swap them.
+        Disk experts are candidates only when this step read them (``staged``: expert → its read buffers)."""
         self.score = [s * self.decay for s in self.score]
-        if not len(self.expert_in) or self.device.type != "cuda":
-            return  # with no GPU the "device" tier is host memory too: swapping would only copy bytes around
-        hot = max((e for e, n in enumerate(counts) if n and self.slot_of[e] < 0), key=lambda e: self.score[e],
-                  default=None)
+        if not len(self.expert_in) or not self.promotes:
+            return
+        hot = max((e for e, n in enumerate(counts) if n and self.slot_of[e] < 0
+                   and (e in staged or self.host[e].tier != "disk" or not self.host[e].extents)),
+                  key=lambda e: self.score[e], default=None)
         if hot is None:
             return
         victim = self._victim()
         cold = self.expert_in[victim]
         if cold < 0 or self.score[hot] > 2.0 * self.score[cold] + 1.0:  # hysteresis: no ping-pong
-            self._promote(hot)
+            self._promote(hot, staged.get(hot))
 
     def shrink(self, keep: int) -> int:
         """Give up device slots (after an out-of-memory error): keep the ``keep`` hottest. Returns slots freed."""
