@@ -219,6 +219,20 @@ def decode(model, tokens: int, prompt_len: int = 32) -> dict:
     return out
 
 
+def profiled(fn, top: int = 30) -> list[str]:
+    """The ``top`` functions by own time while ``fn`` runs (cProfile; its overhead inflates Python-heavy lines)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    root = str(Path(__file__).resolve().parent.parent) + os.sep
+    return [line.replace(root, "") for line in text.getvalue().splitlines() if line.strip()]
+
+
 def token_ids(steps) -> list[int]:
     """The token ids of generate_batch's steps (lists of TokenEvent)."""
     return [ev.token_id for step in steps for ev in step]
@@ -250,6 +264,8 @@ def main() -> None:
     ap.add_argument("--no-cache-sweep", action="store_true", help="skip the expert-cache hit-rate runs")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (the GPU tier is then the CPU)")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs (each capped at --gpu-cap) in the tiered plans")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each tiered run, decode a few more tokens under cProfile and keep the top functions")
     ap.add_argument("--prefetch", choices=("adaptive", "always"), default="adaptive",
                     help="always: take every prefetch hint, however rarely the hinted experts are used")
     args = ap.parse_args()
@@ -322,6 +338,8 @@ def main() -> None:
                  roofline_tok_s=1 / roof_s)
         r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
         r["prediction_error"] = pred["decode_tok_s_single"] / r["decode_tok_s"] - 1
+        if args.profile:
+            r["profile"] = profiled(lambda: decode(model, 4))
         report["runs"].append(r)
         print(r, flush=True)
         save()
