@@ -35,7 +35,7 @@ import torch
 
 from tierlm.kernels import moe as moe_mod
 from tierlm.kernels.moe import MoEConfig, moe_quant
-from tierlm.kernels.quant_matmul import DECODE_CONFIGS, QMMConfig, quant_matmul
+from tierlm.kernels.quant_matmul import DECODE_CONFIGS, QMMConfig, quant_matmul, quant_matmul_q8_ref, quantize_q8
 from tierlm.weights.formats import FORMATS, GGMLType, dequantize
 from tierlm.weights.ggml_types import tensor_nbytes
 
@@ -163,7 +163,12 @@ def moe_setup(T_, copies, cfg=None, E=None):
     calls = [lambda ids=ids: moe_quant(x, ids, wts, gate, up, down, *types, config=cfg) for ids in sets]
     per_expert = gate[0].numel() + up[0].numel() + down[0].numel()
     distinct = statistics.mean(len(set(ids.flatten().tolist())) for ids in sets)
-    return calls, per_expert, distinct
+
+    def check() -> float:  # relative error of the first call against the reference of the int8 path
+        ref = moe_mod.moe_quant_q8_ref(x, sets[0], wts, gate, up, down, *types)
+        return ((calls[0]().float() - ref).norm() / ref.norm()).item()
+
+    return calls, per_expert, distinct, check
 
 
 def swept(name, t, M, kinds):
@@ -173,13 +178,13 @@ def swept(name, t, M, kinds):
             and not (c.kind == "tile" and M == 1) and (t == T.Q4_K or not c.q4k_block)]
 
 
-def warm_jobs(quick: bool, kinds=("gemv", "tile", "mmvq")):
+def warm_jobs(quick: bool, kinds=("gemv", "tile", "mmvq"), sweep_m=DECODE_M):
     """(kind, args) for every kernel form the timing will launch, for the compile workers."""
     jobs = []
     for name, N, K, t in SHAPES:
         for M in DECODE_M:
             jobs.append(("decode", (t, N, K, M, None)))
-            if not quick:
+            if not quick and M in sweep_m:
                 jobs += [("decode", (t, N, K, M, c)) for c in swept(name, t, M, kinds)]
         for M in PREFILL_M[:1]:
             jobs.append(("prefill", (t, N, K, M)))
@@ -232,14 +237,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=12, help="processes compiling kernels before timing")
     ap.add_argument("--sweep-kinds", default="gemv,tile,mmvq", help="decode kernel kinds the sweep times")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill comparison")
+    ap.add_argument("--sweep-m", default=",".join(map(str, DECODE_M)), help="activation rows the sweep times")
     args = ap.parse_args()
     t_start = time.time()
     kinds = tuple(args.sweep_kinds.split(","))
+    sweep_m = tuple(int(m) for m in args.sweep_m.split(","))
     dev = torch.cuda.get_device_properties(0)
     res = dict(card=dev.name, capability=list(torch.cuda.get_device_capability()), sms=dev.multi_processor_count,
                date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                triton=__import__("triton").__version__, command="PYTHONPATH=. python " + " ".join(sys.argv),
-               decode=[], sweep=[], prefill=[], moe=[], notes=[])
+               decode=[], sweep=[], quantize=[], prefill=[], moe=[], notes=[])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_json = out_dir / f"kernels-{dev.name.replace(' ', '_')}.json"
@@ -247,11 +254,11 @@ def main() -> None:
     def save():
         out_json.write_text(json.dumps(res, indent=1))
 
-    def over_budget():
-        return time.time() - t_start > args.budget_s
+    def over_budget(share: float = 1.0):
+        return time.time() - t_start > share * args.budget_s
 
     if args.workers > 0:
-        res["prewarm_s"] = round(prewarm(warm_jobs(args.quick, kinds), args.workers), 1)
+        res["prewarm_s"] = round(prewarm(warm_jobs(args.quick, kinds, sweep_m), args.workers), 1)
         print(f"compiled in {res['prewarm_s']} s with {args.workers} workers", flush=True)
     bw = copy_bandwidth()
     res["copy_GBps"] = bw / GB
@@ -279,14 +286,26 @@ def main() -> None:
         nbytes = tensor_nbytes(t, (N, K))
         copies = n_copies(nbytes)
         w = random_weight(t, N, K, copies)
-        for M in DECODE_M:
+        for M in sweep_m:
             x = torch.randn(M, K, device="cuda").half()
+            ref = quant_matmul_q8_ref(x, w[0], t, K)
             for cfg in swept(name, t, M, kinds):
-                if over_budget():
+                if over_budget(0.75):  # the rest is for the MoE configurations
                     break
-                s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)], reps=7)
+                try:
+                    out = quant_matmul(x, w[0], t, K, config=cfg).float()
+                    err = ((out - ref).norm() / ref.norm()).item()  # vs the int8 reference: each config's own check
+                    s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)],
+                                   reps=7)
+                except Exception as e:  # recorded, and the sweep goes on
+                    res["notes"].append(f"sweep {name} M={M} {cfg}: {type(e).__name__}: {e}"[:500])
+                    print(res["notes"][-1], flush=True)
+                    continue
                 res["sweep"].append(dict(shape=name, type=t.name, M=M, config=cfg.__dict__, us=s * 1e6,
-                                         pct=100 * nbytes / s / bw))
+                                         pct=100 * nbytes / s / bw, rel_err_vs_q8_ref=err))
+            # the activation quantizer alone, which every int8 product launches first
+            sq = graph_time([lambda: quantize_q8(x)], reps=7)
+            res["quantize"].append(dict(K=K, M=M, us=sq * 1e6))
         del w
         torch.cuda.empty_cache()
         save()
@@ -317,13 +336,14 @@ def main() -> None:
     # fused MoE
     def moe_row(T_, cfg, label):
         copies = 16 if T_ < 64 else 2
-        calls, per_expert, distinct = moe_setup(T_, copies, cfg)
+        calls, per_expert, distinct, check = moe_setup(T_, copies, cfg)
+        err = check() if T_ <= 16 and (cfg or moe_mod.DEFAULT).q8 else None
         timer = graph_time if T_ < 64 else event_time
         s = timer(calls)
         nbytes = per_expert * distinct
         row = dict(label=label, T=T_, config=(cfg or moe_mod.DEFAULT).__dict__, us=s * 1e6,
                    expert_bytes=nbytes, read_us=nbytes / bw * 1e6, ratio=s / (nbytes / bw),
-                   pct=100 * nbytes / s / bw)
+                   pct=100 * nbytes / s / bw, rel_err_vs_q8_ref=err)
         res["moe"].append(row)
         print(f"moe {label:24s} T={T_:4d} {s * 1e6:9.1f} us; reading {distinct:.0f} experts' {nbytes / 1e6:.0f} MB at "
               f"copy bandwidth: {row['read_us']:.1f} us -> {row['ratio']:.2f}x", flush=True)
@@ -337,9 +357,14 @@ def main() -> None:
     moe_row(16, MoEConfig(sorted_min_pairs=1 << 30), "pairs (unsorted)")
     for cfg in moe_mod.DECODE_CONFIGS:
         if not over_budget():
-            label = (f"int8 {cfg.num_warps}w n{cfg.mmvq_rows} b{cfg.mmvq_nblk}{' pf' if cfg.mmvq_pf else ''}" if cfg.q8 else
+            label = (f"int8 {cfg.num_warps}w n{cfg.mmvq_rows} b{cfg.mmvq_nblk}{' pf' if cfg.mmvq_pf else ''}"
+                     f"{' pdl' if cfg.mmvq_pdl else ''}" if cfg.q8 else
                      f"float {cfg.num_warps}w r{cfg.rows}{' blk' if cfg.q4k_block else ''}")
-            moe_row(1, cfg, label)
+            try:
+                moe_row(1, cfg, label)
+            except Exception as e:  # recorded, and the sweep goes on
+                res["notes"].append(f"moe {label}: {type(e).__name__}: {e}"[:500])
+                print(res["notes"][-1], flush=True)
     moe_row(512, None, "prefill (sorted)")
 
     res["total_s"] = round(time.time() - t_start, 1)

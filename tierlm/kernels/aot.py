@@ -148,19 +148,21 @@ def compile_variant(v: Variant, capability: int):
 
 
 def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out: str = "fp16",
-                 num_stages: int = 2, prefetch: bool = False) -> Variant:
+                 num_stages: int = 2, prefetch: bool = False, gdc: bool = False) -> Variant:
     """The int8-activation decode product (``triton_mmvq.mmvq_kernel``)."""
     types = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32",
                  row_bytes="i32", nblocks="i32", blocks_per_split="i32", stride_om="i32", stride_os="i32")
-    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch)
+    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch, GDC=gdc)
     aligned = ("K",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
-    return Variant(f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}", tv.mmvq_kernel, types, const, aligned, num_warps,
+    name = f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}{'_gdc' if gdc else ''}"
+    return Variant(name, tv.mmvq_kernel, types, const, aligned, num_warps,
                    num_stages, tags=dict(act=out, qtype=qtype))
 
 
-def quantize_q8_variant(act: str) -> Variant:
+def quantize_q8_variant(act: str, gdc: bool = False) -> Variant:
     types = dict(x_ptr=_PTR[act], xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", K="i32", stride_xm="i32")
-    return Variant(f"quantize_q8_{act}", tv.quantize_q8_kernel, types, dict(G=8, ASM=True), ("K", "stride_xm"), 1,
+    return Variant(f"quantize_q8_{act}{'_gdc' if gdc else ''}", tv.quantize_q8_kernel, types,
+                   dict(G=8, ASM=True, GDC=gdc), ("K", "stride_xm"), 1,
                    tags=dict(act=act))
 
 

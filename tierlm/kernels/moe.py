@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierlm.kernels.quant_matmul import FUSED_TYPES, KernelInputError, _interpreting, device_info
+from tierlm.kernels.quant_matmul import FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, device_info
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -52,13 +52,14 @@ class MoEConfig:
     mmvq_rows: int = 4  # int8 decode: weight rows per program
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
+    mmvq_pdl: bool = False  # int8 decode, sm_90+: launch up and down as programmatic dependents of their quantizers
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
 DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
-    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb, mmvq_pf=pf) for (bn, nb, w) in
-    ((4, 4, 2), (2, 4, 1), (4, 4, 1), (2, 8, 1), (4, 2, 1), (1, 8, 1), (8, 4, 2)) for pf in (False, True))
+    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb, mmvq_pdl=pdl) for (bn, nb, w) in MMVQ_STEPS
+    for pdl in (False, True)) + (MoEConfig(mmvq_pf=True),)
 DEFAULT = MoEConfig()
 
 
@@ -180,22 +181,26 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D)."""
     from tierlm.kernels import triton_mmvq as tv
-    from tierlm.kernels.quant_matmul import quantize_q8
+    from tierlm.kernels.quant_matmul import quantize_q8, use_pdl
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
-    xq, xd, xs = quantize_q8(x.contiguous())
+    pdl = use_pdl(cfg.mmvq_pdl, x)
+    xq, xd, xs = quantize_q8(x.contiguous(), pdl)
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     bn = cfg.mmvq_rows
-    common = dict(BN=bn, NBLK=cfg.mmvq_nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf, num_warps=cfg.num_warps)
+    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf, GDC=pdl, **({"launch_pdl": True} if pdl else {}))
+    nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, D)
     tv.moe_up_q8_kernel[(P, -(-I // bn))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
-        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), **common)
-    hq, hd, hs = quantize_q8(h)
+        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), NBLK=nblk,
+        num_warps=warps, **common)
+    hq, hd, hs = quantize_q8(h, pdl)
+    nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
-        DOWN_T=int(dt), **common)
+        DOWN_T=int(dt), NBLK=nblk, num_warps=warps, **common)
     return y
 
 

@@ -63,6 +63,7 @@ class QMMConfig:
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
+    pdl: bool = False  # mmvq, sm_90+: start as a programmatic dependent of the quantizer (weights load meanwhile)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -70,10 +71,12 @@ GEMV_CONFIGS = tuple(
     QMMConfig("gemv", w, s, rows=r, q4k_block=b) for b in (False, True) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4)
 )  # q4k_block only changes Q4_K
 TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 64) for s in (1, 4))  # tl.dot tiles
-MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, s, block_n=bn, nblk=nb, prefetch=pf)
-                     for (bn, nb, w) in ((2, 4, 1), (1, 8, 1), (4, 2, 1), (4, 4, 1), (2, 8, 1), (1, 4, 1),
-                                         (4, 4, 2), (4, 8, 4))
-                     for s in (1, 2) for pf in (False, True))
+# (rows per program, 256-element blocks per step, warps): from small one-warp programs looping over K to
+# whole rows in one step (fit_step trims the step to the row), each with and without programmatic launch
+MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (1, 8, 2), (2, 8, 2), (1, 16, 2), (1, 16, 4),
+              (2, 16, 4), (1, 32, 4), (1, 32, 8), (2, 32, 8), (4, 16, 8), (4, 32, 16))
+MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, pdl=pdl) for (bn, nb, w) in MMVQ_STEPS
+                     for pdl in (False, True)) + (QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True),)
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -203,8 +206,18 @@ def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.to(torch.int8).reshape(M, K).to(x2.device), xd.to(x2.device), xs.to(x2.device)
 
 
-def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter)."""
+def use_pdl(wanted: bool, x: torch.Tensor) -> bool:
+    """Whether a launch on x's device can be a programmatic dependent (sm_90+, a Triton that has it, not in
+    the interpreter)."""
+    from tierlm.kernels import triton_mmvq as tv
+
+    return (wanted and tv.HAS_GDC and x.is_cuda and not _interpreting()
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def quantize_q8(x2: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter). ``pdl``: the next
+    launch is a programmatic dependent (``triton_mmvq`` with GDC), which this one lets start at once."""
     M, K = x2.shape
     if K % 32:
         raise KernelInputError(f"quantize_q8: K={K} is not a multiple of 32")
@@ -217,7 +230,7 @@ def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     xs = torch.empty_like(xd)
     G = 8
     tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, ASM=not _interpreting(),
-                                                         num_warps=1)
+                                                         GDC=pdl, num_warps=1)
     return xq, xd, xs
 
 
@@ -241,16 +254,18 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
 
         if qtype not in FUSED_TYPES:
             raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
-        xq, xd, xs = quantize_q8(x2)
+        pdl = use_pdl(cfg.pdl, x2)
+        xq, xd, xs = quantize_q8(x2, pdl)
+        nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
-        step = cfg.nblk * 256 // tv.BLOCK_ELEMS[int(qtype)]  # blocks per loop step
+        step = nblk * 256 // tv.BLOCK_ELEMS[int(qtype)]  # blocks per loop step
         per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), step) * step  # whole steps per split
         splits = triton_cdiv(nblocks, per_split)
         out = _out_buffer(x2, M, N, splits)
         grid = (M * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
-                             QTYPE=int(qtype), BN=cfg.block_n, NBLK=cfg.nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                             QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
+                             GDC=pdl, num_warps=warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 
