@@ -53,13 +53,14 @@ class MoEConfig:
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
     mmvq_pdl: bool = False  # int8 decode, sm_90+: launch up and down as programmatic dependents of their quantizers
+    mmvq_fence: bool = False  # int8 decode: all of a step's weight loads issued before its arithmetic (a barrier)
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
 DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
-    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb, mmvq_pdl=pdl) for (bn, nb, w) in MMVQ_STEPS
-    for pdl in (False, True)) + (MoEConfig(mmvq_pf=True),)
+    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb, mmvq_fence=f) for (bn, nb, w) in MMVQ_STEPS
+    for f in (False, True)) + (MoEConfig(mmvq_pf=True), MoEConfig(mmvq_pdl=True), MoEConfig(mmvq_pdl=True, mmvq_fence=True))
 DEFAULT = MoEConfig()
 
 
@@ -190,7 +191,8 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     bn = cfg.mmvq_rows
-    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf, GDC=pdl, **({"launch_pdl": True} if pdl else {}))
+    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf, GDC=pdl, BAR=cfg.mmvq_fence,
+                  **({"launch_pdl": True} if pdl else {}))
     nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, D)
     tv.moe_up_q8_kernel[(P, -(-I // bn))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],

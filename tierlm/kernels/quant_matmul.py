@@ -64,6 +64,7 @@ class QMMConfig:
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
     pdl: bool = False  # mmvq, sm_90+: start as a programmatic dependent of the quantizer (weights load meanwhile)
+    fence: bool = False  # mmvq: a barrier after each step's weight loads, so that all are issued before arithmetic
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -71,12 +72,14 @@ GEMV_CONFIGS = tuple(
     QMMConfig("gemv", w, s, rows=r, q4k_block=b) for b in (False, True) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4)
 )  # q4k_block only changes Q4_K
 TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 64) for s in (1, 4))  # tl.dot tiles
-# (rows per program, 256-element blocks per step, warps): from small one-warp programs looping over K to
-# whole rows in one step (fit_step trims the step to the row), each with and without programmatic launch
-MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (1, 8, 2), (2, 8, 2), (1, 16, 2), (1, 16, 4),
-              (2, 16, 4), (1, 32, 4), (1, 32, 8), (2, 32, 8), (4, 16, 8), (4, 32, 16))
-MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, pdl=pdl) for (bn, nb, w) in MMVQ_STEPS
-                     for pdl in (False, True)) + (QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True),)
+# (rows per program, 256-element blocks per step, warps), each with and without the load fence; programmatic
+# launch on a few (no gain measured on an H200, kept selectable and tested)
+MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (2, 4, 1), (2, 8, 2), (2, 2, 1), (8, 2, 2),
+              (8, 4, 4), (4, 8, 4), (1, 16, 2))
+MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, fence=f) for (bn, nb, w) in MMVQ_STEPS
+                     for f in (False, True)) + tuple(
+    QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, pdl=True, fence=f) for (bn, nb, w) in ((4, 4, 2), (4, 2, 1))
+    for f in (False, True)) + (QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True),)
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -265,7 +268,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         grid = (M * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             GDC=pdl, num_warps=warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
+                             GDC=pdl, BAR=cfg.fence, num_warps=warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 
