@@ -357,8 +357,7 @@ def main() -> None:
     moe_row(16, MoEConfig(sorted_min_pairs=1 << 30), "pairs (unsorted)")
     for cfg in moe_mod.DECODE_CONFIGS:
         if not over_budget():
-            label = (f"int8 {cfg.num_warps}w n{cfg.mmvq_rows} b{cfg.mmvq_nblk}{' pf' if cfg.mmvq_pf else ''}"
-                     f"{' pdl' if cfg.mmvq_pdl else ''}{' fence' if cfg.mmvq_fence else ''}" if cfg.q8 else
+            label = (f"int8 {cfg.num_warps}w n{cfg.mmvq_rows} b{cfg.mmvq_nblk}{' pf' if cfg.mmvq_pf else ''}" if cfg.q8 else
                      f"float {cfg.num_warps}w r{cfg.rows}{' blk' if cfg.q4k_block else ''}")
             try:
                 moe_row(1, cfg, label)

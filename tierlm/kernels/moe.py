@@ -52,15 +52,12 @@ class MoEConfig:
     mmvq_rows: int = 4  # int8 decode: weight rows per program
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
-    mmvq_pdl: bool = False  # int8 decode, sm_90+: launch up and down as programmatic dependents of their quantizers
-    mmvq_fence: bool = False  # int8 decode: all of a step's weight loads issued before its arithmetic (a barrier)
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
 DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
-    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb, mmvq_fence=f) for (bn, nb, w) in MMVQ_STEPS
-    for f in (False, True)) + (MoEConfig(mmvq_pf=True), MoEConfig(mmvq_pdl=True), MoEConfig(mmvq_pdl=True, mmvq_fence=True))
+    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (MoEConfig(mmvq_pf=True),)
 DEFAULT = MoEConfig()
 
 
@@ -182,23 +179,21 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D)."""
     from tierlm.kernels import triton_mmvq as tv
-    from tierlm.kernels.quant_matmul import quantize_q8, use_pdl
+    from tierlm.kernels.quant_matmul import quantize_q8
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
-    pdl = use_pdl(cfg.mmvq_pdl, x)
-    xq, xd, xs = quantize_q8(x.contiguous(), pdl)
+    xq, xd, xs = quantize_q8(x.contiguous())
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     bn = cfg.mmvq_rows
-    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf, GDC=pdl, BAR=cfg.mmvq_fence,
-                  **({"launch_pdl": True} if pdl else {}))
+    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf)
     nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, D)
     tv.moe_up_q8_kernel[(P, -(-I // bn))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), NBLK=nblk,
         num_warps=warps, **common)
-    hq, hd, hs = quantize_q8(h, pdl)
+    hq, hd, hs = quantize_q8(h)
     nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),

@@ -63,8 +63,6 @@ class QMMConfig:
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
-    pdl: bool = False  # mmvq, sm_90+: start as a programmatic dependent of the quantizer (weights load meanwhile)
-    fence: bool = False  # mmvq: a barrier after each step's weight loads, so that all are issued before arithmetic
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -72,14 +70,12 @@ GEMV_CONFIGS = tuple(
     QMMConfig("gemv", w, s, rows=r, q4k_block=b) for b in (False, True) for r in (1, 2) for w in (4, 8) for s in (1, 2, 4)
 )  # q4k_block only changes Q4_K
 TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 64) for s in (1, 4))  # tl.dot tiles
-# (rows per program, 256-element blocks per step, warps), each with and without the load fence; programmatic
-# launch on a few (no gain measured on an H200, kept selectable and tested)
+# (rows per program, 256-element blocks per step, warps): small programs looping over K, up to a step of a
+# whole 4096-element row (fit_step trims a step to the row)
 MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (2, 4, 1), (2, 8, 2), (2, 2, 1), (8, 2, 2),
               (8, 4, 4), (4, 8, 4), (1, 16, 2))
-MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, fence=f) for (bn, nb, w) in MMVQ_STEPS
-                     for f in (False, True)) + tuple(
-    QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, pdl=True, fence=f) for (bn, nb, w) in ((4, 4, 2), (4, 2, 1))
-    for f in (False, True)) + (QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True),)
+MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
+    QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True),)
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -209,18 +205,8 @@ def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.to(torch.int8).reshape(M, K).to(x2.device), xd.to(x2.device), xs.to(x2.device)
 
 
-def use_pdl(wanted: bool, x: torch.Tensor) -> bool:
-    """Whether a launch on x's device can be a programmatic dependent (sm_90+, a Triton that has it, not in
-    the interpreter)."""
-    from tierlm.kernels import triton_mmvq as tv
-
-    return (wanted and tv.HAS_GDC and x.is_cuda and not _interpreting()
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
-
-
-def quantize_q8(x2: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter). ``pdl``: the next
-    launch is a programmatic dependent (``triton_mmvq`` with GDC), which this one lets start at once."""
+def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter)."""
     M, K = x2.shape
     if K % 32:
         raise KernelInputError(f"quantize_q8: K={K} is not a multiple of 32")
@@ -233,7 +219,7 @@ def quantize_q8(x2: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torc
     xs = torch.empty_like(xd)
     G = 8
     tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, ASM=not _interpreting(),
-                                                         GDC=pdl, num_warps=1)
+                                                         num_warps=1)
     return xq, xd, xs
 
 
@@ -257,8 +243,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
 
         if qtype not in FUSED_TYPES:
             raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
-        pdl = use_pdl(cfg.pdl, x2)
-        xq, xd, xs = quantize_q8(x2, pdl)
+        xq, xd, xs = quantize_q8(x2)
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
         step = nblk * 256 // tv.BLOCK_ELEMS[int(qtype)]  # blocks per loop step
@@ -268,7 +253,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         grid = (M * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             GDC=pdl, BAR=cfg.fence, num_warps=warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
+                             num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 

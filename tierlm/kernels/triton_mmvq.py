@@ -17,16 +17,6 @@ block, so a warp's load is one contiguous run (16-byte loads for Q4_K, whose 144
 16-byte aligned; pairs of 2-byte loads for Q6_K, Q8_0 and Q5_0, whose blocks are only 2-byte
 aligned). The activation words are the same for every row: they come from L1.
 
-``GDC`` (sm_90+, with the kernel launched as a programmatic dependent of the activation quantizer,
-which lets it start at once) issues each program's first weight loads before waiting for the
-quantized activations (``griddepcontrol.wait``): the weights stream in while the quantizer runs.
-
-``BAR`` puts a barrier (``bar.sync``) after each step's weight loads. Without it, ptxas (fewest live
-registers) issues a Q4_K step's second 16-byte load and its header loads only once the first load's
-data is in use, so each step waits on memory more than once; with it, every weight load of the step
-is issued before the arithmetic (visible in the sm_90 SASS). Q6_K, Q8_0 and Q5_0 steps already issue
-all their loads first.
-
 ``ASM`` selects the ``dp4a`` instruction; without it (Triton's CPU interpreter) a Triton-op twin
 computes the same integer sums.
 
@@ -41,12 +31,6 @@ import triton.language as tl
 
 from tierlm.kernels.triton_q import row_stride
 
-try:  # programmatic dependent launch (sm_90+): Triton 3.3 and later
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: GDC stays off (see has_gdc)
-    gdc_launch_dependents = gdc_wait = None
-
-HAS_GDC = gdc_wait is not None
 Q4_K, Q6_K, Q8_0, Q5_0 = 12, 14, 8, 6
 BLOCK_ELEMS = {Q4_K: 256, Q6_K: 256, Q8_0: 32, Q5_0: 32}
 _SIGN4 = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
@@ -71,13 +55,10 @@ def _rint(v, ASM: tl.constexpr):
 
 
 @triton.jit
-def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr, ASM: tl.constexpr,
-                       GDC: tl.constexpr = False):
+def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr, ASM: tl.constexpr):
     """Row m, groups g0..g0+G-1 of x: xq = round(x * (127 / max|x|)) as int8 (the product rounded to
     float32, then to the nearest integer, ties to even), xd = max|x| / 127, xs = xd * sum(xq).
-    Grid: (M, cdiv(K / 32, G)). GDC lets the next kernel, launched as a programmatic dependent, start now."""
-    if GDC:
-        gdc_launch_dependents()
+    Grid: (M, cdiv(K / 32, G))."""
     m = tl.program_id(0)
     g = tl.program_id(1) * G + tl.arange(0, G)
     gmask = g < K // 32
@@ -144,7 +125,7 @@ def _q4k_fetch(wrow, kb, wo):
 
 @triton.jit
 def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, GDC: tl.constexpr, BAR: tl.constexpr):
+              PF: tl.constexpr):
     """Q4_K: (BN,) partial dot products over blocks kb0..kb1-1.
 
     Tensors are (BN, NBLK, 4 chunks, 4 words): chunk c is the 32 nibble bytes of groups 2c (low
@@ -170,16 +151,6 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
             n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), wo)
         else:
             w0, w1, w2, w3, q0, q1 = _q4k_fetch(wrow, kb, wo)
-        if GDC:  # the weights are in flight: now wait for the kernel that wrote the activations
-            gdc_wait()
-        if BAR:  # a scheduling fence: every weight load of the step is issued before any arithmetic
-            tl.debug_barrier()
-        # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
-        xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
-        x0, x1, x2, x3 = tl.load(xp), tl.load(xp + 4), tl.load(xp + 8), tl.load(xp + 12)
-        gi = tl.broadcast_to((kb[:, None] * 8 + 2 * c[None, :])[None], [BN, NBLK, 4])  # x group of the low nibbles
-        dxl, dxh = tl.load(xd_ptr + gi), tl.load(xd_ptr + gi + 1)
-        sxl, sxh = tl.load(xs_ptr + gi), tl.load(xs_ptr + gi + 1)
         d = _f16(w0)
         dmin = _f16(w0 >> 16)
         b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
@@ -188,8 +159,14 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         b1, b2, b3 = (w1 >> (sh + 8)) & 0xFF, (w2 >> (sh + 8)) & 0xFF, (w3 >> (sh + 8)) & 0xFF
         sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
         mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
-        s_lo = tl.sum(_dp4a(q0 & _M4, x0, False, ASM) + _dp4a(q1 & _M4, x1, False, ASM), axis=3)
-        s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, x2, False, ASM) + _dp4a((q1 >> 4) & _M4, x3, False, ASM), axis=3)
+        # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
+        xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
+        s_lo = tl.sum(_dp4a(q0 & _M4, tl.load(xp), False, ASM) + _dp4a(q1 & _M4, tl.load(xp + 4), False, ASM), axis=3)
+        s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, tl.load(xp + 8), False, ASM)
+                      + _dp4a((q1 >> 4) & _M4, tl.load(xp + 12), False, ASM), axis=3)
+        gi = tl.broadcast_to((kb[:, None] * 8 + 2 * c[None, :])[None], [BN, NBLK, 4])  # x group of the low nibbles
+        dxl, dxh = tl.load(xd_ptr + gi), tl.load(xd_ptr + gi + 1)
+        sxl, sxh = tl.load(xs_ptr + gi), tl.load(xs_ptr + gi + 1)
         part = d * (sc_lo.to(tl.float32) * dxl * s_lo.to(tl.float32) + sc_hi.to(tl.float32) * dxh * s_hi.to(tl.float32)) \
             - dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)
         acc += tl.where(keep, part, 0.0)
@@ -210,7 +187,7 @@ def _q6k_fetch(wrow, kb, h4, w4):
 
 @triton.jit
 def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, GDC: tl.constexpr, BAR: tl.constexpr):
+              PF: tl.constexpr):
     """Q6_K: tensors are (BN, NBLK, 2 halves, 2 quarters, 4 words); word w = 4 * quarter + r of half h
     gives the four int8 words of elements 128h + 32i + 4w + (0..3), i = 0..3, whose scale is
     scales[8h + 2i + quarter]."""
@@ -230,10 +207,6 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
             nA, nB, nH, nd = _q6k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), h4, w4)
         else:
             A, B, H, d = _q6k_fetch(wrow, kb, h4, w4)
-        if GDC:  # the weights are in flight: now wait for the kernel that wrote the activations
-            gdc_wait()
-        if BAR:  # a scheduling fence: every weight load of the step is issued before any arithmetic
-            tl.debug_barrier()
         blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
         sp = (blk[:, :, None, None] + 192 + (8 * h2 + qt2)[None, None]).to(tl.pointer_type(tl.int8))
         xo = tl.broadcast_to((kb[:, None, None, None] * 64 + 32 * h4 + w4)[None], [BN, NBLK, 2, 2, 4])
@@ -266,7 +239,7 @@ def _q80_fetch(wrow, kb, w):
 
 @triton.jit
 def _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, GDC: tl.constexpr, BAR: tl.constexpr):
+              PF: tl.constexpr):
     """Q8_0: tensors are (BN, NB, 8 words) with NB = 8 NBLK blocks (256 elements per NBLK, as for
     the K-quants); a 34-byte block is d then 32 int8. Every word keeps its own float sum until the
     loop ends, so no step needs a shuffle."""
@@ -284,10 +257,6 @@ def _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
             nq, nd = _q80_fetch(wrow, tl.minimum(kb + NB, kb1 - 1), w)
         else:
             q, d = _q80_fetch(wrow, kb, w)
-        if GDC:  # the weights are in flight: now wait for the kernel that wrote the activations
-            gdc_wait()
-        if BAR:  # a scheduling fence: every weight load of the step is issued before any arithmetic
-            tl.debug_barrier()
         xo = tl.broadcast_to((kb[:, None] * 8 + w[None, :])[None], [BN, NB, 8])
         s = _dp4a(q, tl.load(xq32 + xo), True, ASM).to(tl.float32)
         acc += tl.where(keep, d * tl.load(xd_ptr + tl.broadcast_to(kb[None, :, None], [BN, NB, 1])) * s, 0.0)
@@ -309,7 +278,7 @@ def _q50_fetch(wrow, kb, w3):
 
 @triton.jit
 def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, GDC: tl.constexpr, BAR: tl.constexpr):
+              PF: tl.constexpr):
     """Q5_0: tensors are (BN, NB, 4 words), NB = 8 NBLK; a 22-byte block is d, 32 fifth bits, 16 bytes
     of nibbles (element j in the low nibble of byte j, element 16 + j in its high nibble); w = q - 16."""
     NB: tl.constexpr = 8 * NBLK
@@ -327,10 +296,6 @@ def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
             nqh, nQ, nd = _q50_fetch(wrow, tl.minimum(kb + NB, kb1 - 1), w3)
         else:
             qh, Q, d = _q50_fetch(wrow, kb, w3)
-        if GDC:  # the weights are in flight: now wait for the kernel that wrote the activations
-            gdc_wait()
-        if BAR:  # a scheduling fence: every weight load of the step is issued before any arithmetic
-            tl.debug_barrier()
         lo = (Q & _M4) | _spread4((qh >> (4 * w3)) & 15)
         hi = ((Q >> 4) & _M4) | _spread4((qh >> (16 + 4 * w3)) & 15)
         xo = tl.broadcast_to((kb[:, None] * 8 + w[None, :])[None], [BN, NB, 4])
@@ -342,8 +307,7 @@ def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 @triton.jit
 def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
-              QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr = False,
-              GDC: tl.constexpr = False, BAR: tl.constexpr = False):
+              QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr = False):
     """Rows row0 .. row0 + BN - 1 of the weight at w_ptr dotted with one quantized activation row
     (xq int8, xd/xs per 32 values) over blocks kb0..kb1-1: (BN,) float32. Rows past N are clamped
     (their values are garbage for the caller to mask); an empty block range gives zeros."""
@@ -351,21 +315,20 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12:
-        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, GDC, BAR)
+        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 14:
-        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, GDC, BAR)
+        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 8:
-        return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, GDC, BAR)
+        return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     else:
-        return _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, GDC, BAR)
+        return _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
 
 
 @triton.jit
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                PF: tl.constexpr = False, GDC: tl.constexpr = False,
-                BAR: tl.constexpr = False):
+                PF: tl.constexpr = False):
     """out[s, m, n] = weight row n . activation row m over split s's blocks.
 
     Grid: (M * cdiv(N, BN), splits); program i is row block i // M of activation row i % M, so the
@@ -380,7 +343,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
     kb0 = s * blocks_per_split
     kb1 = tl.minimum(kb0 + blocks_per_split, nblocks)
     acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * (K // 32), xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
-                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF, GDC, BAR)
+                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(out_ptr + s.to(tl.int64) * stride_os + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty),
              mask=rows < N)
@@ -390,8 +353,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr, PF: tl.constexpr = False, GDC: tl.constexpr = False,
-                BAR: tl.constexpr = False):
+                     ASM: tl.constexpr, PF: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros."""
@@ -402,10 +364,8 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     e = tl.where(valid, e, 0).to(tl.int64)
     tok = (t // TOPK).to(tl.int64)
     xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * (D // 32), xs_ptr + tok * (D // 32)
-    g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM,
-                  PF, GDC, BAR)
-    u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
-                  GDC, BAR)
+    g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM, PF)
+    u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
@@ -413,8 +373,7 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                       PF: tl.constexpr = False, GDC: tl.constexpr = False,
-                BAR: tl.constexpr = False):
+                       PF: tl.constexpr = False):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -423,6 +382,6 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
     acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * (I // 32), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, GDC, BAR)
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
