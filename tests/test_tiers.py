@@ -291,3 +291,23 @@ def test_disk_experts_are_promoted_from_their_read_not_from_the_memory_map(demo_
         assert torch.equal(model.logits(prompt), ref.logits(prompt))
     promoted = [e for layer in layers for e in layer.expert_in if e in layer.host]
     assert model.expert_stats.promotions >= len(layers) and promoted
+
+
+def test_promotion_never_evicts_an_expert_routed_in_the_same_step(demo_gguf):
+    """On a GPU the device experts of a step run as one launch after the loop that may promote: an expert of
+    that step must keep its slot, however cold its decayed score (it would otherwise count for nothing)."""
+    cfg = tierlm.load(demo_gguf).config
+    model = tierlm.load(demo_gguf, dtype="float32", placement=Placement.by_fraction(cfg, 0.25, 0.75))
+    layer = _tiered_layers(model)[0]
+    residents = [e for e in layer.expert_in if e >= 0]
+    coldest, other = residents[0], residents[1]
+    hot = next(e for e, h in layer.host.items() if h.tier == "ram")
+    layer.score = [1.0] * layer.n_experts
+    layer.score[coldest], layer.score[other] = 0.0, 0.5
+    assert layer._victim() == layer.slot_of[coldest]
+    other_slot = layer.slot_of[other]
+    slot = layer._promote(hot, keep={coldest, hot})
+    assert slot == other_slot and layer.expert_in[slot] == hot and layer.slot_of[other] == -1
+    assert layer.slot_of[coldest] >= 0
+    assert layer._promote(next(e for e, h in layer.host.items() if h.tier == "ram" and e != other),
+                          keep=set(layer.expert_in)) == -1  # every resident in use: nothing to evict

@@ -223,7 +223,8 @@ class TieredExperts(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        self._score_hints({e for e, n in enumerate(counts) if n})
+        used = {e for e, n in enumerate(counts) if n}
+        self._score_hints(used)
         # this layer's disk experts, read now, in parallel: all of them at decode; a prefill batch that touches
         # most experts reads through a window of the staging RAM the planner reserves (2 K experts)
         on_disk = [e for e, n in enumerate(counts) if n and e in self.host and self.host[e].tier == "disk"
@@ -252,8 +253,9 @@ class TieredExperts(nn.Module):
             start += n
             slot = self.slot_of[e]
             if slot < 0 and n >= self.gpu_batch_threshold and self.device.type == "cuda":
-                # a big batch: copying the expert in beats computing it on the CPU
-                slot = self._promote_read(e, reads) if e in is_read else self._promote(e)
+                # a big batch: copying the expert in beats computing it on the CPU; no expert routed in this
+                # step is evicted (the fused launch below reads the slots of all of them)
+                slot = self._promote_read(e, reads, used) if e in is_read else self._promote(e, keep=used)
             if slot >= 0:
                 self._count(e, "device", n)
                 if not fused:
@@ -291,18 +293,20 @@ class TieredExperts(nn.Module):
             for f in futs:
                 f.result()
             disk_reader().release(key, bufs)
-        self.last_ids = set(e for e, n in enumerate(counts) if n)
+        self.last_ids = used
         self._age_and_maybe_promote(counts, {kept[0]: kept[1][1]} if kept else {})
         if kept:
             disk_reader().release(*kept[1][:2])
         return out
 
-    def _promote_read(self, e: int, reads: dict[int, tuple]) -> int:
+    def _promote_read(self, e: int, reads: dict[int, tuple], keep: set[int]) -> int:
         """Promote disk expert e from this step's read of it (started now if it was past the window)."""
+        if self._victim(keep) < 0:
+            return -1
         key, bufs, futs = reads.pop(e) if e in reads else disk_reader().submit(self.host[e])
         for f in futs:
             f.result()
-        slot = self._promote(e, bufs)
+        slot = self._promote(e, bufs, keep)
         disk_reader().release(key, bufs)
         return slot
 
@@ -312,13 +316,15 @@ class TieredExperts(nn.Module):
         self.score[e] += 1.0
 
     # ---- cache policy --------------------------------------------------------------------------------------
-    def _victim(self) -> int:
-        """The device slot holding the expert with the lowest score (an empty slot first)."""
+    def _victim(self, keep: set[int] = frozenset()) -> int:
+        """The device slot holding the expert with the lowest score (an empty slot first), never one of ``keep``;
+        -1 when there is none."""
         if -1 in self.expert_in:
             return self.expert_in.index(-1)
-        return min(range(len(self.expert_in)), key=lambda s: self.score[self.expert_in[s]])
+        return min((s for s in range(len(self.expert_in)) if self.expert_in[s] not in keep),
+                   key=lambda s: self.score[self.expert_in[s]], default=-1)
 
-    def _promote(self, e: int, mats: tuple[torch.Tensor, ...] | None = None) -> int:
+    def _promote(self, e: int, mats: tuple[torch.Tensor, ...] | None = None, keep: set[int] = frozenset()) -> int:
         """Copy expert e into the device, evicting the coldest resident (which goes back to its host tier).
         A disk expert is copied from ``mats``, the buffers it was just read into: its memory-map view would
         fault its pages in one at a time, synchronously (tens of ms per expert)."""
@@ -328,7 +334,9 @@ class TieredExperts(nn.Module):
             if self.host[e].tier == "disk" and self.host[e].extents:
                 return -1
             mats = self.host[e].mats
-        slot = self._victim()
+        slot = self._victim(keep)
+        if slot < 0:
+            return -1
         old = self.expert_in[slot]
         if old >= 0:
             self.slot_of[old] = -1  # its bytes still live in RAM or on disk: eviction copies nothing back
@@ -348,10 +356,13 @@ class TieredExperts(nn.Module):
                   key=lambda e: self.score[e], default=None)
         if hot is None:
             return
-        victim = self._victim()
+        used = {e for e, n in enumerate(counts) if n}
+        victim = self._victim(used)  # an expert of this step is hot, whatever its decayed score says
+        if victim < 0:
+            return
         cold = self.expert_in[victim]
         if cold < 0 or self.score[hot] > 2.0 * self.score[cold] + 1.0:  # hysteresis: no ping-pong
-            self._promote(hot, staged.get(hot))
+            self._promote(hot, staged.get(hot), used)
 
     def shrink(self, keep: int) -> int:
         """Give up device slots (after an out-of-memory error): keep the ``keep`` hottest. Returns slots freed."""
