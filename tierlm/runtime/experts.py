@@ -245,7 +245,16 @@ class TieredExperts(nn.Module):
         token, w = order // K, weights.flatten()[order]
         out = torch.zeros(N, self.dim, dtype=torch.float32, device=x.device)
         host_work, start = [], 0
-        parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert → (tokens, weighted outputs), summed by id
+        # On the CPU every tier computes the same float32 way, so the outputs are summed in expert order (held until
+        # the end: up to N·K·D floats) and any placement, promotions included, gives the same bits. On a GPU the
+        # tiers' arithmetic differs anyway (int8 activations on the CPU), so each output is added at once.
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if x.device.type == "cpu" else None
+
+        def add(e: int, sel: torch.Tensor, y: torch.Tensor) -> None:
+            if parts is None:
+                out.index_put_((sel,), y, accumulate=True)
+            else:
+                parts[e] = sel, y
         for e, n in enumerate(counts):
             if n == 0:
                 continue
@@ -260,7 +269,7 @@ class TieredExperts(nn.Module):
                 self._count(e, "device", n)
                 if not fused:
                     y = self._run(x[sel], self.slot_gate[slot], self.slot_up[slot], self.slot_down[slot])
-                    parts[e] = sel, y.float() * we
+                    add(e, sel, y.float() * we)
             else:
                 host_work.append((e, sel, we))
         if fused and len(host_work) < sum(1 for n in counts if n):  # some experts are on the device
@@ -280,14 +289,14 @@ class TieredExperts(nn.Module):
                 for f in futs:
                     f.result()  # disk → RAM buffer
             y = self._run_host(xs, *mats).to(x.device, non_blocking=True)  # host → device: its outputs
-            parts[e] = sel, y.float() * we
+            add(e, sel, y.float() * we)
             if read is not None:  # y is the kernel's own tensor: the buffer is free, unless kept for promotion
                 if self.promotes and (kept is None or self.score[e] > self.score[kept[0]]):
                     kept, read = (e, read), kept and kept[1]
                 if read is not None:
                     disk_reader().release(*read[:2])
                 top_up()
-        for e in sorted(parts):  # in expert order, whatever tier computed each: placement changes no rounding
+        for e in sorted(parts or ()):
             out.index_put_((parts[e][0],), parts[e][1], accumulate=True)
         for key, bufs, futs in reads.values():  # read but not computed here (promoted meanwhile)
             for f in futs:
