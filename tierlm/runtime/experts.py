@@ -255,6 +255,7 @@ class TieredExperts(nn.Module):
                 out.index_put_((sel,), y, accumulate=True)
             else:
                 parts[e] = sel, y
+
         for e, n in enumerate(counts):
             if n == 0:
                 continue
