@@ -219,6 +219,20 @@ def decode(model, tokens: int, prompt_len: int = 32) -> dict:
     return out
 
 
+def position_logits(model, n: int = 16) -> torch.Tensor:
+    """Float32 logits (n, V) of every position of a fixed n-token prompt, under a fixed routing draw. The
+    synthetic weights make every greedy token the same id, but the logit vectors still differ from position
+    to position, so placements are compared on them."""
+    ROUTE["main"].manual_seed(2)
+    ROUTE["guess"].manual_seed(3)
+    return model.logits(list(range(2000, 2000 + n))).float().cpu()
+
+
+def compare_logits(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    return {"logits_rel_diff": ((got - ref).norm() / ref.norm()).item(),
+            "logits_argmax_agree": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
 def profiled(fn, top: int = 30) -> list[str]:
     """The ``top`` functions by own time while ``fn`` runs (cProfile; its overhead inflates Python-heavy lines)."""
     import cProfile
@@ -291,6 +305,9 @@ def main() -> None:
     base = tierlm.load(path, device=DEVICE, dtype="bfloat16" if DEVICE == "cuda" else "float32")
     r = decode(base, args.tokens)
     ref_tokens = r["tokens"]
+    ref_logits = position_logits(base)
+    # how much the reference's logit vectors differ between positions: what the comparisons below can resolve
+    r["logits_position_spread"] = ((ref_logits - ref_logits.mean(0)).norm() / ref_logits.norm()).item()
     cfg = base.config
     per_token = always_active_bytes(base) + len(cfg.moe_layers) * cfg.num_experts_per_tok * expert_bytes(base)
     r.update(placement="all on the GPU", bytes_per_token=per_token,
@@ -326,6 +343,7 @@ def main() -> None:
         r["tokens_matching_prefix"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref_tokens)) if a != b),
                                            min(len(r["tokens"]), len(ref_tokens)))
         r["devices"] = sorted(set(device.layers)) if DEVICE == "cuda" else [DEVICE]
+        r.update(compare_logits(position_logits(model), ref_logits))
         pred = plan.predicted
         tiers = {"device": bw["gpu_copy_gbps"], "ram": bw["cpu_read_gbps"], "disk": bw["disk_read_gbps"]}
         eb = r["expert_bytes_per_token"]
