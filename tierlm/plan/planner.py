@@ -27,7 +27,7 @@ from tierlm.plan.inventory import Inventory, inventory_from_records, recipe_inve
 from tierlm.plan.memory import (KV_DTYPE_BYTES, RAM_RESERVE_FRACTION, RAM_RESERVE_MIN, gpu_overhead_bytes,
                                 kv_bytes_per_token, kv_bytes_per_token_layer, ram_reserve_bytes, staging_bytes,
                                 workspace_bytes)
-from tierlm.plan.report import Device, LayerExperts, Plan
+from tierlm.plan.report import Device, LayerExperts, Plan, size_text
 
 KV_FRACTION = 0.25        # share of the memory left after always-active weights that an automatic context may take
 DEFAULT_CTX = 32768       # automatic context: this (or the model's maximum if smaller), halved until it fits
@@ -242,9 +242,9 @@ def make_plan(config: ModelConfig, recipe: str = "Q4_K_M", hardware: Hardware | 
         weights = [w + kv_layer * ctx * batch for w in layer_w]
         stages = _partition(weights, embed, head, room)
         if stages is None:
-            problems.append(f"the always-active weights ({_gib(aa_total)}) and the KV cache for {ctx} tokens × "
-                            f"{batch} ({_gib(kv_total)}) do not fit in the GPUs' usable "
-                            f"{_gib(max(sum(room), 0))} (after CUDA context, margin and workspace)")
+            problems.append(f"the always-active weights ({size_text(aa_total)}) and the KV cache for {ctx} tokens × "
+                            f"{batch} ({size_text(kv_total)}) do not fit in the GPUs' usable "
+                            f"{size_text(max(sum(room), 0))} (after CUDA context, margin and workspace)")
             stages = _even_stages(n_layers, len(gpus))
         for g, (a, b) in enumerate(stages):
             for i in range(a, b):
@@ -271,8 +271,8 @@ def make_plan(config: ModelConfig, recipe: str = "Q4_K_M", hardware: Hardware | 
                      "workspace": ws["total"]}
     ram_free = hw.ram_bytes - sum(ram_fixed.values())
     if ram_free < 0:
-        problems.append(f"RAM ({_gib(hw.ram_bytes)}) is smaller than the {_gib(sum(ram_fixed.values()))} needed "
-                        f"before any expert is placed ({', '.join(f'{k} {_gib(v)}' for k, v in ram_fixed.items())})")
+        problems.append(f"RAM ({size_text(hw.ram_bytes)}) is smaller than the {size_text(sum(ram_fixed.values()))} needed "
+                        f"before any expert is placed ({', '.join(f'{k} {size_text(v)}' for k, v in ram_fixed.items())})")
     ram_experts = 0
     for i, e in ranked:
         if tier[i][e] == "disk" and ebytes[i][e] <= ram_free:
@@ -319,8 +319,6 @@ def _even_stages(n: int, g: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-def _gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
 
 
 def _model_info(config: ModelConfig, name: str | None, inv: Inventory) -> dict:

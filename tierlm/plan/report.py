@@ -180,7 +180,8 @@ def plan_from_json(d: dict) -> Plan:
 
 
 # ---- text --------------------------------------------------------------------------------------------------------
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes for people: GiB with one decimal, MiB below 1 GiB (so small amounts do not read "0.0 GiB")."""
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
@@ -198,11 +199,11 @@ def format_plan(plan: Plan) -> str:
     lines = [f"{m['name']} at {q['recipe']}: {'fits' if plan.fits else 'DOES NOT FIT'}", ""]
     lines.append(f"  model     {m['params'] / 1e9:.1f} B parameters, {m['num_hidden_layers']} layers "
                  f"({m['moe_layers']} MoE × {m['routed_experts']} experts, {m['experts_per_token']} per token)")
-    lines.append(f"  weights   {_gb(q['total_bytes'])} ({_size(q['total_bytes'])}), {q['bits_per_weight']:.2f} bits "
+    lines.append(f"  weights   {_gb(q['total_bytes'])} ({size_text(q['total_bytes'])}), {q['bits_per_weight']:.2f} bits "
                  f"per weight: always-active {_gb(q['always_active_bytes'])}, routed experts "
                  f"{_gb(q['routed_expert_bytes'])}")
     lines.append(f"  context   {kv['context']} tokens × {kv['batch']} sequence(s); KV cache {kv['bytes_per_token']:,} "
-                 f"B/token ({kv['dtype']}) = {_size(kv['bytes'])}")
+                 f"B/token ({kv['dtype']}) = {size_text(kv['bytes'])}")
     lines.append("")
     header = ("device", "model", "layers", "capacity", "used", "weights", "experts", "kv", "work+stage",
               "overhead")
@@ -212,8 +213,8 @@ def format_plan(plan: Plan) -> str:
         layers = f"{d.layers[0]}-{d.layers[1] - 1}" if d.layers and d.layers[1] > d.layers[0] else "-"
         if d.holds:
             layers += " +" + "+".join(d.holds)
-        rows.append((d.name, d.model[:28], layers, _size(d.capacity_bytes) if d.kind != "disk" else "-",
-                     _size(d.used_bytes), *(_size(x) if x else "-" for x in (
+        rows.append((d.name, d.model[:28], layers, size_text(d.capacity_bytes) if d.kind != "disk" else "-",
+                     size_text(d.used_bytes), *(size_text(x) if x else "-" for x in (
                          p.get("weights", 0), p.get("experts", 0), p.get("kv", 0),
                          p.get("workspace", 0) + p.get("staging", 0), p.get("overhead", p.get("reserve", 0))))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
