@@ -39,9 +39,10 @@ GPU_EFFICIENCY = 0.5          # quantized decode as measured on an H200 (bench/r
                               # fused MoE at 1/1.87 of the experts' read time, dense matvecs 40-56% of copy bandwidth
                               # (the DESIGN.md target is 0.8; the planner predicts what the kernels do today)
 CPU_EFFICIENCY = 0.6          # CPU expert matvec at ~61% of measured DRAM read (PEERS.md, int4 on 16 cores)
-DISK_EFFICIENCY = 0.7         # experts are 8–30 MB contiguous slices read through the memory map (page faults and
-                              # readahead): 0.70 of the sequential read speed, measured in tiered decode on an
-                              # H200 host (bench/results/tiered-h200x2.md, second run)
+DISK_EFFICIENCY = 0.7         # experts are 8–30 MB contiguous slices: 0.70 of the sequential read speed, measured
+                              # in tiered decode through the memory map (bench/results/tiered-h200x2.md, second
+                              # run); with today's parallel preadv reader the tiered runs on H200 hosts came out
+                              # within -22%..+18% of the plan (tiered-h200x2-22gib.md, tiered-h200-12gib.md)
 GPU_COMPUTE_EFFICIENCY = 0.5  # prefill GEMMs (dequantize + cuBLAS fp16) at half the fp16 tensor peak
 GPU_LAYER_OVERHEAD_S = 50e-6  # ~15 kernel launches and the router's top-k per layer per step
 CPU_EXPERT_SYNC_S = 100e-6    # per MoE layer with experts off the GPU: hidden state to host, CPU dispatch, back

@@ -319,8 +319,6 @@ def _even_stages(n: int, g: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-
-
 def _model_info(config: ModelConfig, name: str | None, inv: Inventory) -> dict:
     return {"name": name or config.model_type, "model_type": config.model_type, "config": config.to_hf(),
             "params": inv.numel(), "num_hidden_layers": config.num_hidden_layers, "moe_layers": len(config.moe_layers),

@@ -273,7 +273,7 @@ class TieredExperts(nn.Module):
                     add(e, sel, y.float() * we)
             else:
                 host_work.append((e, sel, we))
-        if fused and len(host_work) < sum(1 for n in counts if n):  # some experts are on the device
+        if fused and len(host_work) < len(used):  # some experts are on the device
             # one launch pair for every device expert; an id whose expert is elsewhere maps to slot -1: no work
             out += moe_quant(x, self.slot_map[ids], weights.float(), self.slot_gate, self.slot_up, self.slot_down,
                              *self.types)
@@ -304,7 +304,7 @@ class TieredExperts(nn.Module):
                 f.result()
             disk_reader().release(key, bufs)
         self.last_ids = used
-        self._age_and_maybe_promote(counts, {kept[0]: kept[1][1]} if kept else {})
+        self._age_and_maybe_promote(used, {kept[0]: kept[1][1]} if kept else {})
         if kept:
             disk_reader().release(*kept[1][:2])
         return out
@@ -355,18 +355,18 @@ class TieredExperts(nn.Module):
         self.stats.bytes_promoted += self.host[e].nbytes
         return slot
 
-    def _age_and_maybe_promote(self, counts: list[int], staged: dict[int, tuple[torch.Tensor, ...]]) -> None:
-        """Decay all scores; if the hottest host expert now clearly outscores the coldest resident, swap them.
-        Disk experts are candidates only when this step read them (``staged``: expert → its read buffers)."""
+    def _age_and_maybe_promote(self, used: set[int], staged: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        """Decay all scores; if the hottest host expert of this step (``used``) now clearly outscores the coldest
+        resident, swap them. Disk experts are candidates only when this step read them (``staged``: expert → its
+        read buffers)."""
         self.score = [s * self.decay for s in self.score]
         if not len(self.expert_in) or not self.promotes:
             return
-        hot = max((e for e, n in enumerate(counts) if n and self.slot_of[e] < 0
+        hot = max((e for e in used if self.slot_of[e] < 0
                    and (e in staged or self.host[e].tier != "disk" or not self.host[e].extents)),
                   key=lambda e: self.score[e], default=None)
         if hot is None:
             return
-        used = {e for e, n in enumerate(counts) if n}
         victim = self._victim(used)  # an expert of this step is hot, whatever its decayed score says
         if victim < 0:
             return

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 
 from tierlm.config import ModelConfig
-from tierlm.plan import memory as plan_memory
 from tierlm.errors import TierlmError
+from tierlm.plan import memory as plan_memory
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
