@@ -63,6 +63,7 @@ class QMMConfig:
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
+    hint: int = 0  # mmvq: cache hints of the loads (triton_mmvq._ld / _ldx)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -253,6 +254,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         grid = (M * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
+                             HINT=cfg.hint,
                              num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
