@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GB, MOE, copy_bandwidth, graph_time, moe_setup, n_copies, random_weight  # noqa: E402
+from kernels import GB, copy_bandwidth, graph_time, moe_setup, n_copies, random_weight  # noqa: E402
 
 from tierlm.kernels import triton_mmvq as tv  # noqa: E402
 from tierlm.kernels.triton_q import row_stride  # noqa: E402
@@ -51,6 +50,11 @@ SHAPES = [  # (name, N, K, type)
 HINTS = {0: "none", 1: "weights evict_first", 2: "weights .cg", 4: "activations evict_last",
          5: "evict_first + act evict_last", 6: ".cg + act evict_last"}
 FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thread)
+LOAD_STEPS = [(4, 4, 2), (1, 32, 4), (2, 32, 4), (2, 32, 8), (1, 32, 2), (2, 16, 2)]  # Q4_K steps timed with --loads
+LOAD_FORMS = [(0, None), (3, None)]  # (LOADS, maxnreg) timed with --loads
+# extra (rows, blocks per step, warps) of the product kernel, timed with --steps
+STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
+         T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
 
 
 @triton.jit
@@ -100,19 +104,30 @@ def pattern_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, QTYPE: tl.constexpr, B
     tl.store(out_ptr + row0 + tl.arange(0, BN), r, mask=row0 + tl.arange(0, BN) < N)
 
 
-def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, hint, out):
+def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, hint, out, loads=0, maxnreg=None):
+    """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
+    extra = dict(maxnreg=maxnreg) if maxnreg else {}
     tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N,
-                                            QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, HINT=hint, num_warps=warps)
+                                            QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, HINT=hint, LOADS=loads,
+                                            num_warps=warps, **extra)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--shapes", default="")
+    ap.add_argument("--shapes", default="", help="comma-separated parts of shape names to keep")
+    ap.add_argument("--steps", action="store_true", help="also time the product kernel with STEPS")
+    ap.add_argument("--loads", action="store_true", help="also time Q4_K's LOADS forms and maxnreg caps, and "
+                    "the MoE with them")
+    ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,hints,moe")
+    ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
+                    "flat | pattern | mmvq[:rows,blocks,warps] on the first shape kept")
     args = ap.parse_args()
+    if args.profile:
+        return profile_launch(args)
     dev = torch.cuda.get_device_properties(0)
     res = dict(card=dev.name, sms=dev.multi_processor_count, date=dt.date.today().isoformat(),
                torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv), rows=[])
@@ -137,7 +152,7 @@ def main() -> None:
         nbytes = w[0].numel()
         pct = lambda s: nbytes / s / bw * 100  # noqa: E731
         n_words = nbytes // 4
-        for warps, unroll in FLAT:
+        for warps, unroll in FLAT if "flat" not in args.skip else ():
             words = 4 * 32 * warps
             grid = (triton.cdiv(n_words, words * unroll),)
             out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
@@ -149,35 +164,55 @@ def main() -> None:
         bn, nblk, warps = MMVQ_TILES[t]
         nb, wp = tv.fit_step(nblk, warps, K)
         outp = torch.empty(N, dtype=torch.int32, device="cuda")
-        s = graph_time([lambda i=i: pattern_kernel[(triton.cdiv(N, bn),)](w[i], outp, N, w.shape[2], K // 256,
+        s = 0 if "pattern" in args.skip else graph_time([lambda i=i: pattern_kernel[(triton.cdiv(N, bn),)](w[i], outp, N, w.shape[2], K // 256,
                                                                           QTYPE=int(t), BN=bn, NBLK=nb, num_warps=wp)
                         for i in range(copies)])
-        row(what=f"pattern read {bn}x{nb} {wp}w", shape=name, us=s * 1e6, pct=pct(s))
+        if s:
+            row(what=f"pattern read {bn}x{nb} {wp}w", shape=name, us=s * 1e6, pct=pct(s))
         x = torch.randn(1, K, device="cuda").half()
         xq, xd, xs = quantize_q8(x)
         ref = quant_matmul_q8_ref(x, w[0], t, K).float()
         out = torch.empty(1, N, dtype=torch.float16, device="cuda")
-        for hint, label in HINTS.items():
-            mmvq_alone(xq, xd, xs, w[0], t, N, K, bn, nblk, warps, hint, out)
+        variants = [(bn, nblk, warps, h, label, 0, None) for h, label in HINTS.items()
+                    if h == 0 or "hints" not in args.skip]
+        variants += [(b_, n_, w_, 0, "none", 0, None) for (b_, n_, w_) in STEPS[t]] if args.steps else []
+        if args.loads and t == T.Q4_K:
+            variants += [(b_, n_, w_, 0, f"loads={ld}" + (f" maxnreg={mr}" if mr else ""), ld, mr)
+                         for (b_, n_, w_) in LOAD_STEPS for ld, mr in LOAD_FORMS
+                         if (ld, mr) != (0, None) or (b_, n_, w_) != (bn, nblk, warps)]
+        xqp, xdp, _ = quantize_q8(x, pack=True)
+        for bn_, nblk_, warps_, hint, label, ld, mr in variants:
+            a = (xqp, xdp, xdp) if ld & 2 else (xq, xd, xs)
+            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, hint, out, ld, mr)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            s = graph_time([lambda i=i: mmvq_alone(xq, xd, xs, w[i], t, N, K, bn, nblk, warps, hint, out)
+            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, hint, out, ld, mr)
                             for i in range(copies)])
-            row(what=f"mmvq alone {bn}x{nblk} {warps}w, {label}", shape=name, us=s * 1e6, pct=pct(s), hint=hint,
-                err=f"rel err {err:.1e}")
+            row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s), hint=hint,
+                loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
-        cfg = QMMConfig("mmvq", warps, 1, block_n=bn, nblk=nblk, hint=2)
-        s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)])
-        row(what="quant_matmul, weights .cg", shape=name, us=s * 1e6, pct=pct(s))
+        if args.loads and t == T.Q4_K:
+            for (b_, n_, w_) in LOAD_STEPS:
+                cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=3)
+                s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)])
+                err = ((quant_matmul(x, w[0], t, K, config=cfg).float() - ref).norm() / ref.norm()).item()
+                row(what=f"quant_matmul {b_}x{n_} {w_}w loads=3", shape=name, us=s * 1e6, pct=pct(s), loads=3,
+                    step=[b_, n_, w_], err=f"rel err {err:.1e}")
         del w
         torch.cuda.empty_cache()
 
-    for hint, label in HINTS.items():
-        calls, per_expert, distinct, check = moe_setup(1, 32, MoEConfig(mmvq_hint=hint))
+    moe_cfgs = [(f"hint {label}", MoEConfig(mmvq_hint=h)) for h, label in HINTS.items()
+                if h == 0 or "hints" not in args.skip]
+    if args.loads:
+        moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_rows=r, mmvq_nblk=nb, num_warps=wp))
+                     for ld in (0, 1, 3) for (r, nb, wp) in ((4, 2, 1), (4, 4, 2), (8, 2, 2), (2, 4, 1))
+                     if (ld, r, nb, wp) != (0, 4, 2, 1)]
+    for label, cfg in moe_cfgs if "moe" not in args.skip else ():
+        calls, per_expert, distinct, check = moe_setup(1, 32, cfg)
         err = check()
         s = graph_time(calls)
         read = distinct * per_expert / bw
-        res["rows"].append(dict(what=f"moe T=1, {label}", us=s * 1e6, ratio=s / read, hint=hint, err=err))
+        res["rows"].append(dict(what=f"moe T=1, {label}", us=s * 1e6, ratio=s / read, err=err))
         print(f"moe T=1 {label:<36} {s * 1e6:8.2f} us  {s / read:.2f}x read time  rel err {err:.1e}", flush=True)
         del calls
         torch.cuda.empty_cache()
@@ -185,6 +220,30 @@ def main() -> None:
     path = Path(args.out) / f"read-ceiling-{dev.name.replace(' ', '_')}.json"
     path.write_text(json.dumps(res, indent=1))
     print("wrote", path)
+
+
+def profile_launch(args) -> None:
+    """A few launches of one kernel on the first shape kept, for ``ncu --launch-skip 2 --launch-count 1``."""
+    name, N, K, t = [s for s in SHAPES if not args.shapes or any(k in s[0] for k in args.shapes.split(","))][0]
+    w = random_weight(t, N, K, 1)[0]
+    what, _, geo = args.profile.partition(":")
+    bn, nblk, warps = map(int, geo.split(",")) if geo else MMVQ_TILES[t]
+    for _ in range(3):
+        if what == "flat":
+            n_words = w.numel() // 4
+            grid = (triton.cdiv(n_words, 512 * 4),)
+            out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
+            flat_read_kernel[grid](w.view(torch.int32).view(-1), out, n_words, WORDS=512, UNROLL=4, num_warps=4)
+        elif what == "pattern":
+            nb, wp = tv.fit_step(nblk, warps, K)
+            out = torch.empty(N, dtype=torch.int32, device="cuda")
+            pattern_kernel[(triton.cdiv(N, bn),)](w, out, N, w.shape[1], K // 256, QTYPE=int(t), BN=bn, NBLK=nb,
+                                                  num_warps=wp)
+        else:
+            xq, xd, xs = quantize_q8(torch.randn(1, K, device="cuda").half())
+            mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, 0, torch.empty(1, N, dtype=torch.float16, device="cuda"))
+    torch.cuda.synchronize()
+    print(f"profiled {what} {bn}x{nblk} {warps}w on {name}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tierlm.kernels.moe import DECODE_CONFIGS as MOE_DECODE_CONFIGS
 from tierlm.kernels.moe import MoEConfig, moe_dense, moe_quant, moe_quant_q8_ref, moe_quant_ref
 from tierlm.kernels.quant_matmul import (
     DECODE_CONFIGS,
@@ -234,7 +235,7 @@ def test_pick_config_follows_the_measured_rules():
     the tile measured best per type; tensor-core tiles above, or from 2 rows for the 129280-row head;
     no tiles without sm_80 or with float32 activations."""
     h, f16 = (9, 0), torch.float16
-    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=4)
+    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3)
     assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
     assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=4)
@@ -370,6 +371,23 @@ def test_moe_matches_reference(types, dtype, T_):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [c for c in MOE_DECODE_CONFIGS if c.q8], ids=str)
+def test_every_moe_decode_config(cfg):
+    """Every int8 decode launch bench/kernels.py times gives the int8 reference's result."""
+    types = (T.Q4_K, T.Q4_K, T.Q6_K)
+    E, I, D, K, T_ = 16, 512, 768, 8, 3
+    gate, up, down = _moe_weights(types, E, I, D, seed=42, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(43)
+    x = torch.randn(T_, D, device="cuda", generator=g).half()
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
+    ids[1, 2] = -1
+    wts = torch.rand(T_, K, device="cuda", generator=g)
+    _poison_cache()
+    out = moe_quant(x, ids, wts, gate, up, down, *types, config=cfg)
+    assert rel(out, moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)) <= 1e-4
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T_", [1, 40])
 def test_moe_dense_matches_reference(dtype, T_):
@@ -476,7 +494,10 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         w = _interp_weight(t, N, K, gen)
         for cfg, m in [(QMMConfig("mmvq", 4, 1, block_n=4, nblk=4), 1), (QMMConfig("mmvq", 2, 2, block_n=8, nblk=2), 2),
                        (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, prefetch=True), 1),
-                       (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, prefetch=True), 1)]:
+                       (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, prefetch=True), 1),
+                       (QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=1), 2),
+                       (QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=3), 3),
+                       (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=2, prefetch=True), 2)]:
             x = torch.randn(m, K, generator=gen)
             out = _qmm_launch(x, w, t, K, cfg)
             _interp_check(f"mmvq {t.name} n{cfg.block_n} b{cfg.nblk} x{cfg.split_k} M={m}", out,
@@ -494,8 +515,11 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         ids[2, 1] = ids[2, 0] = 3
         wts = torch.rand(n, K, generator=gen)
         args = (x, ids.reshape(-1), wts.reshape(-1), gate, up, down, [gt, gt, dt], (E, I, D, K))
+        ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         got = moe._moe_pairs_q8(*args, MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True)).view(n, K, D).sum(1)
-        _interp_check(f"moe int8 {gt.name}/{dt.name}", got, moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt))
+        _interp_check(f"moe int8 {gt.name}/{dt.name}", got, ref)
+        got = moe._moe_pairs_q8(*args, MoEConfig(num_warps=1, mmvq_rows=2, mmvq_nblk=2, mmvq_loads=3)).view(n, K, D).sum(1)
+        _interp_check(f"moe int8 loads=3 {gt.name}/{dt.name}", got, ref)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:

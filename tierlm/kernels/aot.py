@@ -123,7 +123,9 @@ def variants(capability: int) -> list[Variant]:
     for q in QUANT:
         bn, nblk, warps = MMVQ_TILES[q]  # the default launch, then the prefetching form
         out += [mmvq_variant(q, bn, nblk, warps, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
-    out += [quantize_q8_variant(act) for act in acts]
+        if q == tq.Q4_K:  # the one-row default: vector header and (xd, xs) loads
+            out += [mmvq_variant(q, bn, nblk, warps, out=act, loads=3) for act in acts]
+    out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
@@ -148,27 +150,27 @@ def compile_variant(v: Variant, capability: int):
 
 
 def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out: str = "fp16",
-                 num_stages: int = 2, prefetch: bool = False) -> Variant:
+                 num_stages: int = 2, prefetch: bool = False, loads: int = 0) -> Variant:
     """The int8-activation decode product (``triton_mmvq.mmvq_kernel``)."""
     types = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32",
                  row_bytes="i32", nblocks="i32", blocks_per_split="i32", stride_om="i32", stride_os="i32")
-    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch)
+    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch, HINT=0, LOADS=loads)
     aligned = ("K",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
-    name = f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}"
+    name = f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}{f'_l{loads}' if loads else ''}"
     return Variant(name, tv.mmvq_kernel, types, const, aligned, num_warps,
                    num_stages, tags=dict(act=out, qtype=qtype))
 
 
-def quantize_q8_variant(act: str) -> Variant:
+def quantize_q8_variant(act: str, pack: bool = False) -> Variant:
     types = dict(x_ptr=_PTR[act], xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", K="i32", stride_xm="i32")
-    return Variant(f"quantize_q8_{act}", tv.quantize_q8_kernel, types, dict(G=8, ASM=True), ("K", "stride_xm"), 1,
-                   tags=dict(act=act))
+    return Variant(f"quantize_q8_{act}{'_pack' if pack else ''}", tv.quantize_q8_kernel, types,
+                   dict(G=8, ASM=True, PACK=pack), ("K", "stride_xm"), 1, tags=dict(act=act))
 
 
 def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nblk: int = MOE_DEFAULT.mmvq_nblk,
                     num_warps: int = MOE_DEFAULT.num_warps, prefetch: bool = MOE_DEFAULT.mmvq_pf) -> list[Variant]:
     """The up and down kernels of the int8-activation MoE decode path (``moe.DEFAULT``'s launch unless told)."""
-    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=prefetch)
+    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=prefetch, HINT=0)
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")
@@ -177,7 +179,7 @@ def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nbl
     a_up = ("D",) + (("rb_g", "rb_u") if tq.BLOCK_BYTES[q_up] % 16 == 0 else ())
     a_down = ("I",) + (("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ())
     return [
-        Variant(f"moe_up_q8_{q_up}", tv.moe_up_q8_kernel, up, dict(GATE_T=q_up, UP_T=q_up, **const), a_up, num_warps,
+        Variant(f"moe_up_q8_{q_up}", tv.moe_up_q8_kernel, up, dict(GATE_T=q_up, UP_T=q_up, LOADS=0, **const), a_up, num_warps,
                 tags=dict(act="fp32", qtype=q_up)),
         Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, **const), a_down, num_warps,
                 tags=dict(act="fp32", qtype=q_down)),

@@ -53,12 +53,14 @@ class MoEConfig:
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
     mmvq_hint: int = 0  # int8 decode: cache hints of the loads (triton_mmvq._ld / _ldx)
+    mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
 DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
-    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (MoEConfig(mmvq_pf=True),)
+    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (MoEConfig(mmvq_pf=True),
+                                                                                     MoEConfig(mmvq_loads=3))
 DEFAULT = MoEConfig()
 
 
@@ -184,7 +186,8 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
-    xq, xd, xs = quantize_q8(x.contiguous())
+    loads = cfg.mmvq_loads if gt == ut == GGMLType.Q4_K else 0
+    xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     bn = cfg.mmvq_rows
@@ -193,7 +196,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     tv.moe_up_q8_kernel[(P, -(-I // bn))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), NBLK=nblk,
-        num_warps=warps, **common)
+        LOADS=loads, num_warps=warps, **common)
     hq, hd, hs = quantize_q8(h)
     nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](

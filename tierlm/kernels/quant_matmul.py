@@ -64,6 +64,7 @@ class QMMConfig:
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
     hint: int = 0  # mmvq: cache hints of the loads (triton_mmvq._ld / _ldx)
+    loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one (triton_mmvq._q4k_rows)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -76,7 +77,7 @@ TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 6
 MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (2, 4, 1), (2, 8, 2), (2, 2, 1), (8, 2, 2),
               (8, 4, 4), (4, 8, 4), (1, 16, 2))
 MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
-    QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True),)
+    QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True), QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -96,6 +97,7 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
 # one activation row, the best geometric mean over DeepSeek-V3's shapes in the H200 sweep
 # (bench/results/kernels-NVIDIA_H200-int8.md); at 2-4 rows one warp of 4 x 4 was best for Q4_K.
 MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0: (1, 4, 1), GGMLType.Q5_0: (1, 4, 1)}
+MMVQ_Q4K_LOADS = 3  # Q4_K at one row: header and (xd, xs) pairs as vector loads (+4 points on dense up, H200)
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
@@ -115,7 +117,8 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     bn, nb, w = MMVQ_TILES[qtype]
     if M > 1 and qtype == GGMLType.Q4_K:
         bn, nb, w = 4, 4, 1
-    return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb)
+    loads = MMVQ_Q4K_LOADS if M == 1 and qtype == GGMLType.Q4_K else 0
+    return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads)
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, qtype, K: int, name: str = "quant_matmul") -> GGMLType:
@@ -206,21 +209,27 @@ def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.to(torch.int8).reshape(M, K).to(x2.device), xd.to(x2.device), xs.to(x2.device)
 
 
-def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter)."""
+def quantize_q8(x2: torch.Tensor, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter). ``pack``: xd and
+    xs interleaved in one (M, K/32, 2) tensor, returned in both places (the layout of
+    ``QMMConfig.loads & 2``)."""
     M, K = x2.shape
     if K % 32:
         raise KernelInputError(f"quantize_q8: K={K} is not a multiple of 32")
     if not (x2.is_cuda or _interpreting()):
-        return quantize_q8_ref(x2)
+        xq, xd, xs = quantize_q8_ref(x2)
+        return (xq, *(2 * (torch.stack([xd, xs], -1),))) if pack else (xq, xd, xs)
     from tierlm.kernels import triton_mmvq as tv
 
     xq = torch.empty((M, K), dtype=torch.int8, device=x2.device)
-    xd = torch.empty((M, K // 32), dtype=torch.float32, device=x2.device)
-    xs = torch.empty_like(xd)
+    if pack:
+        xd = xs = torch.empty((M, K // 32, 2), dtype=torch.float32, device=x2.device)
+    else:
+        xd = torch.empty((M, K // 32), dtype=torch.float32, device=x2.device)
+        xs = torch.empty_like(xd)
     G = 8
     tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, ASM=not _interpreting(),
-                                                         num_warps=1)
+                                                         PACK=pack, num_warps=1)
     return xq, xd, xs
 
 
@@ -244,7 +253,8 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
 
         if qtype not in FUSED_TYPES:
             raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
-        xq, xd, xs = quantize_q8(x2)
+        loads = cfg.loads if qtype == GGMLType.Q4_K else 0
+        xq, xd, xs = quantize_q8(x2, pack=bool(loads & 2))
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
         step = nblk * 256 // tv.BLOCK_ELEMS[int(qtype)]  # blocks per loop step
@@ -254,7 +264,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         grid = (M * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             HINT=cfg.hint,
+                             HINT=cfg.hint, LOADS=loads,
                              num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg

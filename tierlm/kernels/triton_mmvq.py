@@ -55,7 +55,8 @@ def _rint(v, ASM: tl.constexpr):
 
 
 @triton.jit
-def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr, ASM: tl.constexpr):
+def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr, ASM: tl.constexpr,
+                       PACK: tl.constexpr = False):
     """Row m, groups g0..g0+G-1 of x: xq = round(x * (127 / max|x|)) as int8 (the product rounded to
     float32, then to the nearest integer, ties to even), xd = max|x| / 127, xs = xd * sum(xq).
     Grid: (M, cdiv(K / 32, G))."""
@@ -71,8 +72,12 @@ def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.conste
     d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
     tl.store(xq_ptr + m.to(tl.int64) * K + offs, q.to(tl.int8), mask=gmask[:, None])
     ng = K // 32
-    tl.store(xd_ptr + m.to(tl.int64) * ng + g, d, mask=gmask)
-    tl.store(xs_ptr + m.to(tl.int64) * ng + g, d * tl.sum(q, axis=1).to(tl.float32), mask=gmask)
+    if PACK:  # (xd, xs) pairs at xd_ptr
+        tl.store(xd_ptr + 2 * (m.to(tl.int64) * ng + g), d, mask=gmask)
+        tl.store(xd_ptr + 2 * (m.to(tl.int64) * ng + g) + 1, d * tl.sum(q, axis=1).to(tl.float32), mask=gmask)
+    else:
+        tl.store(xd_ptr + m.to(tl.int64) * ng + g, d, mask=gmask)
+        tl.store(xs_ptr + m.to(tl.int64) * ng + g, d * tl.sum(q, axis=1).to(tl.float32), mask=gmask)
 
 
 @triton.jit
@@ -135,43 +140,55 @@ def _u32(p, HINT: tl.constexpr = 0):
 
 
 @triton.jit
-def _q4k_fetch(wrow, kb, wo, HINT: tl.constexpr = 0):
+def _q4k_fetch(wrow, kb, wo, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
     """The weight bytes of one Q4_K step: header words 0..3 (BN, NBLK, 1) and the two halves of the
-    nibble chunks (BN, NBLK, 4, 4)."""
+    nibble chunks (BN, NBLK, 4, 4). LOADS & 1: the header as one (BN, NBLK, 4, 4) tensor, each
+    thread's four words in one 16-byte load (returned in place of every word)."""
     blk = (wrow[:, None] + kb[None, :] * 144).to(tl.pointer_type(tl.int32))  # (BN, NBLK)
     qp = blk[:, :, None, None] + 4 + wo[None, None]
-    return (_ld(blk, HINT)[:, :, None], _ld(blk + 1, HINT)[:, :, None], _ld(blk + 2, HINT)[:, :, None],
-            _ld(blk + 3, HINT)[:, :, None], _ld(qp, HINT), _ld(qp + 4, HINT))
+    if LOADS & 1:
+        hv = _ld(blk[:, :, None, None] + (wo % 4)[None, None], HINT)
+        w0, w1, w2, w3 = hv, hv, hv, hv
+    else:
+        w0, w1, w2, w3 = (_ld(blk, HINT)[:, :, None], _ld(blk + 1, HINT)[:, :, None], _ld(blk + 2, HINT)[:, :, None],
+                          _ld(blk + 3, HINT)[:, :, None])
+    return w0, w1, w2, w3, _ld(qp, HINT), _ld(qp + 4, HINT)
 
 
 @triton.jit
 def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, HINT: tl.constexpr = 0):
+              PF: tl.constexpr, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
     """Q4_K: (BN,) partial dot products over blocks kb0..kb1-1.
 
     Tensors are (BN, NBLK, 4 chunks, 4 words): chunk c is the 32 nibble bytes of groups 2c (low
     nibbles) and 2c+1 (high nibbles). Its two 16-byte halves are two loads of the same shape, so
     one thread holds the whole chunk: its scales are decoded once for 64 weights and the sums over
     its words need no shuffle. PF loads the next step's weight bytes before computing this one's
-    (twice the bytes in flight per thread).
+    (twice the bytes in flight per thread). LOADS & 1: each thread loads its block's 16-byte header
+    as one vector (instead of four words); LOADS & 2: xd_ptr holds (xd, xs) pairs, and a thread's
+    four scales come in one 16-byte load.
     """
     c = tl.arange(0, 4)
+    j4 = tl.arange(0, 4)[None, None, None, :]  # word of a 16-byte vector, over (BN, NBLK, chunk, word)
     c3 = c[None, None, :]  # over (BN, NBLK, chunk)
     low = c3 < 2  # groups 0..3 have plain 6-bit scales
     sh = 8 * ((2 * c3) % 4)  # the byte of the header words that holds group 2c's scale bits
     wo = 8 * c[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): nibble word offset after the 16-byte header
     acc = tl.zeros([BN, NBLK, 4], dtype=tl.float32)
     if PF:
-        n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), wo, HINT)
+        n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), wo, HINT, LOADS)
     for k in range(kb0, kb1, NBLK):
         kb = k + tl.arange(0, NBLK)
         keep = (kb < kb1)[None, :, None]
         kb = tl.minimum(kb, kb1 - 1)
         if PF:
             w0, w1, w2, w3, q0, q1 = n0, n1, n2, n3, nq0, nq1
-            n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), wo, HINT)
+            n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), wo, HINT, LOADS)
         else:
-            w0, w1, w2, w3, q0, q1 = _q4k_fetch(wrow, kb, wo, HINT)
+            w0, w1, w2, w3, q0, q1 = _q4k_fetch(wrow, kb, wo, HINT, LOADS)
+        if LOADS & 1:  # w0..w3 came as one (BN, NBLK, 4, 4) vector per thread
+            w0, w1, w2, w3 = (tl.sum(tl.where(j4 == 0, w0, 0), axis=3), tl.sum(tl.where(j4 == 1, w0, 0), axis=3),
+                              tl.sum(tl.where(j4 == 2, w0, 0), axis=3), tl.sum(tl.where(j4 == 3, w0, 0), axis=3))
         d = _f16(w0)
         dmin = _f16(w0 >> 16)
         b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
@@ -187,8 +204,14 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, _ldx(xp + 8, HINT), False, ASM)
                       + _dp4a((q1 >> 4) & _M4, _ldx(xp + 12, HINT), False, ASM), axis=3)
         gi = tl.broadcast_to((kb[:, None] * 8 + 2 * c[None, :])[None], [BN, NBLK, 4])  # x group of the low nibbles
-        dxl, dxh = tl.load(xd_ptr + gi), tl.load(xd_ptr + gi + 1)
-        sxl, sxh = tl.load(xs_ptr + gi), tl.load(xs_ptr + gi + 1)
+        if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
+            pv = xd_ptr + 2 * gi[:, :, :, None]  # gi is even and the pairs are 16-byte aligned
+            v = tl.load(tl.max_contiguous(tl.multiple_of(pv, [16, 16, 16, 16]), [1, 1, 1, 4]) + j4)
+            dxl, sxl = tl.sum(tl.where(j4 == 0, v, 0.0), axis=3), tl.sum(tl.where(j4 == 1, v, 0.0), axis=3)
+            dxh, sxh = tl.sum(tl.where(j4 == 2, v, 0.0), axis=3), tl.sum(tl.where(j4 == 3, v, 0.0), axis=3)
+        else:
+            dxl, dxh = tl.load(xd_ptr + gi), tl.load(xd_ptr + gi + 1)
+            sxl, sxh = tl.load(xs_ptr + gi), tl.load(xs_ptr + gi + 1)
         part = d * (sc_lo.to(tl.float32) * dxl * s_lo.to(tl.float32) + sc_hi.to(tl.float32) * dxh * s_hi.to(tl.float32)) \
             - dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)
         acc += tl.where(keep, part, 0.0)
@@ -330,7 +353,7 @@ def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 @triton.jit
 def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
               QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr = False,
-              HINT: tl.constexpr = 0):
+              HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
     """Rows row0 .. row0 + BN - 1 of the weight at w_ptr dotted with one quantized activation row
     (xq int8, xd/xs per 32 values) over blocks kb0..kb1-1: (BN,) float32. Rows past N are clamped
     (their values are garbage for the caller to mask); an empty block range gives zeros."""
@@ -338,7 +361,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12:
-        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, HINT)
+        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, HINT, LOADS)
     elif QTYPE == 14:
         return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, HINT)
     elif QTYPE == 8:
@@ -351,7 +374,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                PF: tl.constexpr = False, HINT: tl.constexpr = 0):
+                PF: tl.constexpr = False, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
     """out[s, m, n] = weight row n . activation row m over split s's blocks.
 
     Grid: (M * cdiv(N, BN), splits); program i is row block i // M of activation row i % M, so the
@@ -365,8 +388,9 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
     s = tl.program_id(1)
     kb0 = s * blocks_per_split
     kb1 = tl.minimum(kb0 + blocks_per_split, nblocks)
-    acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * (K // 32), xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
-                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF, HINT)
+    ng = (2 if LOADS & 2 else 1) * (K // 32)  # scale words per activation row
+    acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * ng, xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
+                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF, HINT, LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(out_ptr + s.to(tl.int64) * stride_os + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty),
              mask=rows < N)
@@ -376,7 +400,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr, PF: tl.constexpr = False, HINT: tl.constexpr = 0):
+                     ASM: tl.constexpr, PF: tl.constexpr = False, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros."""
@@ -386,11 +410,11 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     valid = (e >= 0) & (e < E)
     e = tl.where(valid, e, 0).to(tl.int64)
     tok = (t // TOPK).to(tl.int64)
-    xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * (D // 32), xs_ptr + tok * (D // 32)
+    xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * ((2 if LOADS & 2 else 1) * (D // 32)), xs_ptr + tok * (D // 32)
     g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM, PF,
-                  HINT)
+                  HINT, LOADS)
     u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
-                  HINT)
+                  HINT, LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
