@@ -124,7 +124,7 @@ def main() -> None:
                     "the MoE with them")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,hints,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
-                    "flat | pattern | mmvq[:rows,blocks,warps] on the first shape kept")
+                    "flat | pattern | mmvq[:rows,blocks,warps] on the first shape kept | moe")
     args = ap.parse_args()
     if args.profile:
         return profile_launch(args)
@@ -228,6 +228,13 @@ def profile_launch(args) -> None:
     w = random_weight(t, N, K, 1)[0]
     what, _, geo = args.profile.partition(":")
     bn, nblk, warps = map(int, geo.split(",")) if geo else MMVQ_TILES[t]
+    if what == "moe":  # three one-token MoE layers; the kernels of the third are the ones to read
+        calls, *_ = moe_setup(1, 3)
+        for c in calls:
+            c()
+        torch.cuda.synchronize()
+        print("profiled the MoE at one token")
+        return
     for _ in range(3):
         if what == "flat":
             n_words = w.numel() // 4

@@ -235,7 +235,8 @@ def test_pick_config_follows_the_measured_rules():
     the tile measured best per type; tensor-core tiles above, or from 2 rows for the 129280-row head;
     no tiles without sm_80 or with float32 activations."""
     h, f16 = (9, 0), torch.float16
-    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3)
+    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=2, nblk=16, loads=3)
+    assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3)
     assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
     assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=4)

@@ -97,6 +97,10 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
 # one activation row, the best geometric mean over DeepSeek-V3's shapes in the H200 sweep
 # (bench/results/kernels-NVIDIA_H200-int8.md); at 2-4 rows one warp of 4 x 4 was best for Q4_K.
 MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0: (1, 4, 1), GGMLType.Q5_0: (1, 4, 1)}
+# Q4_K at one row on matrices of at most MMVQ_SMALL_N rows (the 2048-row expert and shared-expert gate/up):
+# two rows x 16 blocks per program, 2 warps, measured 23% of copy bandwidth against 19% for (4, 4, 2) (H200)
+MMVQ_SMALL_N = 4096
+MMVQ_SMALL_STEP = (2, 16, 2)
 MMVQ_Q4K_LOADS = 3  # Q4_K at one row: header and (xd, xs) pairs as vector loads (+4 points on dense up, H200)
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
@@ -107,7 +111,8 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
-    int8-activation kernel with the measured tile of its type. More rows with 16-bit activations on
+    int8-activation kernel with the measured tile of its type (for one Q4_K row of a small matrix,
+    ``MMVQ_SMALL_STEP``; with vector loads of its scales, ``MMVQ_Q4K_LOADS``). More rows with 16-bit activations on
     sm_80+ (or several rows of a matrix as tall as the output head): tensor-core tiles, which decode
     each weight once for all rows.
     """
@@ -117,6 +122,8 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     bn, nb, w = MMVQ_TILES[qtype]
     if M > 1 and qtype == GGMLType.Q4_K:
         bn, nb, w = 4, 4, 1
+    elif qtype == GGMLType.Q4_K and N <= MMVQ_SMALL_N:
+        bn, nb, w = MMVQ_SMALL_STEP
     loads = MMVQ_Q4K_LOADS if M == 1 and qtype == GGMLType.Q4_K else 0
     return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads)
 
