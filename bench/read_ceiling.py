@@ -8,9 +8,9 @@ with ``bench/kernels.py``'s timing (weights rotated past the L2, calls replayed 
    thread's loads issued before its first use), for a few program sizes: the ceiling of one launch;
 3. ``pattern``: the bytes of a Q4_K / Q6_K weight read with ``mmvq_kernel``'s own geometry and fetch
    helpers, summed without decoding: the cost of the access pattern alone;
-4. ``mmvq``: the product kernel alone (activations quantized beforehand) with each load-cache hint
-   (``triton_mmvq._ld``), and ``quant_matmul`` (quantizer included) as shipped;
-5. the fused MoE at one token with each hint.
+4. ``mmvq``: the product kernel alone (activations quantized beforehand), and ``quant_matmul``
+   (quantizer included) as shipped; ``--steps`` and ``--loads`` add other launch forms;
+5. the fused MoE at one token.
 
 Every product is checked against ``quant_matmul_q8_ref`` / ``moe_quant_q8_ref``.
 
@@ -47,8 +47,6 @@ SHAPES = [  # (name, N, K, type)
     ("o_proj 16384->7168", 7168, 16384, T.Q4_K),
     ("head 7168->129280", 129280, 7168, T.Q6_K),
 ]
-HINTS = {0: "none", 1: "weights evict_first", 2: "weights .cg", 4: "activations evict_last",
-         5: "evict_first + act evict_last", 6: ".cg + act evict_last"}
 FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thread)
 LOAD_STEPS = [(4, 4, 2), (1, 32, 4), (2, 32, 4), (2, 32, 8), (1, 32, 2), (2, 16, 2)]  # Q4_K steps timed with --loads
 LOAD_FORMS = [(0, None), (3, None)]  # (LOADS, maxnreg) timed with --loads
@@ -104,13 +102,13 @@ def pattern_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, QTYPE: tl.constexpr, B
     tl.store(out_ptr + row0 + tl.arange(0, BN), r, mask=row0 + tl.arange(0, BN) < N)
 
 
-def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, hint, out, loads=0, maxnreg=None):
+def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, maxnreg=None):
     """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
     extra = dict(maxnreg=maxnreg) if maxnreg else {}
     tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N,
-                                            QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, HINT=hint, LOADS=loads,
+                                            QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
                                             num_warps=warps, **extra)
     return out
 
@@ -122,7 +120,7 @@ def main() -> None:
     ap.add_argument("--steps", action="store_true", help="also time the product kernel with STEPS")
     ap.add_argument("--loads", action="store_true", help="also time Q4_K's LOADS forms and maxnreg caps, and "
                     "the MoE with them")
-    ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,hints,moe")
+    ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps] on the first shape kept | moe")
     args = ap.parse_args()
@@ -173,21 +171,20 @@ def main() -> None:
         xq, xd, xs = quantize_q8(x)
         ref = quant_matmul_q8_ref(x, w[0], t, K).float()
         out = torch.empty(1, N, dtype=torch.float16, device="cuda")
-        variants = [(bn, nblk, warps, h, label, 0, None) for h, label in HINTS.items()
-                    if h == 0 or "hints" not in args.skip]
-        variants += [(b_, n_, w_, 0, "none", 0, None) for (b_, n_, w_) in STEPS[t]] if args.steps else []
+        variants = [(bn, nblk, warps, "default", 0, None)]
+        variants += [(b_, n_, w_, "", 0, None) for (b_, n_, w_) in STEPS[t]] if args.steps else []
         if args.loads and t == T.Q4_K:
-            variants += [(b_, n_, w_, 0, f"loads={ld}" + (f" maxnreg={mr}" if mr else ""), ld, mr)
+            variants += [(b_, n_, w_, f"loads={ld}" + (f" maxnreg={mr}" if mr else ""), ld, mr)
                          for (b_, n_, w_) in LOAD_STEPS for ld, mr in LOAD_FORMS
                          if (ld, mr) != (0, None) or (b_, n_, w_) != (bn, nblk, warps)]
         xqp, xdp, _ = quantize_q8(x, pack=True)
-        for bn_, nblk_, warps_, hint, label, ld, mr in variants:
+        for bn_, nblk_, warps_, label, ld, mr in variants:
             a = (xqp, xdp, xdp) if ld & 2 else (xq, xd, xs)
-            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, hint, out, ld, mr)
+            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld, mr)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, hint, out, ld, mr)
+            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld, mr)
                             for i in range(copies)])
-            row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s), hint=hint,
+            row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s),
                 loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
@@ -201,8 +198,7 @@ def main() -> None:
         del w
         torch.cuda.empty_cache()
 
-    moe_cfgs = [(f"hint {label}", MoEConfig(mmvq_hint=h)) for h, label in HINTS.items()
-                if h == 0 or "hints" not in args.skip]
+    moe_cfgs = [("default", MoEConfig())]
     if args.loads:
         moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_rows=r, mmvq_nblk=nb, num_warps=wp))
                      for ld in (0, 1, 3) for (r, nb, wp) in ((4, 2, 1), (4, 4, 2), (8, 2, 2), (2, 4, 1))
@@ -248,7 +244,7 @@ def profile_launch(args) -> None:
                                                   num_warps=wp)
         else:
             xq, xd, xs = quantize_q8(torch.randn(1, K, device="cuda").half())
-            mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, 0, torch.empty(1, N, dtype=torch.float16, device="cuda"))
+            mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, torch.empty(1, N, dtype=torch.float16, device="cuda"))
     torch.cuda.synchronize()
     print(f"profiled {what} {bn}x{nblk} {warps}w on {name}")
 

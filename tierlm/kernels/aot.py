@@ -155,7 +155,7 @@ def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out
     """The int8-activation decode product (``triton_mmvq.mmvq_kernel``)."""
     types = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32",
                  row_bytes="i32", nblocks="i32", blocks_per_split="i32", stride_om="i32", stride_os="i32")
-    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch, HINT=0, LOADS=loads)
+    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch, LOADS=loads)
     aligned = ("K",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
     name = f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}{f'_l{loads}' if loads else ''}"
     return Variant(name, tv.mmvq_kernel, types, const, aligned, num_warps,
@@ -171,7 +171,7 @@ def quantize_q8_variant(act: str, pack: bool = False) -> Variant:
 def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nblk: int = MOE_DEFAULT.mmvq_nblk,
                     num_warps: int = MOE_DEFAULT.num_warps, prefetch: bool = MOE_DEFAULT.mmvq_pf) -> list[Variant]:
     """The up and down kernels of the int8-activation MoE decode path (``moe.DEFAULT``'s launch unless told)."""
-    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=prefetch, HINT=0)
+    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=prefetch)
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")

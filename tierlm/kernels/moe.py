@@ -52,7 +52,6 @@ class MoEConfig:
     mmvq_rows: int = 4  # int8 decode: weight rows per program
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
-    mmvq_hint: int = 0  # int8 decode: cache hints of the loads (triton_mmvq._ld / _ldx)
     mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads
 
 
@@ -191,7 +190,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     bn = cfg.mmvq_rows
-    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf, HINT=cfg.mmvq_hint)
+    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf)
     nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, D)
     tv.moe_up_q8_kernel[(P, -(-I // bn))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],

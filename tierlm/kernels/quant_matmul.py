@@ -63,7 +63,6 @@ class QMMConfig:
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
-    hint: int = 0  # mmvq: cache hints of the loads (triton_mmvq._ld / _ldx)
     loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one (triton_mmvq._q4k_rows)
 
 
@@ -225,7 +224,9 @@ def quantize_q8(x2: torch.Tensor, pack: bool = False) -> tuple[torch.Tensor, tor
         raise KernelInputError(f"quantize_q8: K={K} is not a multiple of 32")
     if not (x2.is_cuda or _interpreting()):
         xq, xd, xs = quantize_q8_ref(x2)
-        return (xq, *(2 * (torch.stack([xd, xs], -1),))) if pack else (xq, xd, xs)
+        if pack:
+            xd = xs = torch.stack([xd, xs], -1)
+        return xq, xd, xs
     from tierlm.kernels import triton_mmvq as tv
 
     xq = torch.empty((M, K), dtype=torch.int8, device=x2.device)
@@ -271,7 +272,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         grid = (M * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             HINT=cfg.hint, LOADS=loads,
+                             LOADS=loads,
                              num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg

@@ -72,12 +72,14 @@ def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.conste
     d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
     tl.store(xq_ptr + m.to(tl.int64) * K + offs, q.to(tl.int8), mask=gmask[:, None])
     ng = K // 32
+    i = m.to(tl.int64) * ng + g
+    s = d * tl.sum(q, axis=1).to(tl.float32)
     if PACK:  # (xd, xs) pairs at xd_ptr
-        tl.store(xd_ptr + 2 * (m.to(tl.int64) * ng + g), d, mask=gmask)
-        tl.store(xd_ptr + 2 * (m.to(tl.int64) * ng + g) + 1, d * tl.sum(q, axis=1).to(tl.float32), mask=gmask)
+        tl.store(xd_ptr + 2 * i, d, mask=gmask)
+        tl.store(xd_ptr + 2 * i + 1, s, mask=gmask)
     else:
-        tl.store(xd_ptr + m.to(tl.int64) * ng + g, d, mask=gmask)
-        tl.store(xs_ptr + m.to(tl.int64) * ng + g, d * tl.sum(q, axis=1).to(tl.float32), mask=gmask)
+        tl.store(xd_ptr + i, d, mask=gmask)
+        tl.store(xs_ptr + i, s, mask=gmask)
 
 
 @triton.jit
@@ -113,51 +115,32 @@ def _f16(bits):
 
 
 @triton.jit
-def _ld(p, HINT: tl.constexpr):
-    """A weight load with the cache hint HINT & 3: 0 none, 1 evict_first (L1 and L2), 2 ``.cg``
-    (cached in L2 only; ptxas refuses it together with an eviction policy)."""
-    if HINT & 3 == 1:
-        return tl.load(p, eviction_policy="evict_first")
-    elif HINT & 3 == 2:
-        return tl.load(p, cache_modifier=".cg")
-    else:
-        return tl.load(p)
-
-
-@triton.jit
-def _ldx(p, HINT: tl.constexpr):
-    """An activation load; HINT & 4 asks for evict_last."""
-    if HINT & 4:
-        return tl.load(p, eviction_policy="evict_last")
-    else:
-        return tl.load(p)
-
-
-@triton.jit
-def _u32(p, HINT: tl.constexpr = 0):
+def _u32(p):
     """The 4-byte word at a 2-byte aligned uint16 pointer, from two 2-byte loads."""
-    return _ld(p, HINT).to(tl.int32) | (_ld(p + 1, HINT).to(tl.int32) << 16)
+    return tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 16)
 
 
 @triton.jit
-def _q4k_fetch(wrow, kb, wo, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
+def _q4k_fetch(wrow, kb, wo, LOADS: tl.constexpr = 0):
     """The weight bytes of one Q4_K step: header words 0..3 (BN, NBLK, 1) and the two halves of the
-    nibble chunks (BN, NBLK, 4, 4). LOADS & 1: the header as one (BN, NBLK, 4, 4) tensor, each
-    thread's four words in one 16-byte load (returned in place of every word)."""
+    nibble chunks (BN, NBLK, 4, 4). LOADS & 1: each thread loads its block's whole 16-byte header
+    as one vector and takes the words out of its own registers (words of shape (BN, NBLK, 4))."""
     blk = (wrow[:, None] + kb[None, :] * 144).to(tl.pointer_type(tl.int32))  # (BN, NBLK)
     qp = blk[:, :, None, None] + 4 + wo[None, None]
     if LOADS & 1:
-        hv = _ld(blk[:, :, None, None] + (wo % 4)[None, None], HINT)
-        w0, w1, w2, w3 = hv, hv, hv, hv
+        j4 = wo[None, None] % 4  # word of the header, over (BN, NBLK, chunk, word)
+        hv = tl.load(blk[:, :, None, None] + j4)
+        w0, w1, w2, w3 = (tl.sum(tl.where(j4 == 0, hv, 0), axis=3), tl.sum(tl.where(j4 == 1, hv, 0), axis=3),
+                          tl.sum(tl.where(j4 == 2, hv, 0), axis=3), tl.sum(tl.where(j4 == 3, hv, 0), axis=3))
     else:
-        w0, w1, w2, w3 = (_ld(blk, HINT)[:, :, None], _ld(blk + 1, HINT)[:, :, None], _ld(blk + 2, HINT)[:, :, None],
-                          _ld(blk + 3, HINT)[:, :, None])
-    return w0, w1, w2, w3, _ld(qp, HINT), _ld(qp + 4, HINT)
+        w0, w1, w2, w3 = (tl.load(blk)[:, :, None], tl.load(blk + 1)[:, :, None], tl.load(blk + 2)[:, :, None],
+                          tl.load(blk + 3)[:, :, None])
+    return w0, w1, w2, w3, tl.load(qp), tl.load(qp + 4)
 
 
 @triton.jit
 def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
+              PF: tl.constexpr, LOADS: tl.constexpr = 0):
     """Q4_K: (BN,) partial dot products over blocks kb0..kb1-1.
 
     Tensors are (BN, NBLK, 4 chunks, 4 words): chunk c is the 32 nibble bytes of groups 2c (low
@@ -169,26 +152,23 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
     four scales come in one 16-byte load.
     """
     c = tl.arange(0, 4)
-    j4 = tl.arange(0, 4)[None, None, None, :]  # word of a 16-byte vector, over (BN, NBLK, chunk, word)
+    j4 = tl.arange(0, 4)[None, None, None, :]  # float of a 16-byte (xd, xs) vector, over (BN, NBLK, chunk, float)
     c3 = c[None, None, :]  # over (BN, NBLK, chunk)
     low = c3 < 2  # groups 0..3 have plain 6-bit scales
     sh = 8 * ((2 * c3) % 4)  # the byte of the header words that holds group 2c's scale bits
     wo = 8 * c[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): nibble word offset after the 16-byte header
     acc = tl.zeros([BN, NBLK, 4], dtype=tl.float32)
     if PF:
-        n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), wo, HINT, LOADS)
+        n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), wo, LOADS)
     for k in range(kb0, kb1, NBLK):
         kb = k + tl.arange(0, NBLK)
         keep = (kb < kb1)[None, :, None]
         kb = tl.minimum(kb, kb1 - 1)
         if PF:
             w0, w1, w2, w3, q0, q1 = n0, n1, n2, n3, nq0, nq1
-            n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), wo, HINT, LOADS)
+            n0, n1, n2, n3, nq0, nq1 = _q4k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), wo, LOADS)
         else:
-            w0, w1, w2, w3, q0, q1 = _q4k_fetch(wrow, kb, wo, HINT, LOADS)
-        if LOADS & 1:  # w0..w3 came as one (BN, NBLK, 4, 4) vector per thread
-            w0, w1, w2, w3 = (tl.sum(tl.where(j4 == 0, w0, 0), axis=3), tl.sum(tl.where(j4 == 1, w0, 0), axis=3),
-                              tl.sum(tl.where(j4 == 2, w0, 0), axis=3), tl.sum(tl.where(j4 == 3, w0, 0), axis=3))
+            w0, w1, w2, w3, q0, q1 = _q4k_fetch(wrow, kb, wo, LOADS)
         d = _f16(w0)
         dmin = _f16(w0 >> 16)
         b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
@@ -199,10 +179,9 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
         # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
         xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
-        s_lo = tl.sum(_dp4a(q0 & _M4, _ldx(xp, HINT), False, ASM) + _dp4a(q1 & _M4, _ldx(xp + 4, HINT), False, ASM),
-                      axis=3)
-        s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, _ldx(xp + 8, HINT), False, ASM)
-                      + _dp4a((q1 >> 4) & _M4, _ldx(xp + 12, HINT), False, ASM), axis=3)
+        s_lo = tl.sum(_dp4a(q0 & _M4, tl.load(xp), False, ASM) + _dp4a(q1 & _M4, tl.load(xp + 4), False, ASM), axis=3)
+        s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, tl.load(xp + 8), False, ASM)
+                      + _dp4a((q1 >> 4) & _M4, tl.load(xp + 12), False, ASM), axis=3)
         gi = tl.broadcast_to((kb[:, None] * 8 + 2 * c[None, :])[None], [BN, NBLK, 4])  # x group of the low nibbles
         if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
             pv = xd_ptr + 2 * gi[:, :, :, None]  # gi is even and the pairs are 16-byte aligned
@@ -219,20 +198,20 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
-def _q6k_fetch(wrow, kb, h4, w4, HINT: tl.constexpr = 0):
+def _q6k_fetch(wrow, kb, h4, w4):
     """The weight words of one Q6_K step: A, B, H (BN, NBLK, 2, 2, 4) and d (BN, NBLK, 1, 1)."""
     blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
     b16 = blk.to(tl.pointer_type(tl.uint16))[:, :, None, None, None]
-    A = _u32(b16 + (32 * h4 + 2 * w4)[None], HINT)  # ql bytes 64h + 4w: low nibbles -> i = 0, high -> i = 2
-    B = _u32(b16 + (32 * h4 + 16 + 2 * w4)[None], HINT)  # ql bytes 64h + 32 + 4w: i = 1 and 3
-    H = _u32(b16 + (64 + 16 * h4 + 2 * w4)[None], HINT)  # qh bytes 128 + 32h + 4w: 2 bits for each i
-    d = _f16(_ld(blk.to(tl.pointer_type(tl.uint16)) + 104, HINT).to(tl.int32))[:, :, None, None]
+    A = _u32(b16 + (32 * h4 + 2 * w4)[None])  # ql bytes 64h + 4w: low nibbles -> i = 0, high -> i = 2
+    B = _u32(b16 + (32 * h4 + 16 + 2 * w4)[None])  # ql bytes 64h + 32 + 4w: i = 1 and 3
+    H = _u32(b16 + (64 + 16 * h4 + 2 * w4)[None])  # qh bytes 128 + 32h + 4w: 2 bits for each i
+    d = _f16(tl.load(blk.to(tl.pointer_type(tl.uint16)) + 104).to(tl.int32))[:, :, None, None]
     return A, B, H, d
 
 
 @triton.jit
 def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, HINT: tl.constexpr = 0):
+              PF: tl.constexpr):
     """Q6_K: tensors are (BN, NBLK, 2 halves, 2 quarters, 4 words); word w = 4 * quarter + r of half h
     gives the four int8 words of elements 128h + 32i + 4w + (0..3), i = 0..3, whose scale is
     scales[8h + 2i + quarter]."""
@@ -242,16 +221,16 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
     qt2 = tl.arange(0, 2)[None, :]
     acc = tl.zeros([BN, NBLK, 2, 2], dtype=tl.float32)
     if PF:
-        nA, nB, nH, nd = _q6k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), h4, w4, HINT)
+        nA, nB, nH, nd = _q6k_fetch(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), h4, w4)
     for k in range(kb0, kb1, NBLK):
         kb = k + tl.arange(0, NBLK)
         keep = (kb < kb1)[None, :, None, None]
         kb = tl.minimum(kb, kb1 - 1)
         if PF:
             A, B, H, d = nA, nB, nH, nd
-            nA, nB, nH, nd = _q6k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), h4, w4, HINT)
+            nA, nB, nH, nd = _q6k_fetch(wrow, tl.minimum(kb + NBLK, kb1 - 1), h4, w4)
         else:
-            A, B, H, d = _q6k_fetch(wrow, kb, h4, w4, HINT)
+            A, B, H, d = _q6k_fetch(wrow, kb, h4, w4)
         blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
         sp = (blk[:, :, None, None] + 192 + (8 * h2 + qt2)[None, None]).to(tl.pointer_type(tl.int8))
         xo = tl.broadcast_to((kb[:, None, None, None] * 64 + 32 * h4 + w4)[None], [BN, NBLK, 2, 2, 4])
@@ -268,8 +247,8 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
             else:
                 q = ((B >> 4) & _M4) | ((H >> 2) & 0x30303030)
             q = ((q | _SIGN4) - 0x20202020) ^ _SIGN4  # each byte minus 32, no borrow across bytes
-            s = tl.sum(_dp4a(q, _ldx(xq32 + xo + 8 * i, HINT), True, ASM), axis=4).to(tl.float32)
-            sc = _ld(sp + 2 * i, HINT).to(tl.float32)  # (BN, NBLK, 2, 2)
+            s = tl.sum(_dp4a(q, tl.load(xq32 + xo + 8 * i), True, ASM), axis=4).to(tl.float32)
+            sc = tl.load(sp + 2 * i).to(tl.float32)  # (BN, NBLK, 2, 2)
             part += sc * tl.load(xd_ptr + gi + i) * s
         acc += tl.where(keep, d * part, 0.0)
     return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
@@ -284,7 +263,7 @@ def _q80_fetch(wrow, kb, w):
 
 @triton.jit
 def _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, HINT: tl.constexpr = 0):
+              PF: tl.constexpr):
     """Q8_0: tensors are (BN, NB, 8 words) with NB = 8 NBLK blocks (256 elements per NBLK, as for
     the K-quants); a 34-byte block is d then 32 int8. Every word keeps its own float sum until the
     loop ends, so no step needs a shuffle."""
@@ -323,7 +302,7 @@ def _q50_fetch(wrow, kb, w3):
 
 @triton.jit
 def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, HINT: tl.constexpr = 0):
+              PF: tl.constexpr):
     """Q5_0: tensors are (BN, NB, 4 words), NB = 8 NBLK; a 22-byte block is d, 32 fifth bits, 16 bytes
     of nibbles (element j in the low nibble of byte j, element 16 + j in its high nibble); w = q - 16."""
     NB: tl.constexpr = 8 * NBLK
@@ -353,7 +332,7 @@ def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 @triton.jit
 def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
               QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr = False,
-              HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
+              LOADS: tl.constexpr = 0):
     """Rows row0 .. row0 + BN - 1 of the weight at w_ptr dotted with one quantized activation row
     (xq int8, xd/xs per 32 values) over blocks kb0..kb1-1: (BN,) float32. Rows past N are clamped
     (their values are garbage for the caller to mask); an empty block range gives zeros."""
@@ -361,20 +340,20 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12:
-        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, HINT, LOADS)
+        return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
     elif QTYPE == 14:
-        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, HINT)
+        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 8:
-        return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, HINT)
+        return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     else:
-        return _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, HINT)
+        return _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
 
 
 @triton.jit
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                PF: tl.constexpr = False, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
+                PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
     """out[s, m, n] = weight row n . activation row m over split s's blocks.
 
     Grid: (M * cdiv(N, BN), splits); program i is row block i // M of activation row i % M, so the
@@ -390,7 +369,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
     kb1 = tl.minimum(kb0 + blocks_per_split, nblocks)
     ng = (2 if LOADS & 2 else 1) * (K // 32)  # scale words per activation row
     acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * ng, xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
-                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF, HINT, LOADS)
+                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF, LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(out_ptr + s.to(tl.int64) * stride_os + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty),
              mask=rows < N)
@@ -400,7 +379,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr, PF: tl.constexpr = False, HINT: tl.constexpr = 0, LOADS: tl.constexpr = 0):
+                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros."""
@@ -412,9 +391,9 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     tok = (t // TOPK).to(tl.int64)
     xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * ((2 if LOADS & 2 else 1) * (D // 32)), xs_ptr + tok * (D // 32)
     g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM, PF,
-                  HINT, LOADS)
+                  LOADS)
     u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
-                  HINT, LOADS)
+                  LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
@@ -422,7 +401,7 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                       PF: tl.constexpr = False, HINT: tl.constexpr = 0):
+                       PF: tl.constexpr = False):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -431,6 +410,6 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
     acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * (I // 32), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, HINT)
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
