@@ -48,8 +48,12 @@ SHAPES = [  # (name, N, K, type)
     ("head 7168->129280", 129280, 7168, T.Q6_K),
 ]
 FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thread)
-LOAD_STEPS = [(4, 4, 2), (1, 32, 4), (2, 32, 4), (2, 32, 8), (1, 32, 2), (2, 16, 2)]  # Q4_K steps timed with --loads
-LOAD_FORMS = [(0, None), (3, None)]  # (LOADS, maxnreg) timed with --loads
+# ((rows, blocks per step, warps), LOADS) timed with --loads
+LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((2, 16, 2), 7), ((4, 8, 1), 3), ((4, 8, 1), 7),
+                          ((2, 8, 1), 7), ((4, 8, 2), 7), ((8, 8, 2), 7), ((4, 16, 2), 7), ((8, 16, 4), 7)],
+                 T.Q6_K: [((4, 2, 1), 4), ((2, 4, 1), 4), ((4, 4, 1), 4), ((8, 2, 1), 4), ((4, 4, 2), 4), ((8, 4, 2), 4),
+                          ((8, 8, 4), 4)]}
+MOE_LOADS = [(4, 2, 1, 4), (4, 8, 1, 7), (2, 8, 1, 7), (2, 16, 2, 7), (4, 8, 2, 7), (8, 8, 2, 7)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -102,14 +106,13 @@ def pattern_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, QTYPE: tl.constexpr, B
     tl.store(out_ptr + row0 + tl.arange(0, BN), r, mask=row0 + tl.arange(0, BN) < N)
 
 
-def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, maxnreg=None):
+def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0):
     """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
-    extra = dict(maxnreg=maxnreg) if maxnreg else {}
     tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N,
                                             QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
-                                            num_warps=warps, **extra)
+                                            num_warps=warps)
     return out
 
 
@@ -118,7 +121,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--shapes", default="", help="comma-separated parts of shape names to keep")
     ap.add_argument("--steps", action="store_true", help="also time the product kernel with STEPS")
-    ap.add_argument("--loads", action="store_true", help="also time Q4_K's LOADS forms and maxnreg caps, and "
+    ap.add_argument("--loads", action="store_true", help="also time the LOADS forms of LOAD_VARIANTS, and "
                     "the MoE with them")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
@@ -171,29 +174,27 @@ def main() -> None:
         xq, xd, xs = quantize_q8(x)
         ref = quant_matmul_q8_ref(x, w[0], t, K).float()
         out = torch.empty(1, N, dtype=torch.float16, device="cuda")
-        variants = [(bn, nblk, warps, "default", 0, None)]
-        variants += [(b_, n_, w_, "", 0, None) for (b_, n_, w_) in STEPS[t]] if args.steps else []
-        if args.loads and t == T.Q4_K:
-            variants += [(b_, n_, w_, f"loads={ld}" + (f" maxnreg={mr}" if mr else ""), ld, mr)
-                         for (b_, n_, w_) in LOAD_STEPS for ld, mr in LOAD_FORMS
-                         if (ld, mr) != (0, None) or (b_, n_, w_) != (bn, nblk, warps)]
+        variants = [(bn, nblk, warps, "default", 0)]
+        variants += [(b_, n_, w_, "", 0) for (b_, n_, w_) in STEPS[t]] if args.steps else []
+        if args.loads:
+            variants += [(*step, f"loads={ld}", ld) for step, ld in LOAD_VARIANTS.get(t, ())]
         xqp, xdp, _ = quantize_q8(x, pack=True)
-        for bn_, nblk_, warps_, label, ld, mr in variants:
+        for bn_, nblk_, warps_, label, ld in variants:
             a = (xqp, xdp, xdp) if ld & 2 else (xq, xd, xs)
-            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld, mr)
+            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld, mr)
+            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld)
                             for i in range(copies)])
             row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s),
-                loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
+                loads=ld, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
-        if args.loads and t == T.Q4_K:
-            for (b_, n_, w_) in LOAD_STEPS:
-                cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=3)
+        if args.loads:
+            for (b_, n_, w_), ld in LOAD_VARIANTS.get(t, ()):
+                cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=ld)
                 s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)])
                 err = ((quant_matmul(x, w[0], t, K, config=cfg).float() - ref).norm() / ref.norm()).item()
-                row(what=f"quant_matmul {b_}x{n_} {w_}w loads=3", shape=name, us=s * 1e6, pct=pct(s), loads=3,
+                row(what=f"quant_matmul {b_}x{n_} {w_}w loads={ld}", shape=name, us=s * 1e6, pct=pct(s), loads=ld,
                     step=[b_, n_, w_], err=f"rel err {err:.1e}")
         del w
         torch.cuda.empty_cache()
@@ -201,8 +202,7 @@ def main() -> None:
     moe_cfgs = [("default", MoEConfig())]
     if args.loads:
         moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_rows=r, mmvq_nblk=nb, num_warps=wp))
-                     for ld in (0, 1, 3) for (r, nb, wp) in ((4, 2, 1), (4, 4, 2), (8, 2, 2), (2, 4, 1))
-                     if (ld, r, nb, wp) != (0, 4, 2, 1)]
+                     for (r, nb, wp, ld) in MOE_LOADS]
     for label, cfg in moe_cfgs if "moe" not in args.skip else ():
         calls, per_expert, distinct, check = moe_setup(1, 32, cfg)
         err = check()
