@@ -182,6 +182,6 @@ def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nbl
     return [
         Variant(f"moe_up_q8_{q_up}", tv.moe_up_q8_kernel, up, dict(GATE_T=q_up, UP_T=q_up, LOADS=0, **const), a_up, num_warps,
                 tags=dict(act="fp32", qtype=q_up)),
-        Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, LOADS=0, **const), a_down, num_warps,
+        Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, **const), a_down, num_warps,
                 tags=dict(act="fp32", qtype=q_down)),
     ]

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, device_info,
-                                         mmvq_loads)
+from tierlm.kernels.quant_matmul import FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, device_info
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -53,7 +52,7 @@ class MoEConfig:
     mmvq_rows: int = 4  # int8 decode: weight rows per program
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
-    mmvq_loads: int = 0  # int8 decode: QMMConfig.loads, for each kernel the bits its weight type implements
+    mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
@@ -186,7 +185,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
-    loads = mmvq_loads(gt, cfg.mmvq_loads) if gt == ut else 0
+    loads = cfg.mmvq_loads if gt == ut == GGMLType.Q4_K else 0
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
@@ -201,8 +200,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
-        DOWN_T=int(dt), NBLK=nblk, LOADS=mmvq_loads(dt, cfg.mmvq_loads) & ~2,  # h is not packed
-         num_warps=warps, **common)
+        DOWN_T=int(dt), NBLK=nblk, num_warps=warps, **common)
     return y
 
 

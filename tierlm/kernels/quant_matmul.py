@@ -63,7 +63,7 @@ class QMMConfig:
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
-    loads: int = 0  # mmvq load forms (triton_mmvq._q4k_rows): bits 1, 2 Q4_K only; 4 Q4_K and Q6_K (mmvq_loads)
+    loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one (triton_mmvq._q4k_rows)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -103,11 +103,6 @@ MMVQ_SMALL_STEP = (2, 16, 2)
 MMVQ_Q4K_LOADS = 3  # Q4_K at one row: header and (xd, xs) pairs as vector loads (+4 points on dense up, H200)
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
-
-
-def mmvq_loads(qtype: GGMLType, loads: int) -> int:
-    """The bits of a ``loads`` setting that the int8 kernel of ``qtype`` implements."""
-    return loads if qtype == GGMLType.Q4_K else loads & 4 if qtype == GGMLType.Q6_K else 0
 
 
 def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
@@ -266,7 +261,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
 
         if qtype not in FUSED_TYPES:
             raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
-        loads = mmvq_loads(qtype, cfg.loads)
+        loads = cfg.loads if qtype == GGMLType.Q4_K else 0
         xq, xd, xs = quantize_q8(x2, pack=bool(loads & 2))
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]

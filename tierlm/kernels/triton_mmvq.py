@@ -149,9 +149,7 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
     its words need no shuffle. PF loads the next step's weight bytes before computing this one's
     (twice the bytes in flight per thread). LOADS & 1: each thread loads its block's 16-byte header
     as one vector (instead of four words); LOADS & 2: xd_ptr holds (xd, xs) pairs, and a thread's
-    four scales come in one 16-byte load; LOADS & 4: the activation words and scales are loaded as
-    (1, NBLK, ...) tensors and broadcast over the rows, so a thread that holds several rows of a
-    step in its registers loads them once (the steps whose NBLK * 4 chunks fill the warps exactly).
+    four scales come in one 16-byte load.
     """
     c = tl.arange(0, 4)
     j4 = tl.arange(0, 4)[None, None, None, :]  # float of a 16-byte (xd, xs) vector, over (BN, NBLK, chunk, float)
@@ -180,16 +178,11 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
         mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
         # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
-        if LOADS & 4:  # one load per step for all BN rows: (1, NBLK, 4, 4), broadcast in the products
-            xp = xq32 + (kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None])
-        else:
-            xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
+        xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
         s_lo = tl.sum(_dp4a(q0 & _M4, tl.load(xp), False, ASM) + _dp4a(q1 & _M4, tl.load(xp + 4), False, ASM), axis=3)
         s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, tl.load(xp + 8), False, ASM)
                       + _dp4a((q1 >> 4) & _M4, tl.load(xp + 12), False, ASM), axis=3)
-        gi = (kb[:, None] * 8 + 2 * c[None, :])[None]  # x group of the low nibbles
-        if not (LOADS & 4):
-            gi = tl.broadcast_to(gi, [BN, NBLK, 4])
+        gi = tl.broadcast_to((kb[:, None] * 8 + 2 * c[None, :])[None], [BN, NBLK, 4])  # x group of the low nibbles
         if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
             pv = xd_ptr + 2 * gi[:, :, :, None]  # gi is even and the pairs are 16-byte aligned
             v = tl.load(tl.max_contiguous(tl.multiple_of(pv, [16, 16, 16, 16]), [1, 1, 1, 4]) + j4)
@@ -218,11 +211,10 @@ def _q6k_fetch(wrow, kb, h4, w4):
 
 @triton.jit
 def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-              PF: tl.constexpr, LOADS: tl.constexpr = 0):
+              PF: tl.constexpr):
     """Q6_K: tensors are (BN, NBLK, 2 halves, 2 quarters, 4 words); word w = 4 * quarter + r of half h
     gives the four int8 words of elements 128h + 32i + 4w + (0..3), i = 0..3, whose scale is
-    scales[8h + 2i + quarter]. LOADS & 4: the activation words and scales are loaded once per step
-    for all BN rows (see _q4k_rows)."""
+    scales[8h + 2i + quarter]."""
     h4 = tl.arange(0, 2)[None, :, None, None]  # over (NBLK, h, quarter, r)
     w4 = tl.arange(0, 2)[None, None, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]
     h2 = tl.arange(0, 2)[:, None]  # over (h, quarter)
@@ -241,12 +233,9 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
             A, B, H, d = _q6k_fetch(wrow, kb, h4, w4)
         blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
         sp = (blk[:, :, None, None] + 192 + (8 * h2 + qt2)[None, None]).to(tl.pointer_type(tl.int8))
+        xo = tl.broadcast_to((kb[:, None, None, None] * 64 + 32 * h4 + w4)[None], [BN, NBLK, 2, 2, 4])
         # xo: the word of element 128h + 4w; gi: the x group of i = 0
-        xo = (kb[:, None, None, None] * 64 + 32 * h4 + w4)[None]
-        gi = (kb[:, None, None] * 8 + 4 * h2[None])[None]
-        if not (LOADS & 4):
-            xo = tl.broadcast_to(xo, [BN, NBLK, 2, 2, 4])
-            gi = tl.broadcast_to(gi, [BN, NBLK, 2, 2])
+        gi = tl.broadcast_to((kb[:, None, None] * 8 + 4 * h2[None])[None], [BN, NBLK, 2, 2])
         part = tl.zeros([BN, NBLK, 2, 2], dtype=tl.float32)
         for i in tl.static_range(4):
             if i == 0:
@@ -353,7 +342,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     if QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
     elif QTYPE == 14:
-        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
+        return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 8:
         return _q80_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     else:
@@ -412,7 +401,7 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
+                       PF: tl.constexpr = False):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -421,6 +410,6 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
     acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * (I // 32), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS)
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
