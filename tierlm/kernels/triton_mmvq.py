@@ -198,6 +198,70 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
+def _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+               LOADS: tl.constexpr):
+    """Q4_K with eight threads per block (LOADS & 4): tensors are (BN, NBLK, 8, 4 words), or
+    (NBLK, BN, 8, 4) with LOADS & 8 (a warp's four blocks are then one block column of four rows,
+    which read the same activation words). Thread hc of a block loads nibble bytes 16 hc .. 16 hc + 15
+    (so a warp's weight load is four whole 128-byte runs): the low nibbles of group 2 (hc // 2) and
+    the high nibbles of group 2 (hc // 2) + 1, elements 16 (hc % 2) .. + 15 of each. The block's
+    16-byte header comes in one vector load, the same address for its eight threads."""
+    hc = tl.arange(0, 8)[None, None, :, None]
+    j4 = tl.arange(0, 4)[None, None, None, :]
+    c3 = tl.arange(0, 8)[None, None, :] // 2  # chunk of each thread's nibbles, over (., ., 8)
+    low = c3 < 2
+    sh = 8 * ((2 * c3) % 4)
+    xo = 16 * (hc // 2) + 4 * (hc % 2) + j4  # activation word of the low nibbles of word j4
+    if LOADS & 8:
+        acc = tl.zeros([NBLK, BN, 8], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BN, NBLK, 8], dtype=tl.float32)
+    for k in range(kb0, kb1, NBLK):
+        kb = k + tl.arange(0, NBLK)
+        keep1 = kb < kb1
+        kb = tl.minimum(kb, kb1 - 1)
+        if LOADS & 8:
+            kb4, wr4, keep = kb[:, None, None, None], wrow[None, :, None, None], keep1[:, None, None]
+        else:
+            kb4, wr4, keep = kb[None, :, None, None], wrow[:, None, None, None], keep1[None, :, None]
+        blk = (wr4 + kb4 * 144).to(tl.pointer_type(tl.int32))
+        full = tl.broadcast_to(blk + j4 + 0 * hc, [blk.shape[0], blk.shape[1], 8, 4])
+        hv = tl.load(full)
+        q = tl.load(full + 4 + 4 * hc)
+        w0, w1 = tl.sum(tl.where(j4 == 0, hv, 0), axis=3), tl.sum(tl.where(j4 == 1, hv, 0), axis=3)
+        w2, w3 = tl.sum(tl.where(j4 == 2, hv, 0), axis=3), tl.sum(tl.where(j4 == 3, hv, 0), axis=3)
+        d = _f16(w0)
+        dmin = _f16(w0 >> 16)
+        b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
+        sc_lo = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
+        mn_lo = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
+        b1, b2, b3 = (w1 >> (sh + 8)) & 0xFF, (w2 >> (sh + 8)) & 0xFF, (w3 >> (sh + 8)) & 0xFF
+        sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
+        mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
+        xp = xq32 + tl.broadcast_to(kb4 * 64 + xo, q.shape)
+        s_lo = tl.sum(_dp4a(q & _M4, tl.load(xp), False, ASM), axis=3)
+        s_hi = tl.sum(_dp4a((q >> 4) & _M4, tl.load(xp + 8), False, ASM), axis=3)
+        gi = kb4 * 8 + 2 * (hc // 2)  # x group of the low nibbles, over (., ., 8, 1)
+        if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
+            pv = tl.max_contiguous(tl.multiple_of(xd_ptr + 2 * gi, [16, 16, 16, 16]), [1, 1, 1, 4])  # gi is even
+            v = tl.load(tl.broadcast_to(pv + j4, q.shape))
+            dxl, sxl = tl.sum(tl.where(j4 == 0, v, 0.0), axis=3), tl.sum(tl.where(j4 == 1, v, 0.0), axis=3)
+            dxh, sxh = tl.sum(tl.where(j4 == 2, v, 0.0), axis=3), tl.sum(tl.where(j4 == 3, v, 0.0), axis=3)
+        else:
+            g3 = tl.broadcast_to(tl.sum(gi, axis=3), s_lo.shape)
+            dxl, dxh = tl.load(xd_ptr + g3), tl.load(xd_ptr + g3 + 1)
+            sxl, sxh = tl.load(xs_ptr + g3), tl.load(xs_ptr + g3 + 1)
+        part = d * (sc_lo.to(tl.float32) * dxl * s_lo.to(tl.float32) + sc_hi.to(tl.float32) * dxh * s_hi.to(tl.float32)) \
+            - 0.5 * dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)  # two threads per group
+        acc += tl.where(keep, part, 0.0)
+    if LOADS & 8:
+        out = tl.sum(tl.sum(acc, axis=2), axis=0)
+    else:
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    return out
+
+
+@triton.jit
 def _q6k_fetch(wrow, kb, h4, w4):
     """The weight words of one Q6_K step: A, B, H (BN, NBLK, 2, 2, 4) and d (BN, NBLK, 1, 1)."""
     blk = wrow[:, None] + kb[None, :] * 210  # (BN, NBLK) uint8
@@ -339,7 +403,9 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     rows = tl.minimum(row0 + tl.arange(0, BN), N - 1)
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
-    if QTYPE == 12:
+    if QTYPE == 12 and LOADS & 4:
+        return _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
+    elif QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
     elif QTYPE == 14:
         return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
