@@ -51,13 +51,13 @@ FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thr
 # ((rows, blocks per step, warps), LOADS) timed with --loads (a bit 4, activations loaded once for all rows of
 # a step, was measured slower everywhere and removed: commit 8f0e8da, read-ceiling-NVIDIA_H200-rows-in-registers.json)
 # LOADS & 4: eight threads per Q4_K block (& 8: a warp's blocks are one column of four rows)
-LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3),
-                          ((4, 4, 2), 6), ((2, 4, 1), 6), ((1, 4, 1), 6), ((2, 8, 2), 6), ((1, 8, 2), 6), ((4, 2, 1), 6),
-                          ((8, 4, 4), 6), ((2, 16, 4), 6),
-                          ((4, 1, 1), 14), ((4, 2, 1), 14), ((8, 1, 1), 14), ((8, 1, 2), 14), ((8, 2, 2), 14),
-                          ((16, 1, 4), 14), ((4, 4, 1), 14), ((16, 2, 4), 14)]}
-MOE_LOADS = [(4, 2, 1, 3), (2, 4, 1, 6), (4, 2, 1, 6), (1, 8, 2, 6), (4, 1, 1, 14), (4, 2, 1, 14), (8, 1, 2, 14),
-             (8, 2, 2, 14)]  # (rows, blocks, warps, LOADS)
+# (a loads value + 16: with prefetch)
+LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((4, 4, 2), 19), ((4, 2, 1), 19), ((2, 4, 1), 19),
+                          ((4, 4, 2), 6), ((2, 4, 1), 6), ((4, 2, 1), 6), ((8, 4, 4), 6), ((4, 4, 2), 22), ((2, 4, 1), 22),
+                          ((4, 2, 1), 22), ((8, 1, 1), 14), ((8, 2, 2), 14), ((16, 2, 4), 14), ((8, 1, 1), 30),
+                          ((16, 1, 2), 30), ((4, 2, 1), 30)]}
+MOE_LOADS = [(4, 2, 1, 3), (4, 2, 1, 19), (4, 2, 1, 6), (4, 2, 1, 22), (4, 1, 1, 14), (4, 1, 1, 30),
+             (2, 4, 1, 22)]  # (rows, blocks, warps, LOADS (+16: prefetch))
 PATTERN8 = [(4, 4, 2, 0), (2, 4, 1, 0), (1, 8, 2, 0), (4, 1, 1, 1), (4, 2, 1, 1), (8, 1, 2, 1), (16, 1, 4, 1)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -136,13 +136,13 @@ def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBL
     tl.store(out_ptr + tl.program_id(0), r)
 
 
-def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0):
+def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False):
     """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
     tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N,
                                             QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
-                                            num_warps=warps)
+                                            PF=pf, num_warps=warps)
     return out
 
 
@@ -155,7 +155,7 @@ def main() -> None:
                     "the MoE with them")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
-                    "flat | pattern | mmvq[:rows,blocks,warps] on the first shape kept | moe")
+                    "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | moe")
     args = ap.parse_args()
     if args.profile:
         return profile_launch(args)
@@ -218,9 +218,9 @@ def main() -> None:
         xqp, xdp, _ = quantize_q8(x, pack=True)
         for bn_, nblk_, warps_, label, ld in variants:
             a = (xqp, xdp, xdp) if ld & 2 else (xq, xd, xs)
-            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld)
+            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16))
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld)
+            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16))
                             for i in range(copies)])
             row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s),
                 loads=ld, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
@@ -228,7 +228,7 @@ def main() -> None:
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
         if args.loads:
             for (b_, n_, w_), ld in LOAD_VARIANTS.get(t, ()):
-                cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=ld)
+                cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=ld & 15, prefetch=bool(ld & 16))
                 s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)])
                 err = ((quant_matmul(x, w[0], t, K, config=cfg).float() - ref).norm() / ref.norm()).item()
                 row(what=f"quant_matmul {b_}x{n_} {w_}w loads={ld}", shape=name, us=s * 1e6, pct=pct(s), loads=ld,
@@ -238,7 +238,8 @@ def main() -> None:
 
     moe_cfgs = [("default", MoEConfig())]
     if args.loads:
-        moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_rows=r, mmvq_nblk=nb, num_warps=wp))
+        moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld & 15, mmvq_rows=r, mmvq_nblk=nb, num_warps=wp,
+                                                                    mmvq_pf=bool(ld & 16)))
                      for (r, nb, wp, ld) in MOE_LOADS]
     for label, cfg in moe_cfgs if "moe" not in args.skip else ():
         calls, per_expert, distinct, check = moe_setup(1, 32, cfg)
@@ -260,7 +261,7 @@ def profile_launch(args) -> None:
     name, N, K, t = [s for s in SHAPES if not args.shapes or any(k in s[0] for k in args.shapes.split(","))][0]
     w = random_weight(t, N, K, 1)[0]
     what, _, geo = args.profile.partition(":")
-    bn, nblk, warps = map(int, geo.split(",")) if geo else MMVQ_TILES[t]
+    bn, nblk, warps, loads = (list(map(int, geo.split(","))) + [0])[:4] if geo else (*MMVQ_TILES[t], 0)
     if what == "moe":  # three one-token MoE layers; the kernels of the third are the ones to read
         calls, *_ = moe_setup(1, 3)
         for c in calls:
@@ -280,8 +281,9 @@ def profile_launch(args) -> None:
             pattern_kernel[(triton.cdiv(N, bn),)](w, out, N, w.shape[1], K // 256, QTYPE=int(t), BN=bn, NBLK=nb,
                                                   num_warps=wp)
         else:
-            xq, xd, xs = quantize_q8(torch.randn(1, K, device="cuda").half())
-            mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, torch.empty(1, N, dtype=torch.float16, device="cuda"))
+            xq, xd, xs = quantize_q8(torch.randn(1, K, device="cuda").half(), pack=bool(loads & 2))
+            mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, torch.empty(1, N, dtype=torch.float16, device="cuda"),
+                       loads & 15, bool(loads & 16))
     torch.cuda.synchronize()
     print(f"profiled {what} {bn}x{nblk} {warps}w on {name}")
 

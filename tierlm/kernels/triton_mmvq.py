@@ -35,6 +35,7 @@ Q4_K, Q6_K, Q8_0, Q5_0 = 12, 14, 8, 6
 BLOCK_ELEMS = {Q4_K: 256, Q6_K: 256, Q8_0: 32, Q5_0: 32}
 _SIGN4 = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
 _M4 = tl.constexpr(0x0F0F0F0F)
+_H4 = tl.constexpr(-0x0F0F0F10)  # 0xF0F0F0F0 as an int32
 
 
 def fit_step(nblk: int, num_warps: int, K: int) -> tuple[int, int]:
@@ -180,8 +181,8 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
         xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
         s_lo = tl.sum(_dp4a(q0 & _M4, tl.load(xp), False, ASM) + _dp4a(q1 & _M4, tl.load(xp + 4), False, ASM), axis=3)
-        s_hi = tl.sum(_dp4a((q0 >> 4) & _M4, tl.load(xp + 8), False, ASM)
-                      + _dp4a((q1 >> 4) & _M4, tl.load(xp + 12), False, ASM), axis=3)
+        s_hi = tl.sum(_dp4a(q0 & _H4, tl.load(xp + 8), False, ASM)
+                      + _dp4a(q1 & _H4, tl.load(xp + 12), False, ASM), axis=3) >> 4  # high nibbles in place: 16 x
         gi = tl.broadcast_to((kb[:, None] * 8 + 2 * c[None, :])[None], [BN, NBLK, 4])  # x group of the low nibbles
         if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
             pv = xd_ptr + 2 * gi[:, :, :, None]  # gi is even and the pairs are 16-byte aligned
@@ -191,15 +192,27 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         else:
             dxl, dxh = tl.load(xd_ptr + gi), tl.load(xd_ptr + gi + 1)
             sxl, sxh = tl.load(xs_ptr + gi), tl.load(xs_ptr + gi + 1)
-        part = d * (sc_lo.to(tl.float32) * dxl * s_lo.to(tl.float32) + sc_hi.to(tl.float32) * dxh * s_hi.to(tl.float32)) \
+        part = d * (dxl * (sc_lo * s_lo).to(tl.float32) + dxh * (sc_hi * s_hi).to(tl.float32)) \
             - dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)
         acc += tl.where(keep, part, 0.0)
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
+def _q4k_fetch8(wrow, kb, hc, j4, LOADS: tl.constexpr):
+    """The header words (4-vectors, the same for a block's eight threads) and nibble words of one
+    step of ``_q4k_rows8``."""
+    if LOADS & 8:
+        blk = (wrow[None, :, None, None] + kb[:, None, None, None] * 144).to(tl.pointer_type(tl.int32))
+    else:
+        blk = (wrow[:, None, None, None] + kb[None, :, None, None] * 144).to(tl.pointer_type(tl.int32))
+    full = tl.broadcast_to(blk + j4 + 0 * hc, [blk.shape[0], blk.shape[1], 8, 4])
+    return tl.load(full), tl.load(full + 4 + 4 * hc)
+
+
+@triton.jit
 def _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-               LOADS: tl.constexpr):
+               PF: tl.constexpr, LOADS: tl.constexpr):
     """Q4_K with eight threads per block (LOADS & 4): tensors are (BN, NBLK, 8, 4 words), or
     (NBLK, BN, 8, 4) with LOADS & 8 (a warp's four blocks are then one block column of four rows,
     which read the same activation words). Thread hc of a block loads nibble bytes 16 hc .. 16 hc + 15
@@ -216,18 +229,21 @@ def _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.
         acc = tl.zeros([NBLK, BN, 8], dtype=tl.float32)
     else:
         acc = tl.zeros([BN, NBLK, 8], dtype=tl.float32)
+    if PF:
+        nhv, nq = _q4k_fetch8(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), hc, j4, LOADS)
     for k in range(kb0, kb1, NBLK):
         kb = k + tl.arange(0, NBLK)
         keep1 = kb < kb1
         kb = tl.minimum(kb, kb1 - 1)
         if LOADS & 8:
-            kb4, wr4, keep = kb[:, None, None, None], wrow[None, :, None, None], keep1[:, None, None]
+            kb4, keep = kb[:, None, None, None], keep1[:, None, None]
         else:
-            kb4, wr4, keep = kb[None, :, None, None], wrow[:, None, None, None], keep1[None, :, None]
-        blk = (wr4 + kb4 * 144).to(tl.pointer_type(tl.int32))
-        full = tl.broadcast_to(blk + j4 + 0 * hc, [blk.shape[0], blk.shape[1], 8, 4])
-        hv = tl.load(full)
-        q = tl.load(full + 4 + 4 * hc)
+            kb4, keep = kb[None, :, None, None], keep1[None, :, None]
+        if PF:
+            hv, q = nhv, nq
+            nhv, nq = _q4k_fetch8(wrow, tl.minimum(kb + NBLK, kb1 - 1), hc, j4, LOADS)
+        else:
+            hv, q = _q4k_fetch8(wrow, kb, hc, j4, LOADS)
         w0, w1 = tl.sum(tl.where(j4 == 0, hv, 0), axis=3), tl.sum(tl.where(j4 == 1, hv, 0), axis=3)
         w2, w3 = tl.sum(tl.where(j4 == 2, hv, 0), axis=3), tl.sum(tl.where(j4 == 3, hv, 0), axis=3)
         d = _f16(w0)
@@ -240,7 +256,7 @@ def _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.
         mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
         xp = xq32 + tl.broadcast_to(kb4 * 64 + xo, q.shape)
         s_lo = tl.sum(_dp4a(q & _M4, tl.load(xp), False, ASM), axis=3)
-        s_hi = tl.sum(_dp4a((q >> 4) & _M4, tl.load(xp + 8), False, ASM), axis=3)
+        s_hi = tl.sum(_dp4a(q & _H4, tl.load(xp + 8), False, ASM), axis=3) >> 4  # high nibbles in place: 16 x
         gi = kb4 * 8 + 2 * (hc // 2)  # x group of the low nibbles, over (., ., 8, 1)
         if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
             pv = tl.max_contiguous(tl.multiple_of(xd_ptr + 2 * gi, [16, 16, 16, 16]), [1, 1, 1, 4])  # gi is even
@@ -251,7 +267,7 @@ def _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.
             g3 = tl.broadcast_to(tl.sum(gi, axis=3), s_lo.shape)
             dxl, dxh = tl.load(xd_ptr + g3), tl.load(xd_ptr + g3 + 1)
             sxl, sxh = tl.load(xs_ptr + g3), tl.load(xs_ptr + g3 + 1)
-        part = d * (sc_lo.to(tl.float32) * dxl * s_lo.to(tl.float32) + sc_hi.to(tl.float32) * dxh * s_hi.to(tl.float32)) \
+        part = d * (dxl * (sc_lo * s_lo).to(tl.float32) + dxh * (sc_hi * s_hi).to(tl.float32)) \
             - 0.5 * dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)  # two threads per group
         acc += tl.where(keep, part, 0.0)
     if LOADS & 8:
@@ -404,7 +420,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12 and LOADS & 4:
-        return _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
+        return _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
     elif QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
     elif QTYPE == 14:
