@@ -199,53 +199,41 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
-def _q4k_fetch8(wrow, kb, hc, j4, LOADS: tl.constexpr):
-    """The header words (4-vectors, the same for a block's eight threads) and nibble words of one
-    step of ``_q4k_rows8``."""
-    if LOADS & 8:
-        blk = (wrow[None, :, None, None] + kb[:, None, None, None] * 144).to(tl.pointer_type(tl.int32))
-    else:
-        blk = (wrow[:, None, None, None] + kb[None, :, None, None] * 144).to(tl.pointer_type(tl.int32))
-    full = tl.broadcast_to(blk + j4 + 0 * hc, [blk.shape[0], blk.shape[1], 8, 4])
-    return tl.load(full), tl.load(full + 4 + 4 * hc)
-
-
-@triton.jit
-def _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-               PF: tl.constexpr, LOADS: tl.constexpr):
-    """Q4_K with eight threads per block (LOADS & 4): tensors are (BN, NBLK, 8, 4 words), or
-    (NBLK, BN, 8, 4) with LOADS & 8 (a warp's four blocks are then one block column of four rows,
-    which read the same activation words). Thread hc of a block loads nibble bytes 16 hc .. 16 hc + 15
-    (so a warp's weight load is four whole 128-byte runs): the low nibbles of group 2 (hc // 2) and
-    the high nibbles of group 2 (hc // 2) + 1, elements 16 (hc % 2) .. + 15 of each. The block's
-    16-byte header comes in one vector load, the same address for its eight threads."""
-    hc = tl.arange(0, 8)[None, None, :, None]
-    j4 = tl.arange(0, 4)[None, None, None, :]
-    c3 = tl.arange(0, 8)[None, None, :] // 2  # chunk of each thread's nibbles, over (., ., 8)
+def _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+                LOADS: tl.constexpr):
+    """Q4_K with eight threads per block (LOADS & 4). A step's tensors are (NBLK * BN, 32 words):
+    line i is block k + i // BN of row i % BN, and the 32 words are its 128 nibble bytes, so a
+    thread holds the four words of one 16-byte piece hc and neighbouring threads hold neighbouring
+    pieces (a warp's load is whole 128-byte runs of four rows whatever order the compiler gives to
+    the other dimension; with four or more rows the four lines of a warp are one block column and
+    read the same activation words). Piece hc holds the low nibbles of group 2 (hc // 2) and the high
+    nibbles of group 2 (hc // 2) + 1, elements 16 (hc % 2) .. + 15 of each; the block's 16-byte
+    header is one vector load, the same address for its eight threads. Sums over a piece's words
+    are taken on the (NBLK * BN, 8, 4) view of the same registers."""
+    L: tl.constexpr = NBLK * BN
+    i = tl.arange(0, L)
+    w = tl.arange(0, 32)[None, :]
+    j = w % 4
+    hc = w // 4
+    xo = 16 * (hc // 2) + 4 * (hc % 2) + j  # activation word of the low nibbles of word w
+    wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
+    c3 = tl.arange(0, 8)[None, :] // 2  # chunk of each piece, over (L, 8)
     low = c3 < 2
     sh = 8 * ((2 * c3) % 4)
-    xo = 16 * (hc // 2) + 4 * (hc % 2) + j4  # activation word of the low nibbles of word j4
-    if LOADS & 8:
-        acc = tl.zeros([NBLK, BN, 8], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BN, NBLK, 8], dtype=tl.float32)
-    if PF:
-        nhv, nq = _q4k_fetch8(wrow, tl.minimum(kb0 + tl.arange(0, NBLK), kb1 - 1), hc, j4, LOADS)
+    j3 = tl.arange(0, 4)[None, None, :]
+    acc = tl.zeros([L, 8], dtype=tl.float32)
     for k in range(kb0, kb1, NBLK):
-        kb = k + tl.arange(0, NBLK)
-        keep1 = kb < kb1
-        kb = tl.minimum(kb, kb1 - 1)
-        if LOADS & 8:
-            kb4, keep = kb[:, None, None, None], keep1[:, None, None]
-        else:
-            kb4, keep = kb[None, :, None, None], keep1[None, :, None]
-        if PF:
-            hv, q = nhv, nq
-            nhv, nq = _q4k_fetch8(wrow, tl.minimum(kb + NBLK, kb1 - 1), hc, j4, LOADS)
-        else:
-            hv, q = _q4k_fetch8(wrow, kb, hc, j4, LOADS)
-        w0, w1 = tl.sum(tl.where(j4 == 0, hv, 0), axis=3), tl.sum(tl.where(j4 == 1, hv, 0), axis=3)
-        w2, w3 = tl.sum(tl.where(j4 == 2, hv, 0), axis=3), tl.sum(tl.where(j4 == 3, hv, 0), axis=3)
+        kb = k + i // BN
+        keep = (kb < kb1)[:, None]
+        kb = tl.minimum(kb, kb1 - 1)[:, None]
+        blk = (wr + kb * 144).to(tl.pointer_type(tl.int32))  # (L, 1)
+        hv = tl.reshape(tl.load(blk + j), [L, 8, 4])
+        q = tl.load(blk + 4 + w)
+        xp = xq32 + kb * 64 + xo
+        s_lo = tl.sum(tl.reshape(_dp4a(q & _M4, tl.load(xp), False, ASM), [L, 8, 4]), axis=2)
+        s_hi = tl.sum(tl.reshape(_dp4a(q & _H4, tl.load(xp + 8), False, ASM), [L, 8, 4]), axis=2) >> 4
+        w0, w1 = tl.sum(tl.where(j3 == 0, hv, 0), axis=2), tl.sum(tl.where(j3 == 1, hv, 0), axis=2)
+        w2, w3 = tl.sum(tl.where(j3 == 2, hv, 0), axis=2), tl.sum(tl.where(j3 == 3, hv, 0), axis=2)
         d = _f16(w0)
         dmin = _f16(w0 >> 16)
         b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
@@ -254,27 +242,19 @@ def _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.
         b1, b2, b3 = (w1 >> (sh + 8)) & 0xFF, (w2 >> (sh + 8)) & 0xFF, (w3 >> (sh + 8)) & 0xFF
         sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
         mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
-        xp = xq32 + tl.broadcast_to(kb4 * 64 + xo, q.shape)
-        s_lo = tl.sum(_dp4a(q & _M4, tl.load(xp), False, ASM), axis=3)
-        s_hi = tl.sum(_dp4a(q & _H4, tl.load(xp + 8), False, ASM), axis=3) >> 4  # high nibbles in place: 16 x
-        gi = kb4 * 8 + 2 * (hc // 2)  # x group of the low nibbles, over (., ., 8, 1)
+        gi = kb * 8 + 2 * (hc // 2)  # x group of the low nibbles, over (L, 32)
         if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
-            pv = tl.max_contiguous(tl.multiple_of(xd_ptr + 2 * gi, [16, 16, 16, 16]), [1, 1, 1, 4])  # gi is even
-            v = tl.load(tl.broadcast_to(pv + j4, q.shape))
-            dxl, sxl = tl.sum(tl.where(j4 == 0, v, 0.0), axis=3), tl.sum(tl.where(j4 == 1, v, 0.0), axis=3)
-            dxh, sxh = tl.sum(tl.where(j4 == 2, v, 0.0), axis=3), tl.sum(tl.where(j4 == 3, v, 0.0), axis=3)
+            v = tl.reshape(tl.load(tl.multiple_of(xd_ptr + 2 * gi, [16, 16]) + j), [L, 8, 4])  # gi is even
+            dxl, sxl = tl.sum(tl.where(j3 == 0, v, 0.0), axis=2), tl.sum(tl.where(j3 == 1, v, 0.0), axis=2)
+            dxh, sxh = tl.sum(tl.where(j3 == 2, v, 0.0), axis=2), tl.sum(tl.where(j3 == 3, v, 0.0), axis=2)
         else:
-            g3 = tl.broadcast_to(tl.sum(gi, axis=3), s_lo.shape)
-            dxl, dxh = tl.load(xd_ptr + g3), tl.load(xd_ptr + g3 + 1)
-            sxl, sxh = tl.load(xs_ptr + g3), tl.load(xs_ptr + g3 + 1)
+            g8 = kb * 8 + 2 * c3
+            dxl, dxh = tl.load(xd_ptr + g8), tl.load(xd_ptr + g8 + 1)
+            sxl, sxh = tl.load(xs_ptr + g8), tl.load(xs_ptr + g8 + 1)
         part = d * (dxl * (sc_lo * s_lo).to(tl.float32) + dxh * (sc_hi * s_hi).to(tl.float32)) \
-            - 0.5 * dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)  # two threads per group
+            - 0.5 * dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)  # two pieces per group
         acc += tl.where(keep, part, 0.0)
-    if LOADS & 8:
-        out = tl.sum(tl.sum(acc, axis=2), axis=0)
-    else:
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    return out
+    return tl.sum(tl.reshape(tl.sum(acc, axis=1), [NBLK, BN]), axis=0)
 
 
 @triton.jit
@@ -420,7 +400,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12 and LOADS & 4:
-        return _q4k_rows8(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
+        return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
     elif QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
     elif QTYPE == 14:
