@@ -52,10 +52,10 @@ FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thr
 # a step, was measured slower everywhere and removed: commit 8f0e8da, read-ceiling-NVIDIA_H200-rows-in-registers.json)
 # LOADS & 4: eight threads per Q4_K block (& 8: a warp's blocks are one column of four rows)
 # (a loads value + 16: with prefetch)
-LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 8, 1), 6), ((1, 16, 1), 6), ((1, 8, 2), 6),
-                          ((1, 16, 2), 6), ((2, 8, 2), 6), ((2, 16, 2), 6), ((1, 32, 2), 6), ((2, 16, 4), 6),
-                          ((4, 2, 1), 6), ((4, 4, 1), 6), ((4, 4, 2), 6), ((8, 2, 2), 6), ((1, 8, 1), 4)]}
-MOE_LOADS = [(4, 2, 1, 3), (1, 8, 1, 6), (1, 4, 1, 6), (2, 8, 2, 6), (4, 2, 1, 6), (4, 4, 2, 6)]  # (rows, blocks, warps, LOADS)
+LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 4, 1), 6), ((1, 8, 1), 6), ((1, 16, 1), 6),
+                          ((1, 8, 2), 6), ((1, 16, 2), 6), ((2, 16, 4), 6), ((1, 32, 4), 6), ((2, 8, 2), 6)]}
+# (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
+MOE_LOADS = [(4, 2, 1, 3), (1, 4, 1, 6), (1, 8, 1, 6), (1, 16, 2, 6), (1, 8, 2, 6), (2, 16, 4, 6)]
 PATTERN8 = [(4, 4, 2, 0), (2, 4, 1, 0), (1, 8, 2, 0), (4, 1, 1, 1), (4, 2, 1, 1), (8, 1, 2, 1), (16, 1, 4, 1)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -236,8 +236,7 @@ def main() -> None:
 
     moe_cfgs = [("default", MoEConfig())]
     if args.loads:
-        moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld & 15, mmvq_rows=r, mmvq_nblk=nb, num_warps=wp,
-                                                                    mmvq_pf=bool(ld & 16)))
+        moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_up=(r, nb, wp)))
                      for (r, nb, wp, ld) in MOE_LOADS]
     for label, cfg in moe_cfgs if "moe" not in args.skip else ():
         calls, per_expert, distinct, check = moe_setup(1, 32, cfg)

@@ -53,6 +53,7 @@ class MoEConfig:
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
     mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads
+    mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
@@ -189,13 +190,14 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    ub, unb, uw = cfg.mmvq_up or (cfg.mmvq_rows, cfg.mmvq_nblk, cfg.num_warps)
+    nblk, warps = tv.fit_step(unb, uw, D)
+    tv.moe_up_q8_kernel[(P, -(-I // ub))](
+        xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
+        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
+        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
     bn = cfg.mmvq_rows
     common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf)
-    nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, D)
-    tv.moe_up_q8_kernel[(P, -(-I // bn))](
-        xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
-        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), NBLK=nblk,
-        LOADS=loads, num_warps=warps, **common)
     hq, hd, hs = quantize_q8(h)
     nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](

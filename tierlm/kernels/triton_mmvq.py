@@ -226,7 +226,7 @@ def _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl
         kb = k + i // BN
         keep = (kb < kb1)[:, None]
         kb = tl.minimum(kb, kb1 - 1)[:, None]
-        blk = tl.multiple_of((wr + kb * 144).to(tl.pointer_type(tl.int32)), [16, 1])  # (L, 1); Q4_K rows are 16-byte aligned
+        blk = tl.multiple_of((wr + kb * 144).to(tl.pointer_type(tl.int32)), [16, 16])  # (L, 1); Q4_K rows are 16-byte aligned
         hv = tl.reshape(tl.load(blk + j), [L, 8, 4])
         q = tl.load(blk + 4 + w)
         xp = xq32 + kb * 64 + xo
