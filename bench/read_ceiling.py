@@ -50,13 +50,12 @@ SHAPES = [  # (name, N, K, type)
 FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thread)
 # ((rows, blocks per step, warps), LOADS) timed with --loads (a bit 4, activations loaded once for all rows of
 # a step, was measured slower everywhere and removed: commit 8f0e8da, read-ceiling-NVIDIA_H200-rows-in-registers.json)
-# LOADS & 4: eight threads per Q4_K block (& 8: a warp's blocks are one column of four rows)
-# (a loads value + 16: with prefetch)
+# LOADS & 4: eight threads per Q4_K block (the default at one row); a loads value + 16: with prefetch
 LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 4, 1), 6), ((1, 8, 1), 6), ((1, 16, 1), 6),
                           ((1, 8, 2), 6), ((1, 16, 2), 6), ((2, 16, 4), 6), ((1, 32, 4), 6), ((2, 8, 2), 6)]}
 # (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
 MOE_LOADS = [(4, 2, 1, 3), (1, 4, 1, 6), (1, 8, 1, 6), (1, 16, 2, 6), (1, 8, 2, 6), (2, 16, 4, 6)]
-PATTERN8 = [(4, 4, 2, 0), (2, 4, 1, 0), (1, 8, 2, 0), (4, 1, 1, 1), (4, 2, 1, 1), (8, 1, 2, 1), (16, 1, 4, 1)]
+PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -110,28 +109,20 @@ def pattern_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, QTYPE: tl.constexpr, B
 
 
 @triton.jit
-def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBLK: tl.constexpr,
-                    ROWS_IN: tl.constexpr):
-    """The Q4_K walk of ``triton_mmvq._q4k_rows8`` (eight threads per block, header as one vector for
-    each), the fetched words xored together."""
-    rows = tl.minimum(tl.program_id(0) * BN + tl.arange(0, BN), N - 1)
-    wrow = w_ptr + rows.to(tl.int64) * row_bytes
-    hc = tl.arange(0, 8)[None, None, :, None]
-    j4 = tl.arange(0, 4)[None, None, None, :]
-    if ROWS_IN:
-        acc = tl.zeros([NBLK, BN, 8, 4], dtype=tl.int32)
-    else:
-        acc = tl.zeros([BN, NBLK, 8, 4], dtype=tl.int32)
+def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBLK: tl.constexpr):
+    """The Q4_K walk of ``triton_mmvq._q4k_rows32`` (eight threads per block, (NBLK * BN, 32 words)
+    steps, the header as one vector for each), the fetched words xored together."""
+    L: tl.constexpr = NBLK * BN
+    i = tl.arange(0, L)
+    w = tl.arange(0, 32)[None, :]
+    rows = tl.minimum(tl.program_id(0) * BN + i % BN, N - 1)
+    acc = tl.zeros([L, 32], dtype=tl.int32)
     for k in range(0, nblocks, NBLK):
-        kb = tl.minimum(k + tl.arange(0, NBLK), nblocks - 1)
-        if ROWS_IN:
-            blk = (wrow[None, :, None, None] + kb[:, None, None, None] * 144).to(tl.pointer_type(tl.int32))
-        else:
-            blk = (wrow[:, None, None, None] + kb[None, :, None, None] * 144).to(tl.pointer_type(tl.int32))
-        full = tl.broadcast_to(blk + j4 + 0 * hc, acc.shape)
-        acc ^= tl.load(full) + tl.load(full + 4 + 4 * hc)
-    r = tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1), axis=0)
-    tl.store(out_ptr + tl.program_id(0), r)
+        kb = tl.minimum(k + i // BN, nblocks - 1)
+        blk = tl.multiple_of((w_ptr + rows.to(tl.int64) * row_bytes + kb * 144)[:, None].to(tl.pointer_type(tl.int32)),
+                             [16, 16])
+        acc ^= tl.load(blk + w % 4) + tl.load(blk + 4 + w)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False):
@@ -198,13 +189,11 @@ def main() -> None:
                         for i in range(copies)])
         if s:
             row(what=f"pattern read {bn}x{nb} {wp}w", shape=name, us=s * 1e6, pct=pct(s))
-        for bn8, nb8, wp8, rin in PATTERN8 if t == T.Q4_K and "pattern" not in args.skip else ():
-            nb8 = min(nb8, K // 256)
+        for bn8, nb8, wp8 in PATTERN8 if t == T.Q4_K and "pattern" not in args.skip else ():
+            nb8, wp8 = tv.fit_step(nb8, wp8, K)
             s = graph_time([lambda i=i: pattern8_kernel[(triton.cdiv(N, bn8),)](
-                w[i], outp, N, w.shape[2], K // 256, BN=bn8, NBLK=nb8, ROWS_IN=rin, num_warps=wp8)
-                for i in range(copies)])
-            row(what=f"pattern read 8 threads/block {bn8}x{nb8} {wp8}w{' rows inner' if rin else ''}", shape=name,
-                us=s * 1e6, pct=pct(s))
+                w[i], outp, N, w.shape[2], K // 256, BN=bn8, NBLK=nb8, num_warps=wp8) for i in range(copies)])
+            row(what=f"pattern read 8 threads/block {bn8}x{nb8} {wp8}w", shape=name, us=s * 1e6, pct=pct(s))
         x = torch.randn(1, K, device="cuda").half()
         xq, xd, xs = quantize_q8(x)
         ref = quant_matmul_q8_ref(x, w[0], t, K).float()

@@ -235,8 +235,8 @@ def test_pick_config_follows_the_measured_rules():
     the tile measured best per type; tensor-core tiles above, or from 2 rows for the 129280-row head;
     no tiles without sm_80 or with float32 activations."""
     h, f16 = (9, 0), torch.float16
-    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=2, nblk=16, loads=3)
-    assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3)
+    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
+    assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
     assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
     assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=4)
@@ -498,6 +498,8 @@ def _interp_mmvq(gen: torch.Generator) -> None:
                        (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, prefetch=True), 1)] + ([  # LOADS: Q4_K only
                        (QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=1), 2),
                        (QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=3), 3),
+                       (QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), 1),  # eight threads per block
+                       (QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=4), 2),
                        (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=2, prefetch=True), 2)] if t == T.Q4_K else []):
             x = torch.randn(m, K, generator=gen)
             out = _qmm_launch(x, w, t, K, cfg)
@@ -522,6 +524,8 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         if gt == T.Q4_K:
             got = moe._moe_pairs_q8(*args, MoEConfig(num_warps=1, mmvq_rows=2, mmvq_nblk=2, mmvq_loads=3)).view(n, K, D)
             _interp_check(f"moe int8 loads=3 {gt.name}/{dt.name}", got.sum(1), ref)
+            got = moe._moe_pairs_q8(*args, MoEConfig(mmvq_loads=6, mmvq_up=(2, 2, 1))).view(n, K, D)
+            _interp_check(f"moe int8 loads=6 {gt.name}/{dt.name}", got.sum(1), ref)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:

@@ -60,7 +60,7 @@ class MoEConfig:
 DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (MoEConfig(mmvq_pf=True),
-                                                                                     MoEConfig(mmvq_loads=3))
+                                                                                     MoEConfig(mmvq_loads=3), MoEConfig(mmvq_loads=6, mmvq_up=(1, 8, 1)))
 DEFAULT = MoEConfig()
 
 

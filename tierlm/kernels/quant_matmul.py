@@ -63,7 +63,8 @@ class QMMConfig:
     q4k_block: bool = False  # gemv on Q4_K: a whole block per step (see triton_gemv._gemv)
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
-    loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one (triton_mmvq._q4k_rows)
+    loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one, 4 eight threads per block
+    # (triton_mmvq._q4k_rows, _q4k_rows32)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -76,7 +77,8 @@ TILE_CONFIGS = tuple(QMMConfig("tile", 4, s, 16, bn, 256, True) for bn in (32, 6
 MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (2, 4, 1), (2, 8, 2), (2, 2, 1), (8, 2, 2),
               (8, 4, 4), (4, 8, 4), (1, 16, 2))
 MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
-    QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True), QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3))
+    QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True), QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3),
+    QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=6))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -96,11 +98,12 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
 # one activation row, the best geometric mean over DeepSeek-V3's shapes in the H200 sweep
 # (bench/results/kernels-NVIDIA_H200-int8.md); at 2-4 rows one warp of 4 x 4 was best for Q4_K.
 MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0: (1, 4, 1), GGMLType.Q5_0: (1, 4, 1)}
-# Q4_K at one row on matrices of at most MMVQ_SMALL_N rows (the 2048-row expert and shared-expert gate/up):
-# two rows x 16 blocks per program, 2 warps, measured 23% of copy bandwidth against 19% for (4, 4, 2) (H200)
-MMVQ_SMALL_N = 4096
-MMVQ_SMALL_STEP = (2, 16, 2)
-MMVQ_Q4K_LOADS = 3  # Q4_K at one row: header and (xd, xs) pairs as vector loads (+4 points on dense up, H200)
+# Q4_K at one row: (rows, blocks, warps) and loads of the eight-threads-per-block step (triton_mmvq._q4k_rows32):
+# one row x 8 blocks per one-warp program, header and (xd, xs) pairs as vector loads; on the H200 69% / 75% / 34%
+# of copy bandwidth on dense up / o_proj / an expert's gate, against 60% / 54% / 23% for (4, 4, 2) with four
+# threads per block (bench/results/kernels-NVIDIA_H200-int8.md, "Fifth round")
+MMVQ_Q4K_STEP = (1, 8, 1)
+MMVQ_Q4K_LOADS = 6
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
@@ -110,8 +113,8 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
-    int8-activation kernel with the measured tile of its type (for one Q4_K row of a small matrix,
-    ``MMVQ_SMALL_STEP``; with vector loads of its scales, ``MMVQ_Q4K_LOADS``). More rows with 16-bit activations on
+    int8-activation kernel with the measured tile of its type (for one Q4_K row, the eight-thread
+    step ``MMVQ_Q4K_STEP`` with ``MMVQ_Q4K_LOADS``). More rows with 16-bit activations on
     sm_80+ (or several rows of a matrix as tall as the output head): tensor-core tiles, which decode
     each weight once for all rows.
     """
@@ -119,11 +122,11 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     if tiles_ok and (M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW)):
         return QMMConfig("tile", 4, 1, 16, 64, 256, True)
     bn, nb, w = MMVQ_TILES[qtype]
+    loads = 0
     if M > 1 and qtype == GGMLType.Q4_K:
         bn, nb, w = 4, 4, 1
-    elif qtype == GGMLType.Q4_K and N <= MMVQ_SMALL_N:
-        bn, nb, w = MMVQ_SMALL_STEP
-    loads = MMVQ_Q4K_LOADS if M == 1 and qtype == GGMLType.Q4_K else 0
+    elif qtype == GGMLType.Q4_K:
+        (bn, nb, w), loads = MMVQ_Q4K_STEP, MMVQ_Q4K_LOADS
     return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads)
 
 

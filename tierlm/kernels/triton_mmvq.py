@@ -12,10 +12,13 @@ is sm_61+); what the kernels reach is in ``bench/results/kernels-NVIDIA_H200-int
 Layout: a program owns BN weight rows and walks NBLK blocks of 256 elements of each per step (8 NBLK
 blocks of 32 for Q8_0 and Q5_0). ``PF`` loads the next step's weight bytes before computing the
 current step's (measured slower on an H200; kept for other cards). The tensors of one
-step are (rows, blocks, words of a block): neighbouring threads read neighbouring bytes of one
-block, so a warp's load is one contiguous run (16-byte loads for Q4_K, whose 144-byte blocks are
-16-byte aligned; pairs of 2-byte loads for Q6_K, Q8_0 and Q5_0, whose blocks are only 2-byte
-aligned). The activation words are the same for every row: they come from L1.
+step are (rows, blocks, pieces of a block, words): 16-byte loads for Q4_K, whose 144-byte blocks
+are 16-byte aligned; pairs of 2-byte loads for Q6_K, Q8_0 and Q5_0, whose blocks are only 2-byte
+aligned. Which of the first dimensions neighbouring threads take is the compiler's choice (Triton
+3.6 puts them along the rows: Nsight Compute counted 18 cache lines per Q4_K weight load on an
+H200). The one-row Q4_K default (``LOADS & 4``, ``_q4k_rows32``) therefore lays a step out as
+(lines, 32 words), which leaves no choice: eight threads read a block's 128 nibble bytes as one
+run. The activation words are the same for every row: they come from L1.
 
 ``ASM`` selects the ``dp4a`` instruction; without it (Triton's CPU interpreter) a Triton-op twin
 computes the same integer sums.
