@@ -46,13 +46,16 @@ SHAPES = [  # (name, N, K, type)
     ("dense up 7168->18432", 18432, 7168, T.Q4_K),
     ("o_proj 16384->7168", 7168, 16384, T.Q4_K),
     ("head 7168->129280", 129280, 7168, T.Q6_K),
+    ("q_b 1536->24576", 24576, 1536, T.Q4_K),
+    ("expert down 2048->7168 (Q4_K)", 7168, 2048, T.Q4_K),
 ]
 FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thread)
 # ((rows, blocks per step, warps), LOADS) timed with --loads (a bit 4, activations loaded once for all rows of
 # a step, was measured slower everywhere and removed: commit 8f0e8da, read-ceiling-NVIDIA_H200-rows-in-registers.json)
 # LOADS & 4: eight threads per Q4_K block (the default at one row); a loads value + 16: with prefetch
-LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 4, 1), 6), ((1, 8, 1), 6), ((1, 16, 1), 6),
-                          ((1, 8, 2), 6), ((1, 16, 2), 6), ((2, 16, 4), 6), ((1, 32, 4), 6), ((2, 8, 2), 6)]}
+LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 8, 1), 6), ((2, 4, 1), 6), ((2, 8, 2), 6),
+                          ((4, 2, 1), 6), ((4, 4, 2), 6), ((4, 8, 4), 6), ((8, 2, 2), 6), ((2, 2, 1), 6), ((4, 2, 2), 6),
+                          ((8, 4, 4), 6), ((4, 4, 1), 3), ((8, 2, 2), 3)]}
 # (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
 MOE_LOADS = [(4, 2, 1, 3), (1, 4, 1, 6), (1, 8, 1, 6), (1, 16, 2, 6), (1, 8, 2, 6), (2, 16, 4, 6)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
