@@ -237,6 +237,7 @@ def test_pick_config_follows_the_measured_rules():
     h, f16 = (9, 0), torch.float16
     assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
     assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
+    assert pick_config(T.Q4_K, 1, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6)
     assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
     assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=4)

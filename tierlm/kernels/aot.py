@@ -18,7 +18,7 @@ from tierlm.kernels import triton_mmvq as tv
 from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
-from tierlm.kernels.quant_matmul import MMVQ_Q4K_LOADS, MMVQ_Q4K_STEP, MMVQ_TILES
+from tierlm.kernels.quant_matmul import MMVQ_Q4K_LOADS, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_TILES
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -125,7 +125,8 @@ def variants(capability: int) -> list[Variant]:
         out += [mmvq_variant(q, bn, nblk, warps, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
         if q == tq.Q4_K:  # the one-row default (eight threads per block), and the vector loads of four
             out += [mmvq_variant(q, *MMVQ_Q4K_STEP, out=act, loads=MMVQ_Q4K_LOADS) for act in acts]
-            out += [mmvq_variant(q, 1, 8, 2, loads=4), mmvq_variant(q, bn, nblk, warps, loads=3)]
+            out += [mmvq_variant(q, *MMVQ_Q4K_SHORT_STEP, loads=MMVQ_Q4K_LOADS), mmvq_variant(q, 1, 8, 2, loads=4),
+                    mmvq_variant(q, bn, nblk, warps, loads=3)]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)

@@ -78,7 +78,8 @@ MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (2, 4, 1), 
               (8, 4, 4), (4, 8, 4), (1, 16, 2))
 MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
     QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True), QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3),
-    QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=6))
+    QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=6),
+    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -104,6 +105,10 @@ MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0:
 # threads per block (bench/results/kernels-NVIDIA_H200-int8.md, "Fifth round")
 MMVQ_Q4K_STEP = (1, 8, 1)
 MMVQ_Q4K_LOADS = 6
+# rows shorter than MMVQ_Q4K_SHORT_K (a program of one row would end after one step): four rows x 2 blocks,
+# 51% / 34% on q_b (1536 -> 24576) / a Q4_K expert down (2048 -> 7168) against 30% / 31% for MMVQ_Q4K_STEP
+MMVQ_Q4K_SHORT_K = 4096
+MMVQ_Q4K_SHORT_STEP = (4, 2, 1)
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
@@ -114,7 +119,7 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
     int8-activation kernel with the measured tile of its type (for one Q4_K row, the eight-thread
-    step ``MMVQ_Q4K_STEP`` with ``MMVQ_Q4K_LOADS``). More rows with 16-bit activations on
+    step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``). More rows with 16-bit activations on
     sm_80+ (or several rows of a matrix as tall as the output head): tensor-core tiles, which decode
     each weight once for all rows.
     """
@@ -126,7 +131,7 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     if M > 1 and qtype == GGMLType.Q4_K:
         bn, nb, w = 4, 4, 1
     elif qtype == GGMLType.Q4_K:
-        (bn, nb, w), loads = MMVQ_Q4K_STEP, MMVQ_Q4K_LOADS
+        (bn, nb, w), loads = MMVQ_Q4K_STEP if K >= MMVQ_Q4K_SHORT_K else MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_LOADS
     return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads)
 
 
