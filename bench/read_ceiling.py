@@ -147,7 +147,8 @@ def main() -> None:
                     "the MoE with them")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
-                    "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | moe")
+                    "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
+                    "moe[:rows,blocks,warps,loads of the gate/up launch]")
     args = ap.parse_args()
     if args.profile:
         return profile_launch(args)
@@ -252,7 +253,7 @@ def profile_launch(args) -> None:
     what, _, geo = args.profile.partition(":")
     bn, nblk, warps, loads = (list(map(int, geo.split(","))) + [0])[:4] if geo else (*MMVQ_TILES[t], 0)
     if what == "moe":  # three one-token MoE layers; the kernels of the third are the ones to read
-        calls, *_ = moe_setup(1, 3)
+        calls, *_ = moe_setup(1, 3, MoEConfig(mmvq_loads=loads, mmvq_up=(bn, nblk, warps)) if geo else None)
         for c in calls:
             c()
         torch.cuda.synchronize()
