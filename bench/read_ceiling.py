@@ -46,6 +46,7 @@ SHAPES = [  # (name, N, K, type)
     ("dense up 7168->18432", 18432, 7168, T.Q4_K),
     ("o_proj 16384->7168", 7168, 16384, T.Q4_K),
     ("head 7168->129280", 129280, 7168, T.Q6_K),
+    ("dense down 18432->7168", 7168, 18432, T.Q6_K),
     ("q_b 1536->24576", 24576, 1536, T.Q4_K),
     ("expert down 2048->7168 (Q4_K)", 7168, 2048, T.Q4_K),
 ]
@@ -53,11 +54,13 @@ FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thr
 # ((rows, blocks per step, warps), LOADS) timed with --loads (a bit 4, activations loaded once for all rows of
 # a step, was measured slower everywhere and removed: commit 8f0e8da, read-ceiling-NVIDIA_H200-rows-in-registers.json)
 # LOADS & 4: eight threads per Q4_K block (the default at one row); a loads value + 16: with prefetch
-LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 8, 1), 6), ((2, 4, 1), 6), ((2, 8, 2), 6),
-                          ((4, 2, 1), 6), ((4, 4, 2), 6), ((4, 8, 4), 6), ((8, 2, 2), 6), ((2, 2, 1), 6), ((4, 2, 2), 6),
-                          ((8, 4, 4), 6), ((4, 4, 1), 3), ((8, 2, 2), 3)]}
+LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 8, 1), 6), ((4, 2, 1), 6)],
+                 T.Q6_K: [((4, 2, 1), 4), ((2, 1, 1), 4), ((4, 1, 1), 4), ((2, 2, 1), 4), ((1, 4, 1), 4), ((1, 8, 2), 4),
+                          ((2, 4, 2), 4), ((4, 4, 2), 4), ((8, 2, 2), 4), ((8, 1, 2), 4), ((4, 4, 4), 4), ((1, 8, 1), 4)]}
 # (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
-MOE_LOADS = [(4, 2, 1, 3), (1, 4, 1, 6), (1, 8, 1, 6), (1, 16, 2, 6), (1, 8, 2, 6), (2, 16, 4, 6)]
+MOE_LOADS = [(4, 2, 1, 3), (1, 8, 1, 6)]
+# (rows, blocks, warps, LOADS) of the down launch (LOADS & 4: sixteen threads per Q6_K block)
+MOE_DOWN = [(2, 1, 1, 4), (4, 1, 1, 4), (2, 2, 1, 4), (4, 2, 1, 4), (1, 4, 1, 4), (2, 4, 2, 4), (8, 2, 2, 4)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -231,6 +234,8 @@ def main() -> None:
     if args.loads:
         moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_up=(r, nb, wp)))
                      for (r, nb, wp, ld) in MOE_LOADS]
+        moe_cfgs += [(f"down {r}x{nb} {wp}w loads={ld}", MoEConfig(mmvq_down=(r, nb, wp, ld)))
+                     for (r, nb, wp, ld) in MOE_DOWN]
     for label, cfg in moe_cfgs if "moe" not in args.skip else ():
         calls, per_expert, distinct, check = moe_setup(1, 32, cfg)
         err = check()

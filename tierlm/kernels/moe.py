@@ -54,6 +54,7 @@ class MoEConfig:
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
     mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
+    mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
@@ -196,13 +197,13 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
         NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
-    bn = cfg.mmvq_rows
-    common = dict(BN=bn, ASM=not _interpreting(), PF=cfg.mmvq_pf)
     hq, hd, hs = quantize_q8(h)
-    nblk, warps = tv.fit_step(cfg.mmvq_nblk, cfg.num_warps, I)
+    bn, dnb, dw, dl = cfg.mmvq_down or (cfg.mmvq_rows, cfg.mmvq_nblk, cfg.num_warps, 0)
+    nblk, warps = tv.fit_step(dnb, dw, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
-        DOWN_T=int(dt), NBLK=nblk, num_warps=warps, **common)
+        DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
+        LOADS=dl & 4 if dt == GGMLType.Q6_K else 0, num_warps=warps)
     return y
 
 

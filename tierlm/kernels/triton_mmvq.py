@@ -318,6 +318,53 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
+def _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr,
+                ASM: tl.constexpr):
+    """Q6_K with sixteen threads per block (LOADS & 4): a step is one flat tensor of NBLK * BN * 16
+    lanes, lane t working on word w = t % 8 of half h = (t // 8) % 2 of line t // 16 (block
+    k + line // BN of row line % BN), with the math of ``_q6k_rows`` for one word. Being flat, the
+    tensor leaves the compiler no choice of lane order: a warp's 2-byte loads fall in two blocks.
+    The word offsets are built with masks, which hide their contiguity from the compiler, so that
+    the activation loads are single words in the layout of the weight loads (no layout change)."""
+    L: tl.constexpr = NBLK * BN * 16
+    t = tl.arange(0, L)
+    line = t // 16
+    w4 = t & 7
+    h = (t >> 3) & 1
+    rows = tl.minimum(row0 + line % BN, N - 1)
+    wr = w_ptr + rows.to(tl.int64) * rstride
+    acc = tl.zeros([L], dtype=tl.float32)
+    for k in range(kb0, kb1, NBLK):
+        kb = k + line // BN
+        keep = kb < kb1
+        kb = tl.minimum(kb, kb1 - 1)
+        blk = wr + kb * 210
+        b16 = blk.to(tl.pointer_type(tl.uint16))
+        A = _u32(b16 + 32 * h + 2 * w4)  # ql bytes 64h + 4w: low nibbles -> i = 0, high -> i = 2
+        B = _u32(b16 + 32 * h + 16 + 2 * w4)  # ql bytes 64h + 32 + 4w: i = 1 and 3
+        H = _u32(b16 + 64 + 16 * h + 2 * w4)  # qh bytes 128 + 32h + 4w: 2 bits for each i
+        d = _f16(tl.load(b16 + 104).to(tl.int32))
+        sp = (blk + 192 + 8 * h + (w4 >> 2)).to(tl.pointer_type(tl.int8))
+        xo = kb * 64 + 32 * h + w4
+        gi = kb * 8 + 4 * h
+        part = tl.zeros([L], dtype=tl.float32)
+        for i in tl.static_range(4):
+            if i == 0:
+                q = (A & _M4) | ((H << 4) & 0x30303030)
+            elif i == 1:
+                q = (B & _M4) | ((H << 2) & 0x30303030)
+            elif i == 2:
+                q = ((A >> 4) & _M4) | (H & 0x30303030)
+            else:
+                q = ((B >> 4) & _M4) | ((H >> 2) & 0x30303030)
+            q = ((q | _SIGN4) - 0x20202020) ^ _SIGN4
+            s = _dp4a(q, tl.load(xq32 + xo + 8 * i), True, ASM)
+            part += (tl.load(sp + 2 * i).to(tl.int32) * s).to(tl.float32) * tl.load(xd_ptr + gi + i)
+        acc += tl.where(keep, d * part, 0.0)
+    return tl.sum(tl.sum(tl.reshape(acc, [NBLK, BN, 16]), axis=2), axis=0)
+
+
+@triton.jit
 def _q80_fetch(wrow, kb, w):
     """One Q8_0 step: the quant words (BN, NB, 8) and d (BN, NB, 1)."""
     b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
@@ -406,6 +453,8 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
         return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
     elif QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
+    elif QTYPE == 14 and LOADS & 4:
+        return _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, row_stride(row_bytes, QTYPE), kb0, kb1, BN, NBLK, ASM)
     elif QTYPE == 14:
         return _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 8:
@@ -466,7 +515,7 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                       PF: tl.constexpr = False):
+                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -475,6 +524,6 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
     acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * (I // 32), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF)
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
