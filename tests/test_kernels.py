@@ -238,7 +238,8 @@ def test_pick_config_follows_the_measured_rules():
     assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
     assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
     assert pick_config(T.Q4_K, 1, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6)
-    assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
+    assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4)
+    assert pick_config(T.Q6_K, 2, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
     assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=4)
     assert pick_config(T.Q6_K, 4, 129280, 7168, f16, h, 132).kind == "tile"
@@ -494,14 +495,19 @@ def _interp_mmvq(gen: torch.Generator) -> None:
     for t in FUSED_TYPES:
         N, K = 45, 768  # N not a multiple of the rows per program; K = 3 K-quant blocks (a partial step)
         w = _interp_weight(t, N, K, gen)
-        for cfg, m in [(QMMConfig("mmvq", 4, 1, block_n=4, nblk=4), 1), (QMMConfig("mmvq", 2, 2, block_n=8, nblk=2), 2),
-                       (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, prefetch=True), 1),
-                       (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, prefetch=True), 1)] + ([  # LOADS: Q4_K only
-                       (QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=1), 2),
-                       (QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=3), 3),
-                       (QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), 1),  # eight threads per block
-                       (QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=4), 2),
-                       (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=2, prefetch=True), 2)] if t == T.Q4_K else []):
+        cfgs = [(QMMConfig("mmvq", 4, 1, block_n=4, nblk=4), 1), (QMMConfig("mmvq", 2, 2, block_n=8, nblk=2), 2),
+                (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, prefetch=True), 1),
+                (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, prefetch=True), 1)]
+        if t == T.Q4_K:  # the LOADS forms: vector loads, eight threads per block
+            cfgs += [(QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=1), 2),
+                     (QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=3), 3),
+                     (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=2, prefetch=True), 2),
+                     (QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), 1),
+                     (QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=4), 2)]
+        if t == T.Q6_K:  # sixteen threads per block
+            cfgs += [(QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4), 1),
+                     (QMMConfig("mmvq", 2, 1, block_n=4, nblk=1, loads=4), 2)]
+        for cfg, m in cfgs:
             x = torch.randn(m, K, generator=gen)
             out = _qmm_launch(x, w, t, K, cfg)
             _interp_check(f"mmvq {t.name} n{cfg.block_n} b{cfg.nblk} x{cfg.split_k} M={m}", out,
@@ -527,6 +533,8 @@ def _interp_mmvq(gen: torch.Generator) -> None:
             _interp_check(f"moe int8 loads=3 {gt.name}/{dt.name}", got.sum(1), ref)
             got = moe._moe_pairs_q8(*args, MoEConfig(mmvq_loads=6, mmvq_up=(2, 2, 1))).view(n, K, D)
             _interp_check(f"moe int8 loads=6 {gt.name}/{dt.name}", got.sum(1), ref)
+            got = moe._moe_pairs_q8(*args, moe.DEFAULT).view(n, K, D)  # its down launch: 16 threads per Q6_K block
+            _interp_check(f"moe int8 default {gt.name}/{dt.name}", got.sum(1), ref)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:

@@ -20,14 +20,14 @@ BF16_PTX = re.compile(r"\bbf16|\.bf16")
 
 
 def _representative(capability: int) -> list:
-    """One variant per (kernel, weight type, path); MoE kernels for Q4_K/Q6_K and F16 only."""
+    """One variant per (kernel, weight type, path, load form); MoE kernels for Q4_K/Q6_K and F16 only."""
     seen, out = set(), []
     for v in aot.variants(capability):
         moe = v.fn.__name__.startswith("moe")
         if moe and v.tags.get("qtype") not in (12, 14, 1):
             continue
         key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"),
-               v.constexprs.get("Q4K_BLOCK"))
+               v.constexprs.get("Q4K_BLOCK"), v.constexprs.get("LOADS"))
         if key not in seen:
             seen.add(key)
             out.append(v)

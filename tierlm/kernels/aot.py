@@ -18,7 +18,8 @@ from tierlm.kernels import triton_mmvq as tv
 from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
-from tierlm.kernels.quant_matmul import MMVQ_Q4K_LOADS, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_TILES
+from tierlm.kernels.quant_matmul import (MMVQ_Q4K_LOADS, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS,
+                                         MMVQ_Q6K_STEP, MMVQ_TILES)
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -127,6 +128,8 @@ def variants(capability: int) -> list[Variant]:
             out += [mmvq_variant(q, *MMVQ_Q4K_STEP, out=act, loads=MMVQ_Q4K_LOADS) for act in acts]
             out += [mmvq_variant(q, *MMVQ_Q4K_SHORT_STEP, loads=MMVQ_Q4K_LOADS), mmvq_variant(q, 1, 8, 2, loads=4),
                     mmvq_variant(q, bn, nblk, warps, loads=3)]
+        if q == tq.Q6_K:  # the one-row default: sixteen threads per block
+            out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
@@ -183,6 +186,9 @@ def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nbl
     return [
         Variant(f"moe_up_q8_{q_up}", tv.moe_up_q8_kernel, up, dict(GATE_T=q_up, UP_T=q_up, LOADS=0, **const), a_up, num_warps,
                 tags=dict(act="fp32", qtype=q_up)),
-        Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, **const), a_down, num_warps,
-                tags=dict(act="fp32", qtype=q_down)),
-    ]
+        Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, LOADS=0, **const), a_down,
+                num_warps, tags=dict(act="fp32", qtype=q_down)),
+    ] + ([Variant(f"moe_down_q8_{q_down}_l4", tv.moe_down_q8_kernel, down,  # the default down launch
+                  dict(DOWN_T=q_down, BN=MOE_DEFAULT.mmvq_down[0], NBLK=MOE_DEFAULT.mmvq_down[1], ASM=True, PF=False,
+                       LOADS=4), a_down, MOE_DEFAULT.mmvq_down[2], tags=dict(act="fp32", qtype=q_down))]
+         if q_down == tq.Q6_K else [])

@@ -64,7 +64,7 @@ class QMMConfig:
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
     loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one, 4 eight threads per block
-    # (triton_mmvq._q4k_rows, _q4k_rows32)
+    # (triton_mmvq._q4k_rows, _q4k_rows32); on Q6_K: 4 sixteen threads per block (_q6k_rows16)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -79,7 +79,7 @@ MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (2, 4, 1), 
 MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
     QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True), QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3),
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=6),
-    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6))
+    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -109,6 +109,10 @@ MMVQ_Q4K_LOADS = 6
 # 51% / 34% on q_b (1536 -> 24576) / a Q4_K expert down (2048 -> 7168) against 30% / 31% for MMVQ_Q4K_STEP
 MMVQ_Q4K_SHORT_K = 4096
 MMVQ_Q4K_SHORT_STEP = (4, 2, 1)
+# Q6_K at one row: sixteen threads per block (triton_mmvq._q6k_rows16), two rows x 2 blocks per one-warp program;
+# H200: 35 / 50 / 62% on an expert's down / dense down / head against 29 / 38 / 51% for MMVQ_TILES' (4, 2, 1)
+MMVQ_Q6K_STEP = (2, 2, 1)
+MMVQ_Q6K_LOADS = 4
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
@@ -119,7 +123,8 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
     int8-activation kernel with the measured tile of its type (for one Q4_K row, the eight-thread
-    step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``). More rows with 16-bit activations on
+    step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``; for one
+    Q6_K row, the sixteen-thread step ``MMVQ_Q6K_STEP``). More rows with 16-bit activations on
     sm_80+ (or several rows of a matrix as tall as the output head): tensor-core tiles, which decode
     each weight once for all rows.
     """
@@ -132,6 +137,8 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
         bn, nb, w = 4, 4, 1
     elif qtype == GGMLType.Q4_K:
         (bn, nb, w), loads = MMVQ_Q4K_STEP if K >= MMVQ_Q4K_SHORT_K else MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_LOADS
+    elif qtype == GGMLType.Q6_K and M == 1:
+        (bn, nb, w), loads = MMVQ_Q6K_STEP, MMVQ_Q6K_LOADS
     return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads)
 
 
