@@ -230,7 +230,7 @@ def main() -> None:
         del w
         torch.cuda.empty_cache()
 
-    moe_cfgs = [("default", MoEConfig())]
+    moe_cfgs = [("default", None)]
     if args.loads:
         moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_up=(r, nb, wp)))
                      for (r, nb, wp, ld) in MOE_LOADS]

@@ -60,9 +60,9 @@ class MoEConfig:
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
 DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) for w in (4, 8)) + tuple(
     MoEConfig(num_warps=w, rows=2, q4k_block=True, q8=False) for w in (4, 8)) + tuple(
-    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (MoEConfig(mmvq_pf=True),
-                                                                                     MoEConfig(mmvq_loads=3), MoEConfig(mmvq_loads=6, mmvq_up=(1, 8, 1)), MoEConfig(mmvq_down=(4, 2, 1, 4)),
-    MoEConfig(mmvq_down=(8, 2, 2, 4)))
+    MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
+    MoEConfig(mmvq_pf=True), MoEConfig(mmvq_loads=3), MoEConfig(mmvq_loads=6, mmvq_up=(1, 8, 1)),
+    MoEConfig(mmvq_down=(4, 2, 1, 4)), MoEConfig(mmvq_down=(8, 2, 2, 4)))
 # the down launch with sixteen threads per Q6_K block: 1.69x the read time at one token against 1.91x (H200)
 DEFAULT = MoEConfig(mmvq_down=(4, 2, 1, 4))
 
