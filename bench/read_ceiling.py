@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from kernels import GB, copy_bandwidth, graph_time, moe_setup, n_copies, random_
 
 from tierlm.kernels import triton_mmvq as tv  # noqa: E402
 from tierlm.kernels.triton_q import row_stride  # noqa: E402
+from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT  # noqa: E402
 from tierlm.kernels.moe import MoEConfig  # noqa: E402
 from tierlm.kernels.quant_matmul import (MMVQ_TILES, QMMConfig, quant_matmul, quant_matmul_q8_ref,  # noqa: E402
                                          quantize_q8)
@@ -58,9 +60,10 @@ LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 8, 1), 6), ((4, 
                  T.Q6_K: [((4, 2, 1), 4), ((2, 1, 1), 4), ((4, 1, 1), 4), ((2, 2, 1), 4), ((1, 4, 1), 4), ((1, 8, 2), 4),
                           ((2, 4, 2), 4), ((4, 4, 2), 4), ((8, 2, 2), 4), ((8, 1, 2), 4), ((4, 4, 4), 4), ((1, 8, 1), 4)]}
 # (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
-MOE_LOADS = [(4, 2, 1, 3), (1, 8, 1, 6)]
+MOE_LOADS = [(4, 2, 1, 3), (1, 8, 1, 6), (4, 2, 1, 6), (2, 4, 1, 6), (1, 4, 1, 6), (2, 2, 1, 6), (1, 8, 2, 6),
+             (2, 8, 2, 6)]
 # (rows, blocks, warps, LOADS) of the down launch (LOADS & 4: sixteen threads per Q6_K block)
-MOE_DOWN = [(2, 1, 1, 4), (4, 1, 1, 4), (2, 2, 1, 4), (4, 2, 1, 4), (1, 4, 1, 4), (2, 4, 2, 4), (8, 2, 2, 4)]
+MOE_DOWN = [(2, 2, 1, 4), (8, 2, 2, 4), (4, 4, 2, 4), (2, 4, 1, 4)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -230,11 +233,11 @@ def main() -> None:
         del w
         torch.cuda.empty_cache()
 
-    moe_cfgs = [("default", None)]
+    moe_cfgs = [("default", MOE_DEFAULT)]
     if args.loads:
-        moe_cfgs += [(f"loads={ld} {r}x{nb} {wp}w", MoEConfig(mmvq_loads=ld, mmvq_up=(r, nb, wp)))
+        moe_cfgs += [(f"up {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_loads=ld, mmvq_up=(r, nb, wp)))
                      for (r, nb, wp, ld) in MOE_LOADS]
-        moe_cfgs += [(f"down {r}x{nb} {wp}w loads={ld}", MoEConfig(mmvq_down=(r, nb, wp, ld)))
+        moe_cfgs += [(f"down {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_down=(r, nb, wp, ld)))
                      for (r, nb, wp, ld) in MOE_DOWN]
     for label, cfg in moe_cfgs if "moe" not in args.skip else ():
         calls, per_expert, distinct, check = moe_setup(1, 32, cfg)
