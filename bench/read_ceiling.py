@@ -60,10 +60,9 @@ LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 8, 1), 6), ((4, 
                  T.Q6_K: [((4, 2, 1), 4), ((2, 1, 1), 4), ((4, 1, 1), 4), ((2, 2, 1), 4), ((1, 4, 1), 4), ((1, 8, 2), 4),
                           ((2, 4, 2), 4), ((4, 4, 2), 4), ((8, 2, 2), 4), ((8, 1, 2), 4), ((4, 4, 4), 4), ((1, 8, 1), 4)]}
 # (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
-MOE_LOADS = [(4, 2, 1, 3), (1, 8, 1, 6), (4, 2, 1, 6), (2, 4, 1, 6), (1, 4, 1, 6), (2, 2, 1, 6), (1, 8, 2, 6),
-             (2, 8, 2, 6)]
+MOE_LOADS = [(4, 2, 1, 0), (4, 2, 1, 3), (1, 8, 1, 6), (2, 4, 1, 6)]
 # (rows, blocks, warps, LOADS) of the down launch (LOADS & 4: sixteen threads per Q6_K block)
-MOE_DOWN = [(2, 2, 1, 4), (8, 2, 2, 4), (4, 4, 2, 4), (2, 4, 1, 4)]
+MOE_DOWN = [(4, 2, 1, 0), (2, 2, 1, 4), (8, 2, 2, 4)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
