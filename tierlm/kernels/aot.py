@@ -188,7 +188,10 @@ def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nbl
                 tags=dict(act="fp32", qtype=q_up)),
         Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, LOADS=0, **const), a_down,
                 num_warps, tags=dict(act="fp32", qtype=q_down)),
-    ] + ([Variant(f"moe_down_q8_{q_down}_l4", tv.moe_down_q8_kernel, down,  # the default down launch
+    ] + ([Variant(f"moe_up_q8_{q_up}_l6", tv.moe_up_q8_kernel, up,  # the default gate/up launch
+                  dict(GATE_T=q_up, UP_T=q_up, BN=MOE_DEFAULT.mmvq_up[0], NBLK=MOE_DEFAULT.mmvq_up[1], ASM=True, PF=False,
+                       LOADS=MOE_DEFAULT.mmvq_loads), a_up, MOE_DEFAULT.mmvq_up[2], tags=dict(act="fp32", qtype=q_up))]
+         if q_up == tq.Q4_K else []) + ([Variant(f"moe_down_q8_{q_down}_l4", tv.moe_down_q8_kernel, down,  # the default down launch
                   dict(DOWN_T=q_down, BN=MOE_DEFAULT.mmvq_down[0], NBLK=MOE_DEFAULT.mmvq_down[1], ASM=True, PF=False,
                        LOADS=4), a_down, MOE_DEFAULT.mmvq_down[2], tags=dict(act="fp32", qtype=q_down))]
          if q_down == tq.Q6_K else [])
