@@ -14,11 +14,12 @@ blocks of 32 for Q8_0 and Q5_0). ``PF`` loads the next step's weight bytes befor
 current step's (measured slower on an H200; kept for other cards). The tensors of one
 step are (rows, blocks, pieces of a block, words): 16-byte loads for Q4_K, whose 144-byte blocks
 are 16-byte aligned; pairs of 2-byte loads for Q6_K, Q8_0 and Q5_0, whose blocks are only 2-byte
-aligned. Which of the first dimensions neighbouring threads take is the compiler's choice (Triton
-3.6 puts them along the rows: Nsight Compute counted 18 cache lines per Q4_K weight load on an
-H200). The one-row Q4_K default (``LOADS & 4``, ``_q4k_rows32``) therefore lays a step out as
-(lines, 32 words), which leaves no choice: eight threads read a block's 128 nibble bytes as one
-run. The activation words are the same for every row: they come from L1.
+aligned. Which of the other dimensions neighbouring threads take is the compiler's choice (for a
+(blocks, rows, 8 pieces, 4 words) Q4_K step Triton 3.6 gave them the rows: 32 cache lines per
+weight load in Nsight Compute on an H200). The one-row defaults leave it no choice (``LOADS & 4``):
+Q4_K steps are (lines, 32 words), so eight threads read a block's 128 nibble bytes as one run
+(``_q4k_rows32``); Q6_K steps are one flat tensor of sixteen lanes per block (``_q6k_rows16``).
+The activation words are the same for every row: they come from L1.
 
 ``ASM`` selects the ``dp4a`` instruction; without it (Triton's CPU interpreter) a Triton-op twin
 computes the same integer sums.
