@@ -126,6 +126,15 @@ def _u32(p):
 
 
 @triton.jit
+def _q4k_scale(w1, w2, w3, sh, low):
+    """6-bit scale and min of the Q4_K group whose bits sit in byte sh // 8 of header words 1..3
+    (groups 0..3 plainly; ``low`` false: groups 4..7, split between word 3 and the top bits of 1, 2)."""
+    b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
+    return (tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4)),
+            tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4)))
+
+
+@triton.jit
 def _q4k_fetch(wrow, kb, wo, LOADS: tl.constexpr = 0):
     """The weight bytes of one Q4_K step: header words 0..3 (BN, NBLK, 1) and the two halves of the
     nibble chunks (BN, NBLK, 4, 4). LOADS & 1: each thread loads its block's whole 16-byte header
@@ -176,12 +185,8 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
             w0, w1, w2, w3, q0, q1 = _q4k_fetch(wrow, kb, wo, LOADS)
         d = _f16(w0)
         dmin = _f16(w0 >> 16)
-        b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
-        sc_lo = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
-        mn_lo = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
-        b1, b2, b3 = (w1 >> (sh + 8)) & 0xFF, (w2 >> (sh + 8)) & 0xFF, (w3 >> (sh + 8)) & 0xFF
-        sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
-        mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
+        sc_lo, mn_lo = _q4k_scale(w1, w2, w3, sh, low)
+        sc_hi, mn_hi = _q4k_scale(w1, w2, w3, sh + 8, low)
         # low nibbles of chunk c, word j: elements 64c + 4j + (0..3), activation word 16c + j; high: 16c + 8 + j
         xp = xq32 + tl.broadcast_to(kb[None, :, None, None] * 64 + (wo + 8 * c[:, None])[None, None], [BN, NBLK, 4, 4])
         s_lo = tl.sum(_dp4a(q0 & _M4, tl.load(xp), False, ASM) + _dp4a(q1 & _M4, tl.load(xp + 4), False, ASM), axis=3)
@@ -240,12 +245,8 @@ def _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl
         w2, w3 = tl.sum(tl.where(j3 == 2, hv, 0), axis=2), tl.sum(tl.where(j3 == 3, hv, 0), axis=2)
         d = _f16(w0)
         dmin = _f16(w0 >> 16)
-        b1, b2, b3 = (w1 >> sh) & 0xFF, (w2 >> sh) & 0xFF, (w3 >> sh) & 0xFF
-        sc_lo = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
-        mn_lo = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
-        b1, b2, b3 = (w1 >> (sh + 8)) & 0xFF, (w2 >> (sh + 8)) & 0xFF, (w3 >> (sh + 8)) & 0xFF
-        sc_hi = tl.where(low, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
-        mn_hi = tl.where(low, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
+        sc_lo, mn_lo = _q4k_scale(w1, w2, w3, sh, low)
+        sc_hi, mn_hi = _q4k_scale(w1, w2, w3, sh + 8, low)
         gi = kb * 8 + 2 * (hc // 2)  # x group of the low nibbles, over (L, 32)
         if LOADS & 2:  # (xd, xs) of groups gi and gi + 1: 16 contiguous bytes
             v = tl.reshape(tl.load(tl.multiple_of(xd_ptr + 2 * gi, [16, 16]) + j), [L, 8, 4])  # gi is even
@@ -259,6 +260,21 @@ def _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl
             - 0.5 * dmin * (mn_lo.to(tl.float32) * sxl + mn_hi.to(tl.float32) * sxh)  # two pieces per group
         acc += tl.where(keep, part, 0.0)
     return tl.sum(tl.reshape(tl.sum(acc, axis=1), [NBLK, BN]), axis=0)
+
+
+@triton.jit
+def _q6k_quad(A, B, H, i: tl.constexpr):
+    """The four signed 6-bit weights of quarter i (elements 32i + 4w + 0..3 of a half) from a word w's
+    ql bytes A (i = 0, 2) and B (i = 1, 3) and qh bits H, one per byte."""
+    if i == 0:
+        q = (A & _M4) | ((H << 4) & 0x30303030)
+    elif i == 1:
+        q = (B & _M4) | ((H << 2) & 0x30303030)
+    elif i == 2:
+        q = ((A >> 4) & _M4) | (H & 0x30303030)
+    else:
+        q = ((B >> 4) & _M4) | ((H >> 2) & 0x30303030)
+    return ((q | _SIGN4) - 0x20202020) ^ _SIGN4  # each byte minus 32, no borrow across bytes
 
 
 @triton.jit
@@ -302,15 +318,7 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
         gi = tl.broadcast_to((kb[:, None, None] * 8 + 4 * h2[None])[None], [BN, NBLK, 2, 2])
         part = tl.zeros([BN, NBLK, 2, 2], dtype=tl.float32)
         for i in tl.static_range(4):
-            if i == 0:
-                q = (A & _M4) | ((H << 4) & 0x30303030)
-            elif i == 1:
-                q = (B & _M4) | ((H << 2) & 0x30303030)
-            elif i == 2:
-                q = ((A >> 4) & _M4) | (H & 0x30303030)
-            else:
-                q = ((B >> 4) & _M4) | ((H >> 2) & 0x30303030)
-            q = ((q | _SIGN4) - 0x20202020) ^ _SIGN4  # each byte minus 32, no borrow across bytes
+            q = _q6k_quad(A, B, H, i)
             s = tl.sum(_dp4a(q, tl.load(xq32 + xo + 8 * i), True, ASM), axis=4).to(tl.float32)
             sc = tl.load(sp + 2 * i).to(tl.float32)  # (BN, NBLK, 2, 2)
             part += sc * tl.load(xd_ptr + gi + i) * s
@@ -350,16 +358,7 @@ def _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constexp
         gi = kb * 8 + 4 * h
         part = tl.zeros([L], dtype=tl.float32)
         for i in tl.static_range(4):
-            if i == 0:
-                q = (A & _M4) | ((H << 4) & 0x30303030)
-            elif i == 1:
-                q = (B & _M4) | ((H << 2) & 0x30303030)
-            elif i == 2:
-                q = ((A >> 4) & _M4) | (H & 0x30303030)
-            else:
-                q = ((B >> 4) & _M4) | ((H >> 2) & 0x30303030)
-            q = ((q | _SIGN4) - 0x20202020) ^ _SIGN4
-            s = _dp4a(q, tl.load(xq32 + xo + 8 * i), True, ASM)
+            s = _dp4a(_q6k_quad(A, B, H, i), tl.load(xq32 + xo + 8 * i), True, ASM)
             part += (tl.load(sp + 2 * i).to(tl.int32) * s).to(tl.float32) * tl.load(xd_ptr + gi + i)
         acc += tl.where(keep, d * part, 0.0)
     return tl.sum(tl.sum(tl.reshape(acc, [NBLK, BN, 16]), axis=2), axis=0)
