@@ -230,6 +230,31 @@ def test_inline_ptx_matches_its_triton_twin():
             assert [f(out[2 * r + k]) for r in range(4)] == [1 + v / 64 for v in q]
 
 
+def test_eight_thread_q4k_step_needs_16_byte_aligned_weights(monkeypatch):
+    """The eight-thread Q4_K step tells the compiler its rows are 16-byte aligned; a weight view that is
+    not (a byte offset into a larger buffer) is launched with the four-thread form instead."""
+    from tierlm.kernels import triton_mmvq as tv
+    from tierlm.kernels.quant_matmul import _qmm_launch
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(kw["LOADS"])
+
+    monkeypatch.setattr(tv, "mmvq_kernel", Recorder())
+    K, N = 512, 4
+    row = 144 * K // 256  # bytes of a Q4_K row
+    buf = torch.zeros(N * row + 16, dtype=torch.uint8)
+    cfg = QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
+    x = torch.randn(1, K)
+    for off in (0, 8):
+        w = buf[off:off + N * row].view(N, row)
+        assert (w.data_ptr() % 16 == 0) == (off == 0)
+        _qmm_launch(x, w, T.Q4_K, K, cfg)
+    assert launches == [6, 2]
+
+
 def test_pick_config_follows_the_measured_rules():
     """Decode launch choice (bench/results/kernels-NVIDIA_H200-int8.md): int8 kernels up to 4 rows with
     the tile measured best per type; tensor-core tiles above, or from 2 rows for the 129280-row head;

@@ -192,6 +192,8 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
     loads = cfg.mmvq_loads if gt == ut == GGMLType.Q4_K else 0
+    if gate.data_ptr() % 16 or up.data_ptr() % 16:  # the eight-thread Q4_K step assumes 16-byte aligned rows
+        loads &= 3
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)

@@ -277,6 +277,8 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         if qtype not in FUSED_TYPES:
             raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
         loads = cfg.loads if qtype == GGMLType.Q4_K else cfg.loads & 4 if qtype == GGMLType.Q6_K else 0
+        if qtype == GGMLType.Q4_K and w.data_ptr() % 16:  # the eight-thread step assumes 16-byte aligned rows
+            loads &= 3
         xq, xd, xs = quantize_q8(x2, pack=bool(loads & 2))
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
