@@ -253,6 +253,20 @@ def test_eight_thread_q4k_step_needs_16_byte_aligned_weights(monkeypatch):
         assert (w.data_ptr() % 16 == 0) == (off == 0)
         _qmm_launch(x, w, T.Q4_K, K, cfg)
     assert launches == [6, 2]
+    launches.clear()  # the fused MoE's gate/up launch: the same rule
+    from tierlm.kernels import moe
+
+    monkeypatch.setattr(tv, "moe_up_q8_kernel", Recorder())
+    monkeypatch.setattr(tv, "moe_down_q8_kernel", Recorder())
+    E, I, D = 2, 256, 512  # gate/up (E, I, D) Q4_K, down (E, D, I) Q6_K: one block per down row
+    ids, wts = torch.zeros(1, dtype=torch.int64), torch.ones(1)
+    down = torch.zeros(E, D, 210, dtype=torch.uint8)
+    big = torch.zeros(E * I * row + 16, dtype=torch.uint8)
+    for off in (0, 8):
+        gate = big[off:off + E * I * row].view(E, I, row)
+        moe._moe_pairs_q8(torch.randn(1, D), ids, wts, gate, gate, down, [T.Q4_K, T.Q4_K, T.Q6_K], (E, I, D, 1),
+                          moe.DEFAULT)
+    assert launches[0::2] == [6, 2]
 
 
 def test_pick_config_follows_the_measured_rules():
