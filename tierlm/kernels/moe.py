@@ -64,8 +64,8 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_pf=True), MoEConfig(mmvq_loads=3), MoEConfig(mmvq_loads=6, mmvq_up=(1, 8, 1)),
     MoEConfig(mmvq_down=(4, 2, 1, 4)), MoEConfig(mmvq_down=(8, 2, 2, 4)),
     MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
-# gate/up with eight threads per Q4_K block and down with sixteen per Q6_K block, 4 rows x 2 blocks each: 1.59x
-# the read time at one token against 1.91x for MoEConfig() (H200, bench/results/kernels-NVIDIA_H200-int8.md)
+# gate/up with eight threads per Q4_K block and down with sixteen per Q6_K block, 4 rows x 2 blocks each: 1.59-1.63x
+# the read time at one token against 1.88-1.91x for MoEConfig() (H200, bench/results/kernels-NVIDIA_H200-int8.md)
 DEFAULT = MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4))
 
 
