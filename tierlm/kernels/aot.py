@@ -18,6 +18,7 @@ from tierlm.kernels import triton_mmvq as tv
 from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
+from tierlm.kernels.moe import MoEConfig
 from tierlm.kernels.quant_matmul import (MMVQ_Q4K_LOADS, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS,
                                          MMVQ_Q6K_STEP, MMVQ_TILES)
 
@@ -131,7 +132,8 @@ def variants(capability: int) -> list[Variant]:
         if q == tq.Q6_K:  # the one-row default: sixteen threads per block
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
-    out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q8_0, tq.Q5_0)
+    out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
+    out += moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
     for w in (tq.F16, tq.BF16, tq.F32):  # moe_dense (bf16 weights are widened by a shift everywhere)
@@ -172,10 +174,8 @@ def quantize_q8_variant(act: str, pack: bool = False) -> Variant:
                    dict(G=8, ASM=True, PACK=pack), ("K", "stride_xm"), 1, tags=dict(act=act))
 
 
-def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nblk: int = MOE_DEFAULT.mmvq_nblk,
-                    num_warps: int = MOE_DEFAULT.num_warps, prefetch: bool = MOE_DEFAULT.mmvq_pf) -> list[Variant]:
-    """The up and down kernels of the int8-activation MoE decode path (``moe.DEFAULT``'s launch unless told)."""
-    const = dict(BN=bn, NBLK=nblk, ASM=True, PF=prefetch)
+def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT) -> list[Variant]:
+    """The up and down kernels of the int8-activation MoE decode path, as ``cfg`` launches them."""
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")
@@ -183,15 +183,15 @@ def moe_q8_variants(q_up: int, q_down: int, bn: int = MOE_DEFAULT.mmvq_rows, nbl
                 ids_ptr="*i64", E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64")
     a_up = ("D",) + (("rb_g", "rb_u") if tq.BLOCK_BYTES[q_up] % 16 == 0 else ())
     a_down = ("I",) + (("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ())
+    ub, unb, uw, ul = cfg.up_step()
+    db, dnb, dw, dl = cfg.down_step()
+    ul = ul if q_up == tq.Q4_K else 0  # the load forms moe._moe_pairs_q8 launches for these types
+    dl = dl & 4 if q_down == tq.Q6_K else 0
     return [
-        Variant(f"moe_up_q8_{q_up}", tv.moe_up_q8_kernel, up, dict(GATE_T=q_up, UP_T=q_up, LOADS=0, **const), a_up, num_warps,
+        Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
+                dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,
                 tags=dict(act="fp32", qtype=q_up)),
-        Variant(f"moe_down_q8_{q_down}", tv.moe_down_q8_kernel, down, dict(DOWN_T=q_down, LOADS=0, **const), a_down,
-                num_warps, tags=dict(act="fp32", qtype=q_down)),
-    ] + ([Variant(f"moe_up_q8_{q_up}_l6", tv.moe_up_q8_kernel, up,  # the default gate/up launch
-                  dict(GATE_T=q_up, UP_T=q_up, BN=MOE_DEFAULT.mmvq_up[0], NBLK=MOE_DEFAULT.mmvq_up[1], ASM=True, PF=False,
-                       LOADS=MOE_DEFAULT.mmvq_loads), a_up, MOE_DEFAULT.mmvq_up[2], tags=dict(act="fp32", qtype=q_up))]
-         if q_up == tq.Q4_K else []) + ([Variant(f"moe_down_q8_{q_down}_l4", tv.moe_down_q8_kernel, down,  # the default down launch
-                  dict(DOWN_T=q_down, BN=MOE_DEFAULT.mmvq_down[0], NBLK=MOE_DEFAULT.mmvq_down[1], ASM=True, PF=False,
-                       LOADS=4), a_down, MOE_DEFAULT.mmvq_down[2], tags=dict(act="fp32", qtype=q_down))]
-         if q_down == tq.Q6_K else [])
+        Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}", tv.moe_down_q8_kernel, down,
+                dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl), a_down, dw,
+                tags=dict(act="fp32", qtype=q_down)),
+    ]

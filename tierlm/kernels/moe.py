@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierlm.kernels.quant_matmul import FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, device_info
+from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, device_info,
+                                         mmvq_loads)
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -55,6 +56,14 @@ class MoEConfig:
     mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
+
+    def up_step(self) -> tuple[int, int, int, int]:
+        """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
+        return (*(self.mmvq_up or (self.mmvq_rows, self.mmvq_nblk, self.num_warps)), self.mmvq_loads)
+
+    def down_step(self) -> tuple[int, int, int, int]:
+        """(rows, blocks per step, warps, loads) of the int8 down launch."""
+        return self.mmvq_down or (self.mmvq_rows, self.mmvq_nblk, self.num_warps, 0)
 
 
 # What bench/kernels.py times for the decode layer; DEFAULT is what moe_quant uses.
@@ -191,20 +200,18 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
-    loads = cfg.mmvq_loads if gt == ut == GGMLType.Q4_K else 0
-    if gate.data_ptr() % 16 or up.data_ptr() % 16:  # the eight-thread Q4_K step assumes 16-byte aligned rows
-        loads &= 3
+    ub, unb, uw, loads = cfg.up_step()
+    loads = mmvq_loads(gt, loads, gate, up) if gt == ut == GGMLType.Q4_K else 0
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
-    ub, unb, uw = cfg.mmvq_up or (cfg.mmvq_rows, cfg.mmvq_nblk, cfg.num_warps)
     nblk, warps = tv.fit_step(unb, uw, D)
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
         NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
     hq, hd, hs = quantize_q8(h)
-    bn, dnb, dw, dl = cfg.mmvq_down or (cfg.mmvq_rows, cfg.mmvq_nblk, cfg.num_warps, 0)
+    bn, dnb, dw, dl = cfg.down_step()
     nblk, warps = tv.fit_step(dnb, dw, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),

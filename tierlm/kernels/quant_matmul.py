@@ -117,6 +117,15 @@ MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the 
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
 
+def mmvq_loads(qtype: GGMLType, loads: int, *weights: torch.Tensor) -> int:
+    """The ``QMMConfig.loads`` bits an int8 product over ``weights`` of ``qtype`` launches with: all of them
+    for Q4_K, less the eight-thread step (4) on weights that are not 16-byte aligned (that step tells the
+    compiler they are); only the sixteen-thread step (4) for Q6_K; none for the other types."""
+    if qtype == GGMLType.Q4_K:
+        return loads & 3 if any(w.data_ptr() % 16 for w in weights) else loads
+    return loads & 4 if qtype == GGMLType.Q6_K else 0
+
+
 def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
                 capability: tuple[int, int], sms: int) -> QMMConfig:
     """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
@@ -276,9 +285,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
 
         if qtype not in FUSED_TYPES:
             raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
-        loads = cfg.loads if qtype == GGMLType.Q4_K else cfg.loads & 4 if qtype == GGMLType.Q6_K else 0
-        if qtype == GGMLType.Q4_K and w.data_ptr() % 16:  # the eight-thread step assumes 16-byte aligned rows
-            loads &= 3
+        loads = mmvq_loads(qtype, cfg.loads, w)
         xq, xd, xs = quantize_q8(x2, pack=bool(loads & 2))
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
