@@ -542,7 +542,11 @@ def _interp_mmvq(gen: torch.Generator) -> None:
                      (QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=3), 3),
                      (QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=2, prefetch=True), 2),
                      (QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), 1),
-                     (QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=4), 2)]
+                     (QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=4), 2),
+                     (QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14), 1),  # a partial step only
+                     (QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=14), 2),  # a whole step, then a partial one
+                     (QMMConfig("mmvq", 1, 1, block_n=4, nblk=1, loads=14), 1),  # whole steps only
+                     (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, loads=14), 2)]  # split K
         if t == T.Q6_K:  # sixteen threads per block
             cfgs += [(QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4), 1),
                      (QMMConfig("mmvq", 2, 1, block_n=4, nblk=1, loads=4), 2)]
@@ -572,6 +576,8 @@ def _interp_mmvq(gen: torch.Generator) -> None:
             _interp_check(f"moe int8 loads=3 {gt.name}/{dt.name}", got.sum(1), ref)
             got = moe._moe_pairs_q8(*args, MoEConfig(mmvq_loads=6, mmvq_up=(2, 2, 1))).view(n, K, D)
             _interp_check(f"moe int8 loads=6 {gt.name}/{dt.name}", got.sum(1), ref)
+            got = moe._moe_pairs_q8(*args, MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1))).view(n, K, D)
+            _interp_check(f"moe int8 loads=14 {gt.name}/{dt.name}", got.sum(1), ref)
             got = moe._moe_pairs_q8(*args, moe.DEFAULT).view(n, K, D)  # its down launch: 16 threads per Q6_K block
             _interp_check(f"moe int8 default {gt.name}/{dt.name}", got.sum(1), ref)
 

@@ -263,6 +263,90 @@ def _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl
 
 
 @triton.jit
+def _dp4a_add(a, b, c, ASM: tl.constexpr):
+    """c + the four byte products of a (unsigned) and b (signed), as int32 (dp4a's own accumulator)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return c + _dp4a(a, b, False, ASM)
+
+
+@triton.jit
+def _words4(v):
+    """The four words of each thread's 16-byte piece of a (lines, 32 words) int32 tensor, as four
+    (lines, 8) tensors (sums of one nonzero term: picks of registers, no arithmetic)."""
+    v3 = tl.reshape(v, [v.shape[0], 8, 4])
+    j3 = tl.arange(0, 4)[None, None, :]
+    return (tl.sum(tl.where(j3 == 0, v3, 0), axis=2), tl.sum(tl.where(j3 == 1, v3, 0), axis=2),
+            tl.sum(tl.where(j3 == 2, v3, 0), axis=2), tl.sum(tl.where(j3 == 3, v3, 0), axis=2))
+
+
+@triton.jit
+def _q4k_piece(pw, px, pd, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr):
+    """One step of ``_q4k_rows32p``: each thread's (lines, 8) partial sums of its pieces. MASK: the
+    lines past the block range (``live`` false) read nothing and give zeros (the last step)."""
+    if MASK:
+        hv = tl.load(pw + tl.arange(0, 32)[None, :] % 4, mask=live, other=0)
+        q = tl.load(pw + 4 + tl.arange(0, 32)[None, :], mask=live, other=0)
+        xl, xh = tl.load(px, mask=live, other=0), tl.load(px + 8, mask=live, other=0)
+        v = tl.load(pd, mask=live, other=0)
+    else:
+        hv, q = tl.load(pw + tl.arange(0, 32)[None, :] % 4), tl.load(pw + 4 + tl.arange(0, 32)[None, :])
+        xl, xh, v = tl.load(px), tl.load(px + 8), tl.load(pd)
+    w0, w1, w2, w3 = _words4(hv)
+    q0, q1, q2, q3 = _words4(q)
+    x0, x1, x2, x3 = _words4(xl)
+    y0, y1, y2, y3 = _words4(xh)
+    dxl, sxl, dxh, sxh = _words4(v)
+    s_lo = _dp4a_add(q0 & _M4, x0, _dp4a_add(q1 & _M4, x1, _dp4a_add(q2 & _M4, x2, _dp4a(q3 & _M4, x3, False, ASM),
+                                                                      ASM), ASM), ASM)
+    s_hi = _dp4a_add(q0 & _H4, y0, _dp4a_add(q1 & _H4, y1, _dp4a_add(q2 & _H4, y2, _dp4a(q3 & _H4, y3, False, ASM),
+                                                                      ASM), ASM), ASM) >> 4
+    e = w3 >> se
+    scp = ((w1 >> sa) & ma) | (e & ~ma)  # scales of groups 2c, 2c + 1 in bytes 0, 1 (low 6 bits)
+    mnp = ((w2 >> sa) & ma) | ((e >> 4) & ~ma)  # and their mins
+    return _f16(w0) * (dxl.to(tl.float32, bitcast=True) * ((scp & 63) * s_lo).to(tl.float32)
+                       + dxh.to(tl.float32, bitcast=True) * (((scp >> 8) & 63) * s_hi).to(tl.float32)) \
+        - 0.5 * _f16(w0 >> 16) * ((mnp & 63).to(tl.float32) * sxl.to(tl.float32, bitcast=True)
+                                  + ((mnp >> 8) & 63).to(tl.float32) * sxh.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+    """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2). The same
+    walk and loads, with: whole steps unmasked and the last, partial one masked (a zero header has
+    zero scales); pointers set before the loop, moved by a scalar; each piece's two scales and two
+    mins decoded side by side in the bytes of one word, with shifts and masks that depend on the
+    piece alone (set before the loop); dp4a summing into its own accumulator; and the (xd, xs)
+    floats picked out as integer bits, since adding a float zero is not free."""
+    L: tl.constexpr = NBLK * BN
+    i = tl.arange(0, L)
+    w = tl.arange(0, 32)[None, :]
+    hc = w // 4
+    p8 = tl.arange(0, 8)[None, :]  # the piece, over (L, 8)
+    c = p8 // 2  # its chunk: low nibbles of group 2c, high nibbles of group 2c + 1
+    hi = c >= 2  # groups 4..7: low 4 bits in header word 3, top 2 bits in words 1 and 2
+    se = 16 * (c % 2)  # bit of group 2c's byte in word 3 (groups 4..7) or words 1 and 2 (0..3)
+    sa = se + tl.where(hi, 2, 0)  # shift of words 1, 2: their top bits to bits 4, 5 for groups 4..7
+    ma = tl.where(hi, 0x3030, 0x3F3F)  # bits taken from words 1, 2; the others from word 3
+    kb = kb0 + i // BN  # (L,)
+    wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
+    pw = tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16])  # (L, 1)
+    px = xq32 + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
+    pd = tl.multiple_of(xd_ptr.to(tl.pointer_type(tl.int32)) + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    acc = tl.zeros([L, 8], dtype=tl.float32)
+    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+    for k in range(kb0, kfull, NBLK):
+        o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
+        acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, None, sa, se, ma, ASM, False)
+    if kfull < kb1:
+        o = kfull - kb0
+        acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM,
+                          True)
+    return tl.sum(tl.reshape(tl.sum(acc, axis=1), [NBLK, BN]), axis=0)
+
+
+@triton.jit
 def _q6k_quad(A, B, H, i: tl.constexpr):
     """The four signed 6-bit weights of quarter i (elements 32i + 4w + 0..3 of a half) from a word w's
     ql bytes A (i = 0, 2) and B (i = 1, 3) and qh bits H, one per byte."""
@@ -449,7 +533,9 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     rows = tl.minimum(row0 + tl.arange(0, BN), N - 1)
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
-    if QTYPE == 12 and LOADS & 4:
+    if QTYPE == 12 and LOADS & 8:
+        return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+    elif QTYPE == 12 and LOADS & 4:
         return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
     elif QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
