@@ -150,12 +150,18 @@ def decode_calls(t, N, K, M, cfg, copies):
     return [lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)]
 
 
-def moe_setup(T_, copies, cfg=None, E=None):
-    E = E or MOE["E"]
-    I, D, K, types = MOE["I"], MOE["D"], MOE["K"], MOE["types"]
-    gate = random_weight(types[0], E * I, D).view(E, I, -1)
-    up = random_weight(types[1], E * I, D).view(E, I, -1)
-    down = random_weight(types[2], E * D, I).view(E, D, -1)
+def moe_weights(E=None, types=None):
+    """Random stacked gate, up and down experts of DeepSeek-V3's shapes, and their types."""
+    E, types = E or MOE["E"], types or MOE["types"]
+    I, D = MOE["I"], MOE["D"]
+    return (random_weight(types[0], E * I, D).view(E, I, -1), random_weight(types[1], E * I, D).view(E, I, -1),
+            random_weight(types[2], E * D, I).view(E, D, -1), types)
+
+
+def moe_setup(T_, copies, cfg=None, E=None, weights=None):
+    """One-layer MoE calls on ``copies`` sets of expert ids (``weights``: from ``moe_weights``, else new)."""
+    gate, up, down, types = weights or moe_weights(E)
+    E, D, K = gate.shape[0], MOE["D"], MOE["K"]
     g = torch.Generator(device="cuda").manual_seed(0)
     sets = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)]) for _ in range(copies)]
     x = torch.randn(T_, D, device="cuda").half()

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GB, copy_bandwidth, graph_time, moe_setup, n_copies, random_weight  # noqa: E402
+from kernels import GB, copy_bandwidth, graph_time, moe_setup, moe_weights, n_copies, random_weight  # noqa: E402
 
 from tierlm.kernels import triton_mmvq as tv  # noqa: E402
 from tierlm.kernels.triton_q import row_stride  # noqa: E402
@@ -56,13 +56,19 @@ FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thr
 # ((rows, blocks per step, warps), LOADS) timed with --loads (a bit 4, activations loaded once for all rows of
 # a step, was measured slower everywhere and removed: commit 8f0e8da, read-ceiling-NVIDIA_H200-rows-in-registers.json)
 # LOADS & 4: eight threads per Q4_K block (the default at one row); a loads value + 16: with prefetch
-LOAD_VARIANTS = {T.Q4_K: [((4, 4, 2), 3), ((2, 16, 2), 3), ((1, 8, 1), 6), ((4, 2, 1), 6)],
-                 T.Q6_K: [((4, 2, 1), 4), ((2, 1, 1), 4), ((4, 1, 1), 4), ((2, 2, 1), 4), ((1, 4, 1), 4), ((1, 8, 2), 4),
-                          ((2, 4, 2), 4), ((4, 4, 2), 4), ((8, 2, 2), 4), ((8, 1, 2), 4), ((4, 4, 4), 4), ((1, 8, 1), 4)]}
+# LOADS & 8: the same steps in fewer instructions (_q4k_rows32p with 4 and 2; _q6k_rows16p)
+LOAD_VARIANTS = {T.Q4_K: [((1, 8, 1), 6), ((4, 2, 1), 6), ((1, 8, 1), 14), ((4, 2, 1), 14), ((2, 4, 1), 14),
+                          ((1, 4, 1), 14), ((2, 8, 2), 14), ((1, 16, 2), 14)],
+                 T.Q6_K: [((2, 2, 1), 4), ((4, 2, 1), 4), ((8, 2, 2), 4), ((2, 2, 1), 12), ((4, 2, 1), 12),
+                          ((1, 4, 1), 12), ((2, 1, 1), 12), ((8, 2, 2), 12), ((4, 4, 2), 12), ((1, 8, 1), 12)]}
 # (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
-MOE_LOADS = [(4, 2, 1, 0), (4, 2, 1, 3), (1, 8, 1, 6), (2, 4, 1, 6)]
-# (rows, blocks, warps, LOADS) of the down launch (LOADS & 4: sixteen threads per Q6_K block)
-MOE_DOWN = [(4, 2, 1, 0), (2, 2, 1, 4), (8, 2, 2, 4)]
+MOE_LOADS = [(4, 2, 1, 0), (4, 2, 1, 14), (2, 4, 1, 14), (1, 8, 1, 14)]
+# (rows, blocks, warps, LOADS) of the down launch (LOADS & 4: sixteen threads per Q6_K block, eight per Q4_K
+# block; & 8: in fewer instructions)
+MOE_DOWN = [(4, 2, 1, 0), (4, 2, 1, 14), (2, 2, 1, 14), (8, 2, 2, 14), (2, 4, 1, 14)]
+# whole configurations, with the lean steps in both launches
+MOE_LEAN = [((4, 2, 1), (4, 2, 1, 14)), ((2, 4, 1), (2, 2, 1, 14)), ((4, 2, 1), (2, 2, 1, 14)),
+            ((2, 4, 1), (4, 2, 1, 14))]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -238,14 +244,20 @@ def main() -> None:
                      for (r, nb, wp, ld) in MOE_LOADS]
         moe_cfgs += [(f"down {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_down=(r, nb, wp, ld)))
                      for (r, nb, wp, ld) in MOE_DOWN]
-    for label, cfg in moe_cfgs if "moe" not in args.skip else ():
-        calls, per_expert, distinct, check = moe_setup(1, 32, cfg)
-        err = check()
-        s = graph_time(calls)
-        read = distinct * per_expert / bw
-        res["rows"].append(dict(what=f"moe T=1, {label}", us=s * 1e6, ratio=s / read, err=err))
-        print(f"moe T=1 {label:<36} {s * 1e6:8.2f} us  {s / read:.2f}x read time  rel err {err:.1e}", flush=True)
-        del calls
+        moe_cfgs += [(f"lean up {u[0]}x{u[1]}, down {d[0]}x{d[1]}", MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d))
+                     for u, d in MOE_LEAN]
+    for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
+        weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
+        for label, cfg in moe_cfgs:
+            calls, per_expert, distinct, check = moe_setup(1, 32, cfg, weights=weights)
+            err = check()
+            s = graph_time(calls)
+            read = distinct * per_expert / bw
+            what = f"moe T=1, down {down_type.name}, {label}"
+            res["rows"].append(dict(what=what, us=s * 1e6, ratio=s / read, err=err))
+            print(f"{what:<56} {s * 1e6:8.2f} us  {s / read:.2f}x read time  rel err {err:.1e}", flush=True)
+            del calls
+        del weights
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"read-ceiling-{dev.name.replace(' ', '_')}.json"

@@ -414,9 +414,11 @@ def test_moe_matches_reference(types, dtype, T_):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [c for c in MOE_DECODE_CONFIGS if c.q8], ids=str)
-def test_every_moe_decode_config(cfg):
-    """Every int8 decode launch bench/kernels.py times gives the int8 reference's result."""
-    types = (T.Q4_K, T.Q4_K, T.Q6_K)
+@pytest.mark.parametrize("down_type", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
+def test_every_moe_decode_config(cfg, down_type):
+    """Every int8 decode launch bench/kernels.py times gives the int8 reference's result (down in Q6_K
+    on Q4_K_M's "more bits" layers, Q4_K on the others)."""
+    types = (T.Q4_K, T.Q4_K, down_type)
     E, I, D, K, T_ = 16, 512, 768, 8, 3
     gate, up, down = _moe_weights(types, E, I, D, seed=42, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(43)
@@ -549,7 +551,10 @@ def _interp_mmvq(gen: torch.Generator) -> None:
                      (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, loads=14), 2)]  # split K
         if t == T.Q6_K:  # sixteen threads per block
             cfgs += [(QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4), 1),
-                     (QMMConfig("mmvq", 2, 1, block_n=4, nblk=1, loads=4), 2)]
+                     (QMMConfig("mmvq", 2, 1, block_n=4, nblk=1, loads=4), 2),
+                     (QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=12), 1),  # a whole step, then a partial one
+                     (QMMConfig("mmvq", 2, 1, block_n=4, nblk=1, loads=12), 2),  # whole steps only
+                     (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, loads=12), 1)]  # split K
         for cfg, m in cfgs:
             x = torch.randn(m, K, generator=gen)
             out = _qmm_launch(x, w, t, K, cfg)
@@ -558,7 +563,7 @@ def _interp_mmvq(gen: torch.Generator) -> None:
             if not rel(out, quant_matmul_ref(x, w, t, K)) <= Q8_TOL:
                 raise SystemExit(f"FAIL mmvq {t.name}: int8 activations off the exact product by more than {Q8_TOL}")
     E, D, K, n = 5, 256, 2, 3
-    for gt, dt, I in [(T.Q4_K, T.Q6_K, 256), (T.Q8_0, T.Q5_0, 96)]:
+    for gt, dt, I in [(T.Q4_K, T.Q6_K, 256), (T.Q8_0, T.Q5_0, 96), (T.Q4_K, T.Q4_K, 512)]:
         gate = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
         up = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
         down = _interp_weight(dt, E * D, I, gen).view(E, D, -1)
@@ -576,8 +581,10 @@ def _interp_mmvq(gen: torch.Generator) -> None:
             _interp_check(f"moe int8 loads=3 {gt.name}/{dt.name}", got.sum(1), ref)
             got = moe._moe_pairs_q8(*args, MoEConfig(mmvq_loads=6, mmvq_up=(2, 2, 1))).view(n, K, D)
             _interp_check(f"moe int8 loads=6 {gt.name}/{dt.name}", got.sum(1), ref)
-            got = moe._moe_pairs_q8(*args, MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1))).view(n, K, D)
-            _interp_check(f"moe int8 loads=14 {gt.name}/{dt.name}", got.sum(1), ref)
+            for c in MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14)), \
+                    MoEConfig(mmvq_loads=14, mmvq_up=(2, 1, 1), mmvq_down=(2, 2, 1, 12)):
+                got = moe._moe_pairs_q8(*args, c).view(n, K, D)  # the lean steps (down: Q6_K or Q4_K)
+                _interp_check(f"moe int8 lean {c.mmvq_down} {gt.name}/{dt.name}", got.sum(1), ref)
             got = moe._moe_pairs_q8(*args, moe.DEFAULT).view(n, K, D)  # its down launch: 16 threads per Q6_K block
             _interp_check(f"moe int8 default {gt.name}/{dt.name}", got.sum(1), ref)
 

@@ -20,7 +20,7 @@ from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import MoEConfig
 from tierlm.kernels.quant_matmul import (MMVQ_Q4K_LOADS, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS,
-                                         MMVQ_Q6K_STEP, MMVQ_TILES)
+                                         MMVQ_Q6K_STEP, MMVQ_TILES, mmvq_loads)
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -128,11 +128,14 @@ def variants(capability: int) -> list[Variant]:
         if q == tq.Q4_K:  # the one-row default (eight threads per block), and the vector loads of four
             out += [mmvq_variant(q, *MMVQ_Q4K_STEP, out=act, loads=MMVQ_Q4K_LOADS) for act in acts]
             out += [mmvq_variant(q, *MMVQ_Q4K_SHORT_STEP, loads=MMVQ_Q4K_LOADS), mmvq_variant(q, 1, 8, 2, loads=4),
-                    mmvq_variant(q, bn, nblk, warps, loads=3)]
+                    mmvq_variant(q, bn, nblk, warps, loads=3), mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14)]
         if q == tq.Q6_K:  # the one-row default: sixteen threads per block
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
+            out += [mmvq_variant(q, *MMVQ_Q6K_STEP, loads=12)]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
+    lean = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14))  # the lean steps, Q6_K or Q4_K down
+    out += moe_q8_variants(tq.Q4_K, tq.Q6_K, lean) + moe_q8_variants(tq.Q4_K, tq.Q4_K, lean)
     out += moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
@@ -185,8 +188,7 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT) -> lis
     a_down = ("I",) + (("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ())
     ub, unb, uw, ul = cfg.up_step()
     db, dnb, dw, dl = cfg.down_step()
-    ul = ul if q_up == tq.Q4_K else 0  # the load forms moe._moe_pairs_q8 launches for these types
-    dl = dl & 4 if q_down == tq.Q6_K else 0
+    ul, dl = mmvq_loads(q_up, ul), mmvq_loads(q_down, dl)  # the load forms moe._moe_pairs_q8 launches
     return [
         Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
                 dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,

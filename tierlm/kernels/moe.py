@@ -53,7 +53,7 @@ class MoEConfig:
     mmvq_rows: int = 4  # int8 decode: weight rows per program
     mmvq_nblk: int = 2  # int8 decode: 256-element blocks of a row per loop step
     mmvq_pf: bool = False  # int8 decode: load the next step's weights before computing this one's
-    mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads
+    mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads (quant_matmul.mmvq_loads keeps those of a type)
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
 
@@ -72,7 +72,9 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(num_warps=w, mmvq_rows=bn, mmvq_nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
     MoEConfig(mmvq_pf=True), MoEConfig(mmvq_loads=3), MoEConfig(mmvq_loads=6, mmvq_up=(1, 8, 1)),
     MoEConfig(mmvq_down=(4, 2, 1, 4)), MoEConfig(mmvq_down=(8, 2, 2, 4)),
-    MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
+    MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)),
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 12)),
+    MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 1), mmvq_down=(2, 2, 1, 14)))
 # gate/up with eight threads per Q4_K block and down with sixteen per Q6_K block, 4 rows x 2 blocks each: 1.59-1.63x
 # the read time at one token against 1.88-1.91x for MoEConfig() (H200, bench/results/kernels-NVIDIA_H200-int8.md)
 DEFAULT = MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4))
@@ -201,7 +203,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
     ub, unb, uw, loads = cfg.up_step()
-    loads = mmvq_loads(gt, loads, gate, up) if gt == ut == GGMLType.Q4_K else 0
+    loads = mmvq_loads(gt, loads, gate, up) if gt == ut else 0  # one LOADS for both
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.empty(P, D, dtype=torch.float32, device=x.device)
@@ -210,13 +212,14 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
         NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
-    hq, hd, hs = quantize_q8(h)
     bn, dnb, dw, dl = cfg.down_step()
+    dl = mmvq_loads(dt, dl, down)
+    hq, hd, hs = quantize_q8(h, pack=bool(dl & 2))
     nblk, warps = tv.fit_step(dnb, dw, I)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        LOADS=dl & 4 if dt == GGMLType.Q6_K else 0, num_warps=warps)
+        LOADS=dl, num_warps=warps)
     return y
 
 

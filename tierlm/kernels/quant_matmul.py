@@ -64,7 +64,8 @@ class QMMConfig:
     nblk: int = 4  # mmvq: blocks of each row per loop step (block_n is its rows per program)
     prefetch: bool = False  # mmvq: load the next step's weights before computing this one's
     loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one, 4 eight threads per block
-    # (triton_mmvq._q4k_rows, _q4k_rows32); on Q6_K: 4 sixteen threads per block (_q6k_rows16)
+    # (triton_mmvq._q4k_rows, _q4k_rows32), 8 with 4 and 2: that step in fewer instructions (_q4k_rows32p); on
+    # Q6_K: 4 sixteen threads per block (_q6k_rows16), 8: that step in fewer instructions (_q6k_rows16p)
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -79,7 +80,10 @@ MMVQ_STEPS = ((4, 2, 1), (4, 4, 1), (4, 4, 2), (1, 4, 1), (1, 8, 1), (2, 4, 1), 
 MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w) in MMVQ_STEPS) + (
     QMMConfig("mmvq", 1, 2, block_n=4, nblk=2, prefetch=True), QMMConfig("mmvq", 2, 1, block_n=4, nblk=4, loads=3),
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6), QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=6),
-    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4))
+    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4),
+    QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14), QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14),
+    QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=12),
+    QMMConfig("mmvq", 1, 1, block_n=1, nblk=4, loads=12))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -119,11 +123,13 @@ TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 
 
 def mmvq_loads(qtype: GGMLType, loads: int, *weights: torch.Tensor) -> int:
     """The ``QMMConfig.loads`` bits an int8 product over ``weights`` of ``qtype`` launches with: all of them
-    for Q4_K, less the eight-thread step (4) on weights that are not 16-byte aligned (that step tells the
-    compiler they are); only the sixteen-thread step (4) for Q6_K; none for the other types."""
+    for Q4_K (8 with 2: its lean step reads (xd, xs) pairs), less the eight-thread steps (4, 8) on weights
+    that are not 16-byte aligned (those steps tell the compiler they are); only the sixteen-thread steps
+    (4, and 8: its lean form) for Q6_K; none for the other types."""
     if qtype == GGMLType.Q4_K:
+        loads |= 2 if loads & 8 else 0
         return loads & 3 if any(w.data_ptr() % 16 for w in weights) else loads
-    return loads & 4 if qtype == GGMLType.Q6_K else 0
+    return loads & 12 if qtype == GGMLType.Q6_K else 0
 
 
 def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,

@@ -449,6 +449,71 @@ def _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constexp
 
 
 @triton.jit
+def _q6k_lane(pa, ph, ps, pdd, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr):
+    """One step of ``_q6k_rows16p``: each lane's partial sum for its word, from its pointers to the ql
+    word of quarter 0 (``pa``, uint16; quarter 1 is 32 bytes on), the qh word (``ph``), the scale of
+    quarter 0 (``ps``), the block's d (``pdd``), the activation word of quarter 0 (``px``) and the
+    half's four xd (``pd``). MASK: lanes past the block range (``live`` false) read nothing and give
+    zeros (the last step)."""
+    j4 = tl.arange(0, 4)[None, :]
+    if MASK:
+        A = tl.load(pa, mask=live, other=0).to(tl.int32) | (tl.load(pa + 1, mask=live, other=0).to(tl.int32) << 16)
+        B = tl.load(pa + 16, mask=live, other=0).to(tl.int32) \
+            | (tl.load(pa + 17, mask=live, other=0).to(tl.int32) << 16)
+        H = tl.load(ph, mask=live, other=0).to(tl.int32) | (tl.load(ph + 1, mask=live, other=0).to(tl.int32) << 16)
+        d = _f16(tl.load(pdd, mask=live, other=0).to(tl.int32))
+        xd4 = tl.load(pd[:, None] + j4, mask=live[:, None], other=0.0)
+    else:
+        A, B, H = _u32(pa), _u32(pa + 16), _u32(ph)  # ql bytes 64h + 4w (i = 0, 2), + 32 (i = 1, 3); qh bytes
+        d = _f16(tl.load(pdd).to(tl.int32))
+        xd4 = tl.load(pd[:, None] + j4)  # xd of the four groups of the half: one 16-byte load
+    xi = xd4.to(tl.int32, bitcast=True)
+    part = tl.zeros(A.shape, dtype=tl.float32)
+    for i in tl.static_range(4):
+        if MASK:
+            sc = tl.load(ps + 2 * i, mask=live, other=0).to(tl.int32)
+            xw = tl.load(px + 8 * i, mask=live, other=0)
+        else:
+            sc, xw = tl.load(ps + 2 * i).to(tl.int32), tl.load(px + 8 * i)
+        xdi = tl.sum(tl.where(j4 == i, xi, 0), axis=1).to(tl.float32, bitcast=True)
+        part += (sc * _dp4a(_q6k_quad(A, B, H, i), xw, True, ASM)).to(tl.float32) * xdi
+    return d * part
+
+
+@triton.jit
+def _q6k_rows16p(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr,
+                 ASM: tl.constexpr):
+    """``_q6k_rows16`` in fewer instructions (Q6_K with LOADS & 8): whole steps unmasked and the last,
+    partial one masked; each lane's pointers set before the loop and moved by a scalar; a half's four
+    xd as one 16-byte load."""
+    L: tl.constexpr = NBLK * BN * 16
+    t = tl.arange(0, L)
+    line = t // 16
+    w4 = t & 7
+    h = (t >> 3) & 1
+    rows = tl.minimum(row0 + line % BN, N - 1)
+    kb = kb0 + line // BN
+    blk = w_ptr + rows.to(tl.int64) * rstride + kb * 210
+    pa = (blk + 64 * h + 4 * w4).to(tl.pointer_type(tl.uint16))
+    ph = (blk + 128 + 32 * h + 4 * w4).to(tl.pointer_type(tl.uint16))
+    ps = (blk + 192 + 8 * h + (w4 >> 2)).to(tl.pointer_type(tl.int8))
+    pdd = (blk + 208).to(tl.pointer_type(tl.uint16))
+    px = xq32 + kb * 64 + 32 * h + w4
+    pd = tl.multiple_of(xd_ptr + kb * 8 + 4 * h, 16)
+    acc = tl.zeros([L], dtype=tl.float32)
+    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+    for k in range(kb0, kfull, NBLK):
+        o = k - kb0
+        acc += _q6k_lane(pa + o * 105, ph + o * 105, ps + o * 210, pdd + o * 105, px + o * 64, pd + o * 8, None, ASM,
+                         False)
+    if kfull < kb1:
+        o = kfull - kb0
+        acc += _q6k_lane(pa + o * 105, ph + o * 105, ps + o * 210, pdd + o * 105, px + o * 64, pd + o * 8,
+                         kfull + line // BN < kb1, ASM, True)
+    return tl.sum(tl.sum(tl.reshape(acc, [NBLK, BN, 16]), axis=2), axis=0)
+
+
+@triton.jit
 def _q80_fetch(wrow, kb, w):
     """One Q8_0 step: the quant words (BN, NB, 8) and d (BN, NB, 1)."""
     b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
@@ -534,11 +599,14 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12 and LOADS & 8:
+        tl.static_assert(LOADS & 2 != 0, "the lean Q4_K step (LOADS & 8) reads (xd, xs) pairs (LOADS & 2)")
         return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
     elif QTYPE == 12 and LOADS & 4:
         return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
     elif QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
+    elif QTYPE == 14 and LOADS & 8:
+        return _q6k_rows16p(xq32, xd_ptr, w_ptr, row0, N, row_stride(row_bytes, QTYPE), kb0, kb1, BN, NBLK, ASM)
     elif QTYPE == 14 and LOADS & 4:
         return _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, row_stride(row_bytes, QTYPE), kb0, kb1, BN, NBLK, ASM)
     elif QTYPE == 14:
@@ -609,7 +677,7 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     valid = (e >= 0) & (e < E)
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
-    acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * (I // 32), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
+    acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
                     rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
