@@ -56,19 +56,23 @@ FLAT = [(1, 1), (4, 1), (4, 4), (8, 2), (2, 8)]  # (warps, 16-byte loads per thr
 # ((rows, blocks per step, warps), LOADS) timed with --loads (a bit 4, activations loaded once for all rows of
 # a step, was measured slower everywhere and removed: commit 8f0e8da, read-ceiling-NVIDIA_H200-rows-in-registers.json)
 # LOADS & 4: eight threads per Q4_K block (the default at one row); a loads value + 16: with prefetch
-# LOADS & 8: the same steps in fewer instructions (_q4k_rows32p with 4 and 2; _q6k_rows16p)
-LOAD_VARIANTS = {T.Q4_K: [((1, 8, 1), 6), ((4, 2, 1), 6), ((1, 8, 1), 14), ((4, 2, 1), 14), ((2, 4, 1), 14),
-                          ((1, 4, 1), 14), ((2, 8, 2), 14), ((1, 16, 2), 14)],
-                 T.Q6_K: [((2, 2, 1), 4), ((4, 2, 1), 4), ((8, 2, 2), 4), ((2, 2, 1), 12), ((4, 2, 1), 12),
-                          ((1, 4, 1), 12), ((2, 1, 1), 12), ((8, 2, 2), 12), ((4, 4, 2), 12), ((1, 8, 1), 12)]}
+# LOADS & 8: the same steps in fewer instructions (_q4k_rows32p with 4 and 2; _q6k_rows16p); a third number:
+# maxnreg (registers per thread), timed without the quantizer only
+LOAD_VARIANTS = {T.Q4_K: [((1, 8, 1), 6), ((4, 2, 1), 6), ((1, 8, 1), 14), ((1, 8, 1), 30), ((4, 2, 1), 30),
+                          ((2, 4, 1), 30), ((1, 16, 2), 14), ((1, 16, 2), 30), ((1, 16, 2), 14, 48),
+                          ((1, 16, 2), 6, 40), ((2, 8, 2), 14, 48), ((1, 32, 4), 14, 48), ((4, 4, 2), 14, 48),
+                          ((1, 8, 2), 14, 48), ((1, 8, 1), 14, 48)],
+                 T.Q6_K: [((2, 2, 1), 4), ((4, 2, 1), 4), ((8, 2, 2), 4), ((2, 2, 1), 12), ((2, 1, 1), 12),
+                          ((4, 2, 1), 4, 40), ((8, 2, 2), 4, 40), ((8, 4, 4), 4, 40), ((16, 2, 4), 4, 40),
+                          ((4, 2, 2), 4, 40), ((2, 2, 1), 4, 40)]}
 # (rows, blocks, warps, LOADS) of the gate/up launch (the down launch keeps the default)
 MOE_LOADS = [(4, 2, 1, 0), (4, 2, 1, 14), (2, 4, 1, 14), (1, 8, 1, 14)]
 # (rows, blocks, warps, LOADS) of the down launch (LOADS & 4: sixteen threads per Q6_K block, eight per Q4_K
 # block; & 8: in fewer instructions)
 MOE_DOWN = [(4, 2, 1, 0), (4, 2, 1, 14), (2, 2, 1, 14), (8, 2, 2, 14), (2, 4, 1, 14)]
 # whole configurations, with the lean steps in both launches
-MOE_LEAN = [((4, 2, 1), (4, 2, 1, 14)), ((2, 4, 1), (2, 2, 1, 14)), ((4, 2, 1), (2, 2, 1, 14)),
-            ((2, 4, 1), (4, 2, 1, 14))]
+MOE_LEAN = [((4, 2, 1), (4, 2, 1, 14), False), ((2, 4, 1), (2, 2, 1, 14), False), ((4, 2, 1), (4, 2, 1, 14), True),
+            ((2, 4, 1), (2, 2, 1, 14), True), ((1, 8, 1), (2, 2, 1, 14), True), ((1, 16, 2), (2, 4, 1, 14), True)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -139,13 +143,14 @@ def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBL
     tl.store(out_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False):
-    """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2)."""
+def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, maxnreg=None):
+    """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2);
+    ``maxnreg``: a cap on its registers per thread (more warps per SM)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
     tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N,
                                             QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
-                                            PF=pf, num_warps=warps)
+                                            PF=pf, num_warps=warps, maxnreg=maxnreg)
     return out
 
 
@@ -216,20 +221,24 @@ def main() -> None:
         variants = [(bn, nblk, warps, "default", 0)]
         variants += [(b_, n_, w_, "", 0) for (b_, n_, w_) in STEPS[t]] if args.steps else []
         if args.loads:
-            variants += [(*step, f"loads={ld}", ld) for step, ld in LOAD_VARIANTS.get(t, ())]
+            variants += [(*v[0], f"loads={v[1]}" + (f" maxnreg={v[2]}" if v[2:] else ""), *v[1:])
+                         for v in LOAD_VARIANTS.get(t, ())]
         xqp, xdp, _ = quantize_q8(x, pack=True)
-        for bn_, nblk_, warps_, label, ld in variants:
+        for bn_, nblk_, warps_, label, ld, *mr in variants:
             a = (xqp, xdp, xdp) if ld & 2 else (xq, xd, xs)
-            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16))
+            mr = mr[0] if mr else None
+            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16), mr)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16))
-                            for i in range(copies)])
+            s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16),
+                                                   mr) for i in range(copies)])
             row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s),
-                loads=ld, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
+                loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
         if args.loads:
-            for (b_, n_, w_), ld in LOAD_VARIANTS.get(t, ()):
+            for (b_, n_, w_), ld, *mr in LOAD_VARIANTS.get(t, ()):
+                if mr:
+                    continue
                 cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=ld & 15, prefetch=bool(ld & 16))
                 s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)])
                 err = ((quant_matmul(x, w[0], t, K, config=cfg).float() - ref).norm() / ref.norm()).item()
@@ -244,8 +253,8 @@ def main() -> None:
                      for (r, nb, wp, ld) in MOE_LOADS]
         moe_cfgs += [(f"down {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_down=(r, nb, wp, ld)))
                      for (r, nb, wp, ld) in MOE_DOWN]
-        moe_cfgs += [(f"lean up {u[0]}x{u[1]}, down {d[0]}x{d[1]}", MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d))
-                     for u, d in MOE_LEAN]
+        moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w{', prefetch' if pf else ''}",
+                      MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf)) for u, d, pf in MOE_LEAN]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         for label, cfg in moe_cfgs:

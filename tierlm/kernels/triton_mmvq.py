@@ -282,17 +282,10 @@ def _words4(v):
 
 
 @triton.jit
-def _q4k_piece(pw, px, pd, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr):
-    """One step of ``_q4k_rows32p``: each thread's (lines, 8) partial sums of its pieces. MASK: the
-    lines past the block range (``live`` false) read nothing and give zeros (the last step)."""
-    if MASK:
-        hv = tl.load(pw + tl.arange(0, 32)[None, :] % 4, mask=live, other=0)
-        q = tl.load(pw + 4 + tl.arange(0, 32)[None, :], mask=live, other=0)
-        xl, xh = tl.load(px, mask=live, other=0), tl.load(px + 8, mask=live, other=0)
-        v = tl.load(pd, mask=live, other=0)
-    else:
-        hv, q = tl.load(pw + tl.arange(0, 32)[None, :] % 4), tl.load(pw + 4 + tl.arange(0, 32)[None, :])
-        xl, xh, v = tl.load(px), tl.load(px + 8), tl.load(pd)
+def _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM: tl.constexpr):
+    """``_q4k_rows32p``'s sums for one step: (lines, 8) partial dot products from the loaded header
+    ``hv``, nibbles ``q``, activation words ``xl`` (low nibbles) and ``xh`` (high), and (xd, xs) bits
+    ``v`` (all (lines, 32) int32)."""
     w0, w1, w2, w3 = _words4(hv)
     q0, q1, q2, q3 = _words4(q)
     x0, x1, x2, x3 = _words4(xl)
@@ -312,13 +305,30 @@ def _q4k_piece(pw, px, pd, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constex
 
 
 @triton.jit
-def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr):
+def _q4k_piece(pw, px, pd, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr):
+    """One step of ``_q4k_rows32p``: each thread's (lines, 8) partial sums of its pieces. MASK: the
+    lines past the block range (``live`` false) read nothing and give zeros (the last step)."""
+    w = tl.arange(0, 32)[None, :]
+    if MASK:
+        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+        xl, xh = tl.load(px, mask=live, other=0), tl.load(px + 8, mask=live, other=0)
+        v = tl.load(pd, mask=live, other=0)
+    else:
+        hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
+        xl, xh, v = tl.load(px), tl.load(px + 8), tl.load(pd)
+    return _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
+
+
+@triton.jit
+def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+                 PF: tl.constexpr = False):
     """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2). The same
     walk and loads, with: whole steps unmasked and the last, partial one masked (a zero header has
     zero scales); pointers set before the loop, moved by a scalar; each piece's two scales and two
     mins decoded side by side in the bytes of one word, with shifts and masks that depend on the
     piece alone (set before the loop); dp4a summing into its own accumulator; and the (xd, xs)
-    floats picked out as integer bits, since adding a float zero is not free."""
+    floats picked out as integer bits, since adding a float zero is not free. PF: each step first
+    loads the next step's weight bytes (masked past kb1), so a warp has two steps of them in flight."""
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
     w = tl.arange(0, 32)[None, :]
@@ -335,14 +345,26 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.conste
     px = xq32 + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
     pd = tl.multiple_of(xd_ptr.to(tl.pointer_type(tl.int32)) + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
     acc = tl.zeros([L, 8], dtype=tl.float32)
-    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
-    for k in range(kb0, kfull, NBLK):
-        o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
-        acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, None, sa, se, ma, ASM, False)
-    if kfull < kb1:
-        o = kfull - kb0
-        acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM,
-                          True)
+    if PF:
+        live = (kb < kb1)[:, None]
+        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+        for k in range(kb0, kb1, NBLK):
+            o = k - kb0
+            nlive = (kb + o + NBLK < kb1)[:, None]
+            nhv = tl.load(pw + (o + NBLK) * 36 + w % 4, mask=nlive, other=0)
+            nq = tl.load(pw + (o + NBLK) * 36 + 4 + w, mask=nlive, other=0)
+            xl, xh = tl.load(px + o * 64, mask=live, other=0), tl.load(px + o * 64 + 8, mask=live, other=0)
+            acc += _q4k_math(hv, q, xl, xh, tl.load(pd + o * 16, mask=live, other=0), sa, se, ma, ASM)
+            hv, q, live = nhv, nq, nlive
+    else:
+        kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+        for k in range(kb0, kfull, NBLK):
+            o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
+            acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, None, sa, se, ma, ASM, False)
+        if kfull < kb1:
+            o = kfull - kb0
+            acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, (kfull + i // BN < kb1)[:, None], sa, se, ma,
+                              ASM, True)
     return tl.sum(tl.reshape(tl.sum(acc, axis=1), [NBLK, BN]), axis=0)
 
 
@@ -600,7 +622,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12 and LOADS & 8:
         tl.static_assert(LOADS & 2 != 0, "the lean Q4_K step (LOADS & 8) reads (xd, xs) pairs (LOADS & 2)")
-        return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN, NBLK, ASM)
+        return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
     elif QTYPE == 12 and LOADS & 4:
         return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
     elif QTYPE == 12:
