@@ -585,6 +585,12 @@ def _interp_mmvq(gen: torch.Generator) -> None:
                     MoEConfig(mmvq_loads=14, mmvq_up=(2, 1, 1), mmvq_down=(2, 2, 1, 12)):
                 got = moe._moe_pairs_q8(*args, c).view(n, K, D)  # the lean steps (down: Q6_K or Q4_K)
                 _interp_check(f"moe int8 lean {c.mmvq_down} {gt.name}/{dt.name}", got.sum(1), ref)
+        for c in MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(1, 8, 1, 14), down_by_token=True), \
+                MoEConfig(down_by_token=True, mmvq_pf=True):  # down adds each token's K slots itself: (T, D)
+            got = moe._moe_pairs_q8(*args, c)
+            if got.shape != (n, D):
+                raise SystemExit(f"FAIL moe by token: shape {tuple(got.shape)}")
+            _interp_check(f"moe int8 by token {c.mmvq_down} {gt.name}/{dt.name}", got, ref)
             got = moe._moe_pairs_q8(*args, moe.DEFAULT).view(n, K, D)  # its down launch: 16 threads per Q6_K block
             _interp_check(f"moe int8 default {gt.name}/{dt.name}", got.sum(1), ref)
 
