@@ -70,12 +70,9 @@ MOE_LOADS = [(4, 2, 1, 14), (1, 8, 1, 14)]
 # (rows, blocks, warps, LOADS) of the down launch (LOADS & 4: sixteen threads per Q6_K block, eight per Q4_K
 # block; & 8: in fewer instructions)
 MOE_DOWN = [(4, 2, 1, 14), (2, 2, 1, 14)]
-# whole configurations: the lean steps in both launches (up, down, prefetch, down by token)
-MOE_LEAN = [((4, 2, 1), (4, 2, 1, 14), False, False), ((4, 2, 1), (8, 2, 2, 14), False, False),
-            ((4, 2, 1), (1, 8, 1, 14), False, True), ((4, 2, 1), (2, 4, 1, 14), False, True),
-            ((4, 2, 1), (1, 4, 1, 14), False, True), ((4, 2, 1), (2, 2, 1, 14), False, True),
-            ((4, 2, 1), (4, 2, 1, 14), False, True), ((4, 2, 1), (1, 8, 2, 14), False, True),
-            ((4, 2, 1), (1, 8, 1, 14), True, True), ((4, 2, 1), (2, 2, 1, 4), False, True)]
+# whole configurations: the lean steps in both launches (up, down, prefetch)
+MOE_LEAN = [((4, 2, 1), (4, 2, 1, 14), False), ((4, 2, 1), (8, 2, 2, 14), False), ((4, 2, 1), (4, 2, 1, 14), True),
+            ((2, 4, 1), (2, 2, 1, 14), False), ((1, 8, 1), (2, 2, 1, 14), True)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -256,9 +253,8 @@ def main() -> None:
                      for (r, nb, wp, ld) in MOE_LOADS]
         moe_cfgs += [(f"down {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_down=(r, nb, wp, ld)))
                      for (r, nb, wp, ld) in MOE_DOWN]
-        moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w l{d[3]}{' prefetch' if pf else ''}"
-                      f"{' by token' if tok else ''}", MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf,
-                                                                down_by_token=tok)) for u, d, pf, tok in MOE_LEAN]
+        moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w l{d[3]}{' prefetch' if pf else ''}",
+                      MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf)) for u, d, pf in MOE_LEAN]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         for label, cfg in moe_cfgs:

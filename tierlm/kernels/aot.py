@@ -134,10 +134,8 @@ def variants(capability: int) -> list[Variant]:
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, loads=12)]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
-    lean = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14))  # the lean steps, Q6_K or Q4_K down
-    tok = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(1, 8, 1, 14), down_by_token=True)
-    for cfg in (lean, tok):
-        out += moe_q8_variants(tq.Q4_K, tq.Q6_K, cfg) + moe_q8_variants(tq.Q4_K, tq.Q4_K, cfg)
+    out += moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
+    out += moe_q8_variants(tq.Q4_K, tq.Q4_K)  # the default with Q4_K down (Q4_K_M outside its more-bits layers)
     out += moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
@@ -195,9 +193,7 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT) -> lis
         Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
                 dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,
                 tags=dict(act="fp32", qtype=q_up)),
-        Variant(f"moe_down{'_tok' if cfg.down_by_token else ''}_q8_{q_down}{f'_l{dl}' if dl else ''}",
-                tv.moe_down_tok_q8_kernel if cfg.down_by_token else tv.moe_down_q8_kernel,
-                dict(down, TOPK="i32") if cfg.down_by_token else down,
+        Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}", tv.moe_down_q8_kernel, down,
                 dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl), a_down, dw,
                 tags=dict(act="fp32", qtype=q_down)),
     ]

@@ -56,7 +56,6 @@ class MoEConfig:
     mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads (quant_matmul.mmvq_loads keeps those of a type)
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
-    down_by_token: bool = False  # int8 decode: one down program per token and block of rows, over its K experts
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -76,11 +75,13 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 12)),
     MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 1), mmvq_down=(2, 2, 1, 14)),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(1, 8, 1, 14), down_by_token=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(2, 2, 1, 4), down_by_token=True, mmvq_pf=True))
-# gate/up with eight threads per Q4_K block and down with sixteen per Q6_K block, 4 rows x 2 blocks each: 1.59-1.63x
-# the read time at one token against 1.88-1.91x for MoEConfig() (H200, bench/results/kernels-NVIDIA_H200-int8.md)
-DEFAULT = MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4))
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(8, 2, 2, 14)),
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True))
+# the lean eight-thread Q4_K step for gate/up and the lean Q6_K / Q4_K step for down, 4 rows x 2 blocks each:
+# 1.48-1.50x the read time at one token with Q6_K down experts and 1.40-1.42x with Q4_K ones, against 1.58-1.61x
+# and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
+# 1.88-1.91x for MoEConfig() (H200, bench/results/kernels-NVIDIA_H200-int8.md, "Seventh round")
+DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14))
 
 
 def _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type):
@@ -152,8 +153,6 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
         y = pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
     else:
         y = _moe_sorted(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
-    if y.shape[0] == T:  # (T, D) already: the int8 path with down_by_token (or K = 1)
-        return y
     return y.view(T, K, D).sum(1)  # (T, D): the K slots added in a fixed order
 
 
@@ -201,8 +200,7 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
 
 def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
-    one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or
-    (T, D) with ``cfg.down_by_token``."""
+    one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D)."""
     from tierlm.kernels import triton_mmvq as tv
     from tierlm.kernels.quant_matmul import quantize_q8
 
@@ -221,12 +219,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     dl = mmvq_loads(dt, dl, down)
     hq, hd, hs = quantize_q8(h, pack=bool(dl & 2))
     nblk, warps = tv.fit_step(dnb, dw, I)
-    y = torch.empty(P // K if cfg.down_by_token else P, D, dtype=torch.float32, device=x.device)
-    if cfg.down_by_token:  # (T, D): the K slots of a token added in its program
-        tv.moe_down_tok_q8_kernel[(P // K, -(-D // bn))](
-            hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(), K,
-            DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf, LOADS=dl, num_warps=warps)
-        return y
+    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,

@@ -704,25 +704,3 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
 
-
-@triton.jit
-def moe_down_tok_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
-                           DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                           PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
-    """y[t, n] = sum over token t's TOPK pairs p, in their order, of wts[p] * (down_e[n] . h[p]); float32
-    (T, D). Program (t, block of rows) walks the rows of each of its token's experts in turn, so the K
-    slots are added in registers, with no (P, D) buffer and no second launch to add them."""
-    t = tl.program_id(0).to(tl.int64)
-    row0 = tl.program_id(1) * BN
-    ng = (2 if LOADS & 2 else 1) * (I // 32)  # scale words per row of h
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for k in range(TOPK):
-        p = t * TOPK + k
-        e = tl.load(ids_ptr + p)
-        valid = (e >= 0) & (e < E)
-        e = tl.where(valid, e, 0).to(tl.int64)
-        acc += tl.load(wts_ptr + p) * mmvq_rows(hq_ptr + p * I, hd_ptr + p * ng, hs_ptr + p * (I // 32),
-                                                down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0),
-                                                DOWN_T, BN, NBLK, ASM, PF, LOADS)
-    rows = row0 + tl.arange(0, BN)
-    tl.store(y_ptr + t * D + rows, acc, mask=rows < D)
