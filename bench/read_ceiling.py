@@ -74,6 +74,9 @@ MOE_DOWN = [(4, 2, 1, 14), (2, 2, 1, 14)]
 MOE_LEAN = [((4, 2, 1), (4, 2, 1, 14), False), ((4, 2, 1), (8, 2, 2, 14), False), ((4, 2, 1), (4, 2, 1, 14), True),
             ((2, 4, 1), (2, 2, 1, 14), False), ((1, 8, 1), (2, 2, 1, 14), True)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
+# (rows, blocks, warps) of the Q4_K lean step with several activation rows per program, timed with --multi
+MULTI_STEPS = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 8, 2)]
+MULTI_M = (2, 3, 4)
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -148,7 +151,7 @@ def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, 
     ``maxnreg``: a cap on its registers per thread (more warps per SM)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
-    tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N,
+    tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N, 1,
                                             QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
                                             PF=pf, num_warps=warps, maxnreg=maxnreg)
     return out
@@ -161,6 +164,8 @@ def main() -> None:
     ap.add_argument("--steps", action="store_true", help="also time the product kernel with STEPS")
     ap.add_argument("--loads", action="store_true", help="also time the LOADS forms of LOAD_VARIANTS, and "
                     "the MoE with them")
+    ap.add_argument("--multi", action="store_true", help="also time Q4_K products of 2-4 activation rows: the "
+                    "default launch, and MULTI_STEPS with all rows in one program")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
@@ -235,6 +240,17 @@ def main() -> None:
                 loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
+        for M in MULTI_M if args.multi and t == T.Q4_K else ():
+            xm = torch.randn(M, K, device="cuda").half()
+            refm = quant_matmul_q8_ref(xm, w[0], t, K).float()
+            cfgs = [("default", None)] + [(f"{b_}x{n_} {w_}w loads=14 act_rows={ar}", QMMConfig(
+                "mmvq", w_, 1, block_n=b_, nblk=n_, loads=14, act_rows=ar)) for (b_, n_, w_) in MULTI_STEPS
+                for ar in sorted({1, 4 if M > 2 else 2})]
+            for label, cfg in cfgs:
+                err = ((quant_matmul(xm, w[0], t, K, config=cfg).float() - refm).norm() / refm.norm()).item()
+                s = graph_time([lambda i=i: quant_matmul(xm, w[i], t, K, config=cfg) for i in range(copies)])
+                row(what=f"quant_matmul M={M} {label}", shape=name, us=s * 1e6, pct=pct(s), M=M,
+                    err=f"rel err {err:.1e}")
         if args.loads:
             for (b_, n_, w_), ld, *mr in LOAD_VARIANTS.get(t, ()):
                 if mr:

@@ -128,7 +128,8 @@ def variants(capability: int) -> list[Variant]:
         if q == tq.Q4_K:  # the one-row default (eight threads per block), and the vector loads of four
             out += [mmvq_variant(q, *MMVQ_Q4K_STEP, out=act, loads=MMVQ_Q4K_LOADS) for act in acts]
             out += [mmvq_variant(q, *MMVQ_Q4K_SHORT_STEP, loads=MMVQ_Q4K_LOADS), mmvq_variant(q, 1, 8, 2, loads=4),
-                    mmvq_variant(q, bn, nblk, warps, loads=3), mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14)]
+                    mmvq_variant(q, bn, nblk, warps, loads=3), mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14),
+                    mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14, act_rows=4)]
         if q == tq.Q6_K:  # the one-row default: sixteen threads per block
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, loads=12)]
@@ -160,13 +161,14 @@ def compile_variant(v: Variant, capability: int):
 
 
 def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out: str = "fp16",
-                 num_stages: int = 2, prefetch: bool = False, loads: int = 0) -> Variant:
+                 num_stages: int = 2, prefetch: bool = False, loads: int = 0, act_rows: int = 1) -> Variant:
     """The int8-activation decode product (``triton_mmvq.mmvq_kernel``)."""
     types = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32",
-                 row_bytes="i32", nblocks="i32", blocks_per_split="i32", stride_om="i32", stride_os="i32")
-    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch, LOADS=loads)
+                 row_bytes="i32", nblocks="i32", blocks_per_split="i32", stride_om="i32", stride_os="i32", M="i32")
+    const = dict(QTYPE=qtype, BN=bn, NBLK=nblk, ASM=True, PF=prefetch, LOADS=loads, MR=act_rows)
     aligned = ("K",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
-    name = f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}{f'_l{loads}' if loads else ''}"
+    name = (f"mmvq_{qtype}_{out}_n{bn}_b{nblk}_w{num_warps}{'_pf' if prefetch else ''}{f'_l{loads}' if loads else ''}"
+            f"{f'_m{act_rows}' if act_rows > 1 else ''}")
     return Variant(name, tv.mmvq_kernel, types, const, aligned, num_warps,
                    num_stages, tags=dict(act=out, qtype=qtype))
 

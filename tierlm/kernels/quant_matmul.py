@@ -66,6 +66,7 @@ class QMMConfig:
     loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one, 4 eight threads per block
     # (triton_mmvq._q4k_rows, _q4k_rows32), 8 with 4 and 2: that step in fewer instructions (_q4k_rows32p); on
     # Q6_K: 4 sixteen threads per block (_q6k_rows16), 8: that step in fewer instructions (_q6k_rows16p)
+    act_rows: int = 1  # mmvq, Q4_K with loads & 8: activation rows per program (up to 4), the weights read once
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -83,7 +84,9 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
     QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4),
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14), QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14),
     QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=12),
-    QMMConfig("mmvq", 1, 1, block_n=1, nblk=4, loads=12))
+    QMMConfig("mmvq", 1, 1, block_n=1, nblk=4, loads=12), QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14, act_rows=4),
+    QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2), QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14,
+                                                                             act_rows=4))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -299,10 +302,12 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), step) * step  # whole steps per split
         splits = triton_cdiv(nblocks, per_split)
         out = _out_buffer(x2, M, N, splits)
-        grid = (M * triton_cdiv(N, cfg.block_n), splits)
-        tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N,
+        mr = min(cfg.act_rows, M) if qtype == GGMLType.Q4_K and loads & 8 else 1
+        mr = 4 if mr > 2 else mr  # 1, 2 or 4 compiled forms
+        grid = (triton_cdiv(M, mr) * triton_cdiv(N, cfg.block_n), splits)
+        tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N, M,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             LOADS=loads,
+                             LOADS=loads, MR=mr,
                              num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg

@@ -369,6 +369,82 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.conste
 
 
 @triton.jit
+def _q4k_acts(px, pd, live, MASK: tl.constexpr):
+    """One activation row's words for a ``_q4k_math`` step: low- and high-nibble words and (xd, xs) bits."""
+    if MASK:
+        return tl.load(px, mask=live, other=0), tl.load(px + 8, mask=live, other=0), tl.load(pd, mask=live, other=0)
+    return tl.load(px), tl.load(px + 8), tl.load(pd)
+
+
+@triton.jit
+def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr,
+                MR: tl.constexpr):
+    """One step of ``_q4k_rows32pm``: the weight words loaded once, then each activation row's sums
+    (rows 1..3 at word offsets sx1..sx3 of xq and sd1..sd3 of the (xd, xs) pairs; zeros past MR)."""
+    w = tl.arange(0, 32)[None, :]
+    if MASK:
+        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+    else:
+        hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
+    xl, xh, v = _q4k_acts(px, pd, live, MASK)
+    p0 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
+    p1, p2, p3 = p0 * 0, p0 * 0, p0 * 0
+    if MR > 1:
+        xl, xh, v = _q4k_acts(px + sx1, pd + sd1, live, MASK)
+        p1 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
+    if MR > 2:
+        xl, xh, v = _q4k_acts(px + sx2, pd + sd2, live, MASK)
+        p2 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
+    if MR > 3:
+        xl, xh, v = _q4k_acts(px + sx3, pd + sd3, live, MASK)
+        p3 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _q4k_rows32pm(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+                  MR: tl.constexpr):
+    """``_q4k_rows32p`` for up to MR (<= 4) activation rows at once, of which ``nact`` are real (rows
+    K int8 apart, their (xd, xs) pairs K // 16 floats apart; rows past ``nact`` repeat the last): each
+    step's weight words are loaded, masked and their scales decoded once for all rows. Returns four
+    (BN,) float32 sums (zeros past MR)."""
+    L: tl.constexpr = NBLK * BN
+    i = tl.arange(0, L)
+    w = tl.arange(0, 32)[None, :]
+    hc = w // 4
+    c = tl.arange(0, 8)[None, :] // 2
+    hi = c >= 2
+    se = 16 * (c % 2)
+    sa = se + tl.where(hi, 2, 0)
+    ma = tl.where(hi, 0x3030, 0x3F3F)
+    kb = kb0 + i // BN
+    wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
+    pw = tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16])
+    px = xq32 + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4
+    pd = tl.multiple_of(xd_ptr.to(tl.pointer_type(tl.int32)) + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    kw, dw = K // 4, K // 16  # xq words and (xd, xs) words per activation row (K is a multiple of 256)
+    sx1, sx2, sx3 = tl.minimum(1, nact - 1) * kw, tl.minimum(2, nact - 1) * kw, tl.minimum(3, nact - 1) * kw
+    sd1, sd2, sd3 = tl.minimum(1, nact - 1) * dw, tl.minimum(2, nact - 1) * dw, tl.minimum(3, nact - 1) * dw
+    a0 = tl.zeros([L, 8], dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+    for k in range(kb0, kfull, NBLK):
+        o = k - kb0
+        p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3, None, sa,
+                                     se, ma, ASM, False, MR)
+        a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
+    if kfull < kb1:
+        o = kfull - kb0
+        p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3,
+                                     (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, MR)
+        a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
+    return (tl.sum(tl.reshape(tl.sum(a0, axis=1), [NBLK, BN]), axis=0),
+            tl.sum(tl.reshape(tl.sum(a1, axis=1), [NBLK, BN]), axis=0),
+            tl.sum(tl.reshape(tl.sum(a2, axis=1), [NBLK, BN]), axis=0),
+            tl.sum(tl.reshape(tl.sum(a3, axis=1), [NBLK, BN]), axis=0))
+
+
+@triton.jit
 def _q6k_quad(A, B, H, i: tl.constexpr):
     """The four signed 6-bit weights of quarter i (elements 32i + 4w + 0..3 of a half) from a word w's
     ql bytes A (i = 0, 2) and B (i = 1, 3) and qh bits H, one per byte."""
@@ -641,28 +717,46 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
 
 @triton.jit
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
-                stride_om, stride_os,
+                stride_om, stride_os, M,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
-    """out[s, m, n] = weight row n . activation row m over split s's blocks.
+                PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1):
+    """out[s, m, n] = weight row n . activation row m over split s's blocks, for M activation rows.
 
-    Grid: (M * cdiv(N, BN), splits); program i is row block i // M of activation row i % M, so the
-    M programs of one row block run side by side and the rows after the first find the weights in
-    L2 (and the first axis, unlike the second, has room for 129280 one-row blocks).
+    Grid: (cdiv(M, MR) * cdiv(N, BN), splits); program i is row block i // G of activation rows
+    MR * (i % G) .. + MR - 1, G = cdiv(M, MR). With MR = 1 the M programs of one row block run side
+    by side and the rows after the first find the weights in L2 (and the first axis, unlike the
+    second, has room for 129280 one-row blocks); MR > 1 (Q4_K with LOADS & 8 only): one program
+    reads the weights once for MR activation rows.
     """
     pid = tl.program_id(0)
-    M = tl.num_programs(0) // tl.cdiv(N, BN)
-    m = (pid % M).to(tl.int64)
-    row0 = (pid // M) * BN
+    G = tl.cdiv(M, MR)
+    m = (pid % G).to(tl.int64) * MR
+    row0 = (pid // G) * BN
     s = tl.program_id(1)
     kb0 = s * blocks_per_split
     kb1 = tl.minimum(kb0 + blocks_per_split, nblocks)
     ng = (2 if LOADS & 2 else 1) * (K // 32)  # scale words per activation row
-    acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * ng, xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
-                    kb0, kb1, QTYPE, BN, NBLK, ASM, PF, LOADS)
     rows = row0 + tl.arange(0, BN)
-    tl.store(out_ptr + s.to(tl.int64) * stride_os + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty),
-             mask=rows < N)
+    po = out_ptr + s.to(tl.int64) * stride_os + m * stride_om + rows
+    if MR > 1:
+        tl.static_assert(QTYPE == 12 and LOADS & 8 != 0 and LOADS & 2 != 0 and MR <= 4,
+                         "several activation rows per program: the lean Q4_K step (LOADS & 8 and 2), up to 4")
+        wrow = w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * row_stride(row_bytes, QTYPE)
+        nact = tl.minimum(M - m, MR).to(tl.int32)
+        a0, a1, a2, a3 = _q4k_rows32pm(xq_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 4), xd_ptr + m * ng, wrow,
+                                       kb0, kb1, nact, K, BN, NBLK, ASM, MR)
+        ty = out_ptr.dtype.element_ty
+        r = tl.zeros([BN], dtype=tl.int32) + nact  # activation rows of this program, over its weight rows
+        tl.store(po, a0.to(ty), mask=rows < N)
+        tl.store(po + stride_om, a1.to(ty), mask=(rows < N) & (r > 1))
+        if MR > 2:
+            tl.store(po + 2 * stride_om, a2.to(ty), mask=(rows < N) & (r > 2))
+        if MR > 3:
+            tl.store(po + 3 * stride_om, a3.to(ty), mask=(rows < N) & (r > 3))
+    else:
+        acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * ng, xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
+                        kb0, kb1, QTYPE, BN, NBLK, ASM, PF, LOADS)
+        tl.store(po, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit
