@@ -281,7 +281,10 @@ def test_pick_config_follows_the_measured_rules():
     assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4)
     assert pick_config(T.Q6_K, 2, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
-    assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=4)
+    assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14,
+                                                                         act_rows=4)
+    assert pick_config(T.Q4_K, 2, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14,
+                                                                         act_rows=2)
     assert pick_config(T.Q6_K, 4, 129280, 7168, f16, h, 132).kind == "tile"
     assert pick_config(T.Q4_K, 16, 2048, 7168, f16, h, 132).kind == "tile"
     assert pick_config(T.Q4_K, 16, 2048, 7168, f16, (7, 5), 68).kind == "mmvq"  # Turing: no tiles

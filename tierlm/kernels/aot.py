@@ -19,8 +19,9 @@ from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import MoEConfig
-from tierlm.kernels.quant_matmul import (MMVQ_Q4K_LOADS, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS,
-                                         MMVQ_Q6K_STEP, MMVQ_TILES, mmvq_loads)
+from tierlm.kernels.quant_matmul import (MMVQ_Q4K_LOADS, MMVQ_Q4K_MULTI_SHORT_STEP, MMVQ_Q4K_MULTI_STEP,
+                                         MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP, MMVQ_TILES,
+                                         mmvq_loads)
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -130,6 +131,8 @@ def variants(capability: int) -> list[Variant]:
             out += [mmvq_variant(q, *MMVQ_Q4K_SHORT_STEP, loads=MMVQ_Q4K_LOADS), mmvq_variant(q, 1, 8, 2, loads=4),
                     mmvq_variant(q, bn, nblk, warps, loads=3), mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14),
                     mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14, act_rows=4)]
+            out += [mmvq_variant(q, *step, out=act, loads=14, act_rows=ar) for act in acts  # 2-4 rows
+                    for step in (MMVQ_Q4K_MULTI_STEP, MMVQ_Q4K_MULTI_SHORT_STEP) for ar in (2, 4)]
         if q == tq.Q6_K:  # the one-row default: sixteen threads per block
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, loads=12)]

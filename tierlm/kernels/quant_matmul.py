@@ -104,7 +104,7 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
 
 # Default int8 decode tiles (rows per program, 256-element blocks per step, warps) per weight type at
 # one activation row, the best geometric mean over DeepSeek-V3's shapes in the H200 sweep
-# (bench/results/kernels-NVIDIA_H200-int8.md); at 2-4 rows one warp of 4 x 4 was best for Q4_K.
+# (bench/results/kernels-NVIDIA_H200-int8.md); Q4_K at 2-4 rows: MMVQ_Q4K_MULTI_STEP below.
 MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0: (1, 4, 1), GGMLType.Q5_0: (1, 4, 1)}
 # Q4_K at one row: (rows, blocks, warps) and loads of the eight-threads-per-block step (triton_mmvq._q4k_rows32):
 # one row x 8 blocks per one-warp program, header and (xd, xs) pairs as vector loads; on the H200 69% / 75% / 34%
@@ -120,6 +120,12 @@ MMVQ_Q4K_SHORT_STEP = (4, 2, 1)
 # H200: 35 / 50 / 62% on an expert's down / dense down / head against 29 / 38 / 51% for MMVQ_TILES' (4, 2, 1)
 MMVQ_Q6K_STEP = (2, 2, 1)
 MMVQ_Q6K_LOADS = 4
+# Q4_K at 2 or more rows: the lean eight-thread step with all of a program's activation rows (up to 4) on one
+# read of the weights; rows of at least MMVQ_Q4K_SHORT_K elements one row x 8 blocks per two-warp program, shorter
+# ones four rows x 2 blocks. On the H200, 1.04-1.69x faster than four-row programs per activation row at 2-4 rows
+# over DeepSeek-V3's Q4_K shapes (bench/results/kernels-NVIDIA_H200-int8.md, "Several activation rows")
+MMVQ_Q4K_MULTI_STEP = (1, 8, 2)
+MMVQ_Q4K_MULTI_SHORT_STEP = (4, 2, 1)
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
@@ -141,8 +147,9 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
     int8-activation kernel with the measured tile of its type (for one Q4_K row, the eight-thread
-    step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``; for one
-    Q6_K row, the sixteen-thread step ``MMVQ_Q6K_STEP``). More rows with 16-bit activations on
+    step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``; for
+    more Q4_K rows, its lean form with 2 or 4 activation rows per program, ``MMVQ_Q4K_MULTI_STEP`` /
+    ``MMVQ_Q4K_MULTI_SHORT_STEP``; for one Q6_K row, the sixteen-thread step ``MMVQ_Q6K_STEP``). More rows with 16-bit activations on
     sm_80+ (or several rows of a matrix as tall as the output head): tensor-core tiles, which decode
     each weight once for all rows.
     """
@@ -150,14 +157,15 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     if tiles_ok and (M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW)):
         return QMMConfig("tile", 4, 1, 16, 64, 256, True)
     bn, nb, w = MMVQ_TILES[qtype]
-    loads = 0
+    loads, act_rows = 0, 1
     if M > 1 and qtype == GGMLType.Q4_K:
-        bn, nb, w = 4, 4, 1
+        (bn, nb, w), loads = MMVQ_Q4K_MULTI_STEP if K >= MMVQ_Q4K_SHORT_K else MMVQ_Q4K_MULTI_SHORT_STEP, 14
+        act_rows = 2 if M == 2 else 4
     elif qtype == GGMLType.Q4_K:
         (bn, nb, w), loads = MMVQ_Q4K_STEP if K >= MMVQ_Q4K_SHORT_K else MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_LOADS
     elif qtype == GGMLType.Q6_K and M == 1:
         (bn, nb, w), loads = MMVQ_Q6K_STEP, MMVQ_Q6K_LOADS
-    return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads)
+    return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads, act_rows=act_rows)
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, qtype, K: int, name: str = "quant_matmul") -> GGMLType:
