@@ -509,6 +509,15 @@ def _q6k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 
 @triton.jit
+def _q6k_lanes16(row0, N, BN: tl.constexpr, NBLK: tl.constexpr):
+    """The lanes of a sixteen-thread Q6_K step: for each, its line (block k + line // BN of row
+    line % BN), word w4 and half h, and its weight row (clamped to N - 1)."""
+    t = tl.arange(0, NBLK * BN * 16)
+    line = t // 16
+    return line, t & 7, (t >> 3) & 1, tl.minimum(row0 + line % BN, N - 1)
+
+
+@triton.jit
 def _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr,
                 ASM: tl.constexpr):
     """Q6_K with sixteen threads per block (LOADS & 4): a step is one flat tensor of NBLK * BN * 16
@@ -517,14 +526,9 @@ def _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constexp
     tensor leaves the compiler no choice of lane order: a warp's 2-byte loads fall in two blocks.
     The word offsets are built with masks, which hide their contiguity from the compiler, so that
     the activation loads are single words in the layout of the weight loads (no layout change)."""
-    L: tl.constexpr = NBLK * BN * 16
-    t = tl.arange(0, L)
-    line = t // 16
-    w4 = t & 7
-    h = (t >> 3) & 1
-    rows = tl.minimum(row0 + line % BN, N - 1)
+    line, w4, h, rows = _q6k_lanes16(row0, N, BN, NBLK)
     wr = w_ptr + rows.to(tl.int64) * rstride
-    acc = tl.zeros([L], dtype=tl.float32)
+    acc = tl.zeros([NBLK * BN * 16], dtype=tl.float32)
     for k in range(kb0, kb1, NBLK):
         kb = k + line // BN
         keep = kb < kb1
@@ -538,7 +542,7 @@ def _q6k_rows16(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constexp
         sp = (blk + 192 + 8 * h + (w4 >> 2)).to(tl.pointer_type(tl.int8))
         xo = kb * 64 + 32 * h + w4
         gi = kb * 8 + 4 * h
-        part = tl.zeros([L], dtype=tl.float32)
+        part = tl.zeros([NBLK * BN * 16], dtype=tl.float32)
         for i in tl.static_range(4):
             s = _dp4a(_q6k_quad(A, B, H, i), tl.load(xq32 + xo + 8 * i), True, ASM)
             part += (tl.load(sp + 2 * i).to(tl.int32) * s).to(tl.float32) * tl.load(xd_ptr + gi + i)
@@ -584,12 +588,7 @@ def _q6k_rows16p(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constex
     """``_q6k_rows16`` in fewer instructions (Q6_K with LOADS & 8): whole steps unmasked and the last,
     partial one masked; each lane's pointers set before the loop and moved by a scalar; a half's four
     xd as one 16-byte load."""
-    L: tl.constexpr = NBLK * BN * 16
-    t = tl.arange(0, L)
-    line = t // 16
-    w4 = t & 7
-    h = (t >> 3) & 1
-    rows = tl.minimum(row0 + line % BN, N - 1)
+    line, w4, h, rows = _q6k_lanes16(row0, N, BN, NBLK)
     kb = kb0 + line // BN
     blk = w_ptr + rows.to(tl.int64) * rstride + kb * 210
     pa = (blk + 64 * h + 4 * w4).to(tl.pointer_type(tl.uint16))
@@ -598,7 +597,7 @@ def _q6k_rows16p(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constex
     pdd = (blk + 208).to(tl.pointer_type(tl.uint16))
     px = xq32 + kb * 64 + 32 * h + w4
     pd = tl.multiple_of(xd_ptr + kb * 8 + 4 * h, 16)
-    acc = tl.zeros([L], dtype=tl.float32)
+    acc = tl.zeros([NBLK * BN * 16], dtype=tl.float32)
     kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
     for k in range(kb0, kfull, NBLK):
         o = k - kb0
