@@ -553,6 +553,7 @@ def _interp_mmvq(gen: torch.Generator) -> None:
                      (QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=14), 2),  # a whole step, then a partial one
                      (QMMConfig("mmvq", 1, 1, block_n=4, nblk=1, loads=14), 1),  # whole steps only
                      (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, loads=14), 2),  # split K
+                     (QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=14, prefetch=True), 2),
                      # several activation rows per program: 3 of 4, 2 + 1, split K
                      (QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=14, act_rows=4), 3),
                      (QMMConfig("mmvq", 1, 1, block_n=4, nblk=1, loads=14, act_rows=2), 3),

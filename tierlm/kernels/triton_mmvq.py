@@ -305,70 +305,6 @@ def _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4k_piece(pw, px, pd, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr):
-    """One step of ``_q4k_rows32p``: each thread's (lines, 8) partial sums of its pieces. MASK: the
-    lines past the block range (``live`` false) read nothing and give zeros (the last step)."""
-    w = tl.arange(0, 32)[None, :]
-    if MASK:
-        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
-        xl, xh = tl.load(px, mask=live, other=0), tl.load(px + 8, mask=live, other=0)
-        v = tl.load(pd, mask=live, other=0)
-    else:
-        hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
-        xl, xh, v = tl.load(px), tl.load(px + 8), tl.load(pd)
-    return _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
-
-
-@triton.jit
-def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                 PF: tl.constexpr = False):
-    """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2). The same
-    walk and loads, with: whole steps unmasked and the last, partial one masked (a zero header has
-    zero scales); pointers set before the loop, moved by a scalar; each piece's two scales and two
-    mins decoded side by side in the bytes of one word, with shifts and masks that depend on the
-    piece alone (set before the loop); dp4a summing into its own accumulator; and the (xd, xs)
-    floats picked out as integer bits, since adding a float zero is not free. PF: each step first
-    loads the next step's weight bytes (masked past kb1), so a warp has two steps of them in flight."""
-    L: tl.constexpr = NBLK * BN
-    i = tl.arange(0, L)
-    w = tl.arange(0, 32)[None, :]
-    hc = w // 4
-    p8 = tl.arange(0, 8)[None, :]  # the piece, over (L, 8)
-    c = p8 // 2  # its chunk: low nibbles of group 2c, high nibbles of group 2c + 1
-    hi = c >= 2  # groups 4..7: low 4 bits in header word 3, top 2 bits in words 1 and 2
-    se = 16 * (c % 2)  # bit of group 2c's byte in word 3 (groups 4..7) or words 1 and 2 (0..3)
-    sa = se + tl.where(hi, 2, 0)  # shift of words 1, 2: their top bits to bits 4, 5 for groups 4..7
-    ma = tl.where(hi, 0x3030, 0x3F3F)  # bits taken from words 1, 2; the others from word 3
-    kb = kb0 + i // BN  # (L,)
-    wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
-    pw = tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16])  # (L, 1)
-    px = xq32 + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
-    pd = tl.multiple_of(xd_ptr.to(tl.pointer_type(tl.int32)) + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
-    acc = tl.zeros([L, 8], dtype=tl.float32)
-    if PF:
-        live = (kb < kb1)[:, None]
-        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
-        for k in range(kb0, kb1, NBLK):
-            o = k - kb0
-            nlive = (kb + o + NBLK < kb1)[:, None]
-            nhv = tl.load(pw + (o + NBLK) * 36 + w % 4, mask=nlive, other=0)
-            nq = tl.load(pw + (o + NBLK) * 36 + 4 + w, mask=nlive, other=0)
-            xl, xh = tl.load(px + o * 64, mask=live, other=0), tl.load(px + o * 64 + 8, mask=live, other=0)
-            acc += _q4k_math(hv, q, xl, xh, tl.load(pd + o * 16, mask=live, other=0), sa, se, ma, ASM)
-            hv, q, live = nhv, nq, nlive
-    else:
-        kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
-        for k in range(kb0, kfull, NBLK):
-            o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
-            acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, None, sa, se, ma, ASM, False)
-        if kfull < kb1:
-            o = kfull - kb0
-            acc += _q4k_piece(pw + o * 36, px + o * 64, pd + o * 16, (kfull + i // BN < kb1)[:, None], sa, se, ma,
-                              ASM, True)
-    return tl.sum(tl.reshape(tl.sum(acc, axis=1), [NBLK, BN]), axis=0)
-
-
-@triton.jit
 def _q4k_acts(px, pd, live, MASK: tl.constexpr):
     """One activation row's words for a ``_q4k_math`` step: low- and high-nibble words and (xd, xs) bits."""
     if MASK:
@@ -379,7 +315,7 @@ def _q4k_acts(px, pd, live, MASK: tl.constexpr):
 @triton.jit
 def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr,
                 MR: tl.constexpr):
-    """One step of ``_q4k_rows32pm``: the weight words loaded once, then each activation row's sums
+    """One step of ``_q4k_rows32p``: the weight words loaded once, then each activation row's sums
     (rows 1..3 at word offsets sx1..sx3 of xq and sd1..sd3 of the (xd, xs) pairs; zeros past MR)."""
     w = tl.arange(0, 32)[None, :]
     if MASK:
@@ -402,42 +338,63 @@ def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM:
 
 
 @triton.jit
-def _q4k_rows32pm(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                  MR: tl.constexpr):
-    """``_q4k_rows32p`` for up to MR (<= 4) activation rows at once, of which ``nact`` are real (rows
-    K int8 apart, their (xd, xs) pairs K // 16 floats apart; rows past ``nact`` repeat the last): each
-    step's weight words are loaded, masked and their scales decoded once for all rows. Returns four
-    (BN,) float32 sums (zeros past MR)."""
+def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+                 PF: tl.constexpr = False, MR: tl.constexpr = 1):
+    """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2), for up to
+    MR (<= 4) activation rows at once. Returns four (BN,) float32 sums (zeros past MR).
+
+    The same walk and loads, with: whole steps unmasked and the last, partial one masked (a zero
+    header has zero scales); pointers set before the loop, moved by a scalar; each piece's two
+    scales and two mins decoded side by side in the bytes of one word, with shifts and masks that
+    depend on the piece alone (set before the loop); dp4a summing into its own accumulator; and the
+    (xd, xs) floats picked out as integer bits, since adding a float zero is not free. With MR > 1,
+    a step's weight words are loaded, masked and decoded once for all rows; ``nact`` of them are
+    real (K int8 apart, their (xd, xs) pairs K // 16 floats apart; rows past ``nact`` repeat the
+    last). PF (MR = 1): each step first loads the next step's weight bytes (masked past kb1), so a
+    warp has two steps of them in flight."""
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
     w = tl.arange(0, 32)[None, :]
     hc = w // 4
-    c = tl.arange(0, 8)[None, :] // 2
-    hi = c >= 2
-    se = 16 * (c % 2)
-    sa = se + tl.where(hi, 2, 0)
-    ma = tl.where(hi, 0x3030, 0x3F3F)
-    kb = kb0 + i // BN
+    c = tl.arange(0, 8)[None, :] // 2  # the chunk of each piece, over (L, 8): low nibbles of group 2c, high of 2c + 1
+    hi = c >= 2  # groups 4..7: low 4 bits in header word 3, top 2 bits in words 1 and 2
+    se = 16 * (c % 2)  # bit of group 2c's byte in word 3 (groups 4..7) or words 1 and 2 (0..3)
+    sa = se + tl.where(hi, 2, 0)  # shift of words 1, 2: their top bits to bits 4, 5 for groups 4..7
+    ma = tl.where(hi, 0x3030, 0x3F3F)  # bits taken from words 1, 2; the others from word 3
+    kb = kb0 + i // BN  # (L,)
     wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
-    pw = tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16])
-    px = xq32 + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4
+    pw = tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16])  # (L, 1)
+    px = xq32 + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
     pd = tl.multiple_of(xd_ptr.to(tl.pointer_type(tl.int32)) + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
     kw, dw = K // 4, K // 16  # xq words and (xd, xs) words per activation row (K is a multiple of 256)
     sx1, sx2, sx3 = tl.minimum(1, nact - 1) * kw, tl.minimum(2, nact - 1) * kw, tl.minimum(3, nact - 1) * kw
     sd1, sd2, sd3 = tl.minimum(1, nact - 1) * dw, tl.minimum(2, nact - 1) * dw, tl.minimum(3, nact - 1) * dw
     a0 = tl.zeros([L, 8], dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
-    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
-    for k in range(kb0, kfull, NBLK):
-        o = k - kb0
-        p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3, None, sa,
-                                     se, ma, ASM, False, MR)
-        a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
-    if kfull < kb1:
-        o = kfull - kb0
-        p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3,
-                                     (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, MR)
-        a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
+    if PF:
+        tl.static_assert(MR == 1, "prefetch with one activation row")
+        live = (kb < kb1)[:, None]
+        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+        for k in range(kb0, kb1, NBLK):
+            o = k - kb0
+            nlive = (kb + o + NBLK < kb1)[:, None]
+            nhv = tl.load(pw + (o + NBLK) * 36 + w % 4, mask=nlive, other=0)
+            nq = tl.load(pw + (o + NBLK) * 36 + 4 + w, mask=nlive, other=0)
+            xl, xh, v = _q4k_acts(px + o * 64, pd + o * 16, live, True)
+            a0 += _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
+            hv, q, live = nhv, nq, nlive
+    else:
+        kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+        for k in range(kb0, kfull, NBLK):
+            o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
+            p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3, None,
+                                         sa, se, ma, ASM, False, MR)
+            a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
+        if kfull < kb1:
+            o = kfull - kb0
+            p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3,
+                                         (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, MR)
+            a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
     return (tl.sum(tl.reshape(tl.sum(a0, axis=1), [NBLK, BN]), axis=0),
             tl.sum(tl.reshape(tl.sum(a1, axis=1), [NBLK, BN]), axis=0),
             tl.sum(tl.reshape(tl.sum(a2, axis=1), [NBLK, BN]), axis=0),
@@ -697,7 +654,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12 and LOADS & 8:
         tl.static_assert(LOADS & 2 != 0, "the lean Q4_K step (LOADS & 8) reads (xd, xs) pairs (LOADS & 2)")
-        return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF)
+        return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, 1, 0, BN, NBLK, ASM, PF)[0]
     elif QTYPE == 12 and LOADS & 4:
         return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
     elif QTYPE == 12:
@@ -742,8 +699,8 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
                          "several activation rows per program: the lean Q4_K step (LOADS & 8 and 2), up to 4")
         wrow = w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * row_stride(row_bytes, QTYPE)
         nact = tl.minimum(M - m, MR).to(tl.int32)
-        a0, a1, a2, a3 = _q4k_rows32pm(xq_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 4), xd_ptr + m * ng, wrow,
-                                       kb0, kb1, nact, K, BN, NBLK, ASM, MR)
+        a0, a1, a2, a3 = _q4k_rows32p(xq_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 4), xd_ptr + m * ng, wrow,
+                                      kb0, kb1, nact, K, BN, NBLK, ASM, False, MR)
         ty = out_ptr.dtype.element_ty
         r = tl.zeros([BN], dtype=tl.int32) + nact  # activation rows of this program, over its weight rows
         tl.store(po, a0.to(ty), mask=rows < N)
