@@ -270,6 +270,14 @@ def test_eight_thread_q4k_step_needs_16_byte_aligned_weights(monkeypatch):
     assert moe.DEFAULT.mmvq_loads == 14 and launches[0::2] == [14, 2]
 
 
+def test_mmvq_rejects_act_rows_below_one():
+    from tierlm.kernels.quant_matmul import _qmm_launch
+
+    w = torch.zeros(4, 144, dtype=torch.uint8)
+    with pytest.raises(KernelInputError, match="act_rows=0"):
+        _qmm_launch(torch.randn(2, 256), w, T.Q4_K, 256, QMMConfig("mmvq", 1, 1, block_n=1, nblk=1, loads=14, act_rows=0))
+
+
 def test_pick_config_follows_the_measured_rules():
     """Decode launch choice (bench/results/kernels-NVIDIA_H200-int8.md): int8 kernels up to 4 rows with
     the tile measured best per type; tensor-core tiles above, or from 2 rows for the 129280-row head;

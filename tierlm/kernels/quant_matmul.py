@@ -66,7 +66,8 @@ class QMMConfig:
     loads: int = 0  # mmvq on Q4_K: 1 header in one vector load, 2 (xd, xs) pairs in one, 4 eight threads per block
     # (triton_mmvq._q4k_rows, _q4k_rows32), 8 with 4 and 2: that step in fewer instructions (_q4k_rows32p); on
     # Q6_K: 4 sixteen threads per block (_q6k_rows16), 8: that step in fewer instructions (_q6k_rows16p)
-    act_rows: int = 1  # mmvq, Q4_K with loads & 8: activation rows per program (up to 4), the weights read once
+    act_rows: int = 1  # mmvq, Q4_K with loads & 8: activation rows per program (up to 4, then no prefetch), the
+    # weights read once for all of them
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -84,9 +85,10 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
     QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4),
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14), QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14),
     QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14), QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=12),
-    QMMConfig("mmvq", 1, 1, block_n=1, nblk=4, loads=12), QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14, act_rows=4),
-    QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2), QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14,
-                                                                             act_rows=4))
+    QMMConfig("mmvq", 1, 1, block_n=1, nblk=4, loads=12),
+    QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14, act_rows=4),
+    QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2),
+    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
@@ -149,9 +151,9 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     int8-activation kernel with the measured tile of its type (for one Q4_K row, the eight-thread
     step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``; for
     more Q4_K rows, its lean form with 2 or 4 activation rows per program, ``MMVQ_Q4K_MULTI_STEP`` /
-    ``MMVQ_Q4K_MULTI_SHORT_STEP``; for one Q6_K row, the sixteen-thread step ``MMVQ_Q6K_STEP``). More rows with 16-bit activations on
-    sm_80+ (or several rows of a matrix as tall as the output head): tensor-core tiles, which decode
-    each weight once for all rows.
+    ``MMVQ_Q4K_MULTI_SHORT_STEP``; for one Q6_K row, the sixteen-thread step ``MMVQ_Q6K_STEP``). More
+    rows with 16-bit activations on sm_80+ (or several rows of a matrix as tall as the output head):
+    tensor-core tiles, which decode each weight once for all rows.
     """
     tiles_ok = capability >= (8, 0) and dtype != torch.float32
     if tiles_ok and (M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW)):
@@ -302,6 +304,9 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
 
         if qtype not in FUSED_TYPES:
             raise KernelInputError(f"mmvq has no {qtype.name} path; use kind 'gemv'")
+        if cfg.act_rows < 1:
+            raise KernelInputError(f"QMMConfig.act_rows={cfg.act_rows}: give 1 (one activation row per program) "
+                                   "to 4")
         loads = mmvq_loads(qtype, cfg.loads, w)
         xq, xd, xs = quantize_q8(x2, pack=bool(loads & 2))
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)

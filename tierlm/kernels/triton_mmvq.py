@@ -324,7 +324,7 @@ def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM:
         hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
     xl, xh, v = _q4k_acts(px, pd, live, MASK)
     p0 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
-    p1, p2, p3 = p0 * 0, p0 * 0, p0 * 0
+    p1, p2, p3 = tl.zeros_like(p0), tl.zeros_like(p0), tl.zeros_like(p0)
     if MR > 1:
         xl, xh, v = _q4k_acts(px + sx1, pd + sd1, live, MASK)
         p1 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
@@ -682,7 +682,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
     MR * (i % G) .. + MR - 1, G = cdiv(M, MR). With MR = 1 the M programs of one row block run side
     by side and the rows after the first find the weights in L2 (and the first axis, unlike the
     second, has room for 129280 one-row blocks); MR > 1 (Q4_K with LOADS & 8 only): one program
-    reads the weights once for MR activation rows.
+    reads the weights once for MR activation rows (without PF: its loads are those of one step).
     """
     pid = tl.program_id(0)
     G = tl.cdiv(M, MR)
