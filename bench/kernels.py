@@ -181,7 +181,7 @@ def swept(name, t, M, kinds):
     """The decode configurations the sweep times for one shape and M: the int8-activation kernels on
     every shape, the float kernels on SWEEP_SHAPES."""
     return [c for c in DECODE_CONFIGS if c.kind in kinds and (c.kind == "mmvq" or name in SWEEP_SHAPES)
-            and not (c.kind == "tile" and M == 1) and (t == T.Q4_K or not c.q4k_block)]
+            and not (c.kind in ("tile", "mmq") and M == 1) and (t == T.Q4_K or not c.q4k_block)]
 
 
 def warm_jobs(quick: bool, kinds=("gemv", "tile", "mmvq"), sweep_m=DECODE_M):

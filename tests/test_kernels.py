@@ -357,7 +357,7 @@ def test_every_decode_config(t, cfg):
         pytest.skip("q4k_block only changes Q4_K")
     N, K = 200, 2048
     w = random_weight(t, N, K, seed=20, device="cuda")
-    M = {"gemv": 1, "tile": 7, "mmvq": 3}[cfg.kind]
+    M = {"gemv": 1, "tile": 7, "mmvq": 3, "mmq": 7}[cfg.kind]
     x = torch.randn(M, K, device="cuda").half()
     _poison_cache()
     out = quant_matmul(x, w, t, K, config=cfg)
@@ -366,6 +366,23 @@ def test_every_decode_config(t, cfg):
         return
     tol = FMA_TOL if cfg.kind == "gemv" else TILE_TOL
     assert rel(out, quant_matmul_ref(x, w, t, K)) <= tol[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", FUSED_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [2, 16, 20])
+def test_mmq_matches_reference(t, dtype, M):
+    """Tensor-core decode tiles: partial row blocks, split-K with a short last split, more rows than a tile."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tensor-core tiles need sm_80+")
+    for i, ((N, K), split, bn) in enumerate([((300, 1024), 1, 32), ((1000, 2560), 3, 64), ((64, 256), 2, 16)]):
+        w = random_weight(t, N, K, seed=30 + i, device="cuda")
+        x = (torch.randn(M, K, device="cuda") * 2).to(dtype)
+        _poison_cache()
+        out = quant_matmul(x, w, t, K, config=QMMConfig("mmq", 4, split, block_n=bn, nblk=1))
+        assert out.dtype == dtype and out.shape == (M, N)
+        assert rel(out, quant_matmul_ref(x, w, t, K)) <= TILE_TOL[dtype], (t.name, dtype, M, N, K)
 
 
 @pytest.mark.gpu
@@ -466,12 +483,12 @@ def test_moe_dense_matches_reference(dtype, T_):
 # ---------------------------------------------------------------- interpreter runs (script mode)
 
 
-def _interp_check(name: str, got: torch.Tensor, ref: torch.Tensor) -> None:
-    """float32 throughout: only the summation order differs from the reference."""
+def _interp_check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    """float32 throughout: only the summation order differs from the reference (``tol`` for fp16 paths)."""
     err = rel(got, ref)
     print(f"{name}: {err:.2e}")
-    if not err <= 1e-5:
-        raise SystemExit(f"FAIL {name}: relative error {err:.3e} > 1e-5")
+    if not err <= tol:
+        raise SystemExit(f"FAIL {name}: relative error {err:.3e} > {tol:.0e}")
 
 
 def _interp_weight(t: GGMLType, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -504,6 +521,11 @@ def _interp_tile(gen: torch.Generator) -> None:
             x = torch.randn(m, K, generator=gen)
             _interp_check(f"tile {t.name} dot={cfg.use_dot} M={m}", _qmm_launch(x, w, t, K, cfg),
                           quant_matmul_ref(x, w, t, K))
+        if t in FUSED_TYPES:  # the tensor-core decode tiles (their plain-Triton decode: no PTX here)
+            for cfg, m in [(QMMConfig("mmq", 1, 1, block_n=16, nblk=1), 5), (QMMConfig("mmq", 1, 2, block_n=32), 17)]:
+                x = torch.randn(m, K, generator=gen).half()
+                _interp_check(f"mmq {t.name} {cfg.block_n}x{cfg.split_k} M={m}", _qmm_launch(x, w, t, K, cfg),
+                              quant_matmul_ref(x, w, t, K), TILE_TOL[torch.float16])
         out = torch.full((N, K), float("nan"))  # every element must be written
         block = tq.BLOCK_ELEMS[int(t)]
         nb = max(1, 256 // block)

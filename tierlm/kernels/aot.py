@@ -14,6 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tierlm.kernels import triton_gemv as tg
+from tierlm.kernels import triton_mmq as tk
 from tierlm.kernels import triton_mmvq as tv
 from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
@@ -174,6 +175,19 @@ def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out
             f"{f'_m{act_rows}' if act_rows > 1 else ''}")
     return Variant(name, tv.mmvq_kernel, types, const, aligned, num_warps,
                    num_stages, tags=dict(act=out, qtype=qtype))
+
+
+def mmq_variant(qtype: int, act: str = "fp16", bn: int = 64, nblk: int = 1, num_warps: int = 4, split: bool = False,
+                num_stages: int = 2, asm: bool = False, form: int = 0) -> Variant:
+    """The tensor-core decode product of 2-16 activation rows (``triton_mmq.mmq_kernel``)."""
+    types = dict(x_ptr=_PTR[act], w_ptr="*u8", out_ptr=_PTR["fp32" if split else act], M="i32", N="i32",
+                 nblocks="i32", row_bytes="i32", stride_xm="i32", stride_om="i32", stride_os="i32",
+                 blocks_per_split="i32")
+    dot_kind = {"fp16": tq.DOT_F16, "bf16": tq.DOT_BF16}[act]
+    const = dict(QTYPE=qtype, BM=16, BN=bn, NB=nblk * 256 // tk.BLOCK_ELEMS[qtype], DOT_KIND=dot_kind, ASM=asm, FORM=form)
+    aligned = ("stride_xm",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
+    return Variant(f"mmq_{qtype}_{act}_n{bn}_b{nblk}_w{num_warps}{'_split' if split else ''}{'_asm' if asm else ''}{f'_f{form}' if form else ''}", tk.mmq_kernel, types,
+                   const, aligned, num_warps, num_stages, tags=dict(act=act, qtype=qtype))
 
 
 def quantize_q8_variant(act: str, pack: bool = False) -> Variant:

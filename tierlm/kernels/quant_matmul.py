@@ -43,6 +43,9 @@ class KernelInputError(TierlmError, ValueError):
 class QMMConfig:
     """One launch configuration of the decode product.
 
+    kind "mmq": ``triton_mmq.mmq_kernel``, one program per (``block_n`` weight rows, split, 16
+    activation rows), ``nblk`` 256-element blocks decoded to the activations' dtype per loop step and
+    multiplied on tensor cores (float16 and bfloat16 activations only).
     kind "gemv": ``triton_gemv.qmv_kernel``, one program per (activation row, 32 * rows weight
     rows, split), ``num_warps`` warps walking interleaved parts of the rows, ``rows`` rows per
     thread. kind "tile": ``triton_q.qmm_kernel`` on (block_m, block_n) tiles decoded ``k_step``
@@ -89,7 +92,9 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14, act_rows=4),
     QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2),
     QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4))
-DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS
+# (rows per program, 256-element blocks per step, warps) of the tensor-core decode tiles; split-K per shape
+MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((32, 4), (64, 8), (16, 2)) for s in (1, 3))
+DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS + MMQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 
 
@@ -128,6 +133,7 @@ MMVQ_Q6K_LOADS = 4
 # over DeepSeek-V3's Q4_K shapes (bench/results/kernels-NVIDIA_H200-int8.md, "Several activation rows")
 MMVQ_Q4K_MULTI_STEP = (1, 8, 2)
 MMVQ_Q4K_MULTI_SHORT_STEP = (4, 2, 1)
+MMQ_BM = 16  # activation rows per mmq program (the smallest tl.dot tile)
 MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
 TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
 
@@ -168,6 +174,13 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     elif qtype == GGMLType.Q6_K and M == 1:
         (bn, nb, w), loads = MMVQ_Q6K_STEP, MMVQ_Q6K_LOADS
     return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads, act_rows=act_rows)
+
+
+def mmq_splits(N: int, K: int, block_n: int, nblk: int, sms: int, waves: int) -> int:
+    """Split-K factor of an mmq launch that gives about ``waves`` programs per multiprocessor (at most one
+    split per loop step of ``nblk`` 256-element blocks)."""
+    steps = max(1, K // (256 * nblk))
+    return max(1, min(steps, triton_cdiv(waves * sms, triton_cdiv(N, block_n))))
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, qtype, K: int, name: str = "quant_matmul") -> GGMLType:
@@ -322,6 +335,22 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
                              LOADS=loads, MR=mr,
                              num_warps=warps, num_stages=cfg.num_stages)
+    elif cfg.kind == "mmq":
+        from tierlm.kernels import triton_mmq as tk
+
+        if qtype not in FUSED_TYPES or x2.dtype == torch.float32:
+            raise KernelInputError(f"mmq multiplies {', '.join(t.name for t in FUSED_TYPES)} weights with float16 or "
+                                   f"bfloat16 activations, got {qtype.name} and {x2.dtype}; use kind 'mmvq'")
+        block = tk.BLOCK_ELEMS[int(qtype)]
+        nb = cfg.nblk * 256 // block  # GGUF blocks per loop step
+        nblocks = K // block
+        per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb  # whole steps per split
+        splits = triton_cdiv(nblocks, per_split)
+        out = _out_buffer(x2, M, N, splits)
+        grid = (triton_cdiv(N, cfg.block_n), splits, triton_cdiv(M, MMQ_BM))
+        tk.mmq_kernel[grid](x2, w, out, M, N, nblocks, w.shape[1], x2.stride(0), N, M * N, per_split,
+                            QTYPE=int(qtype), BM=MMQ_BM, BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x2.dtype),
+                            ASM=not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 

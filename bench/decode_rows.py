@@ -1,0 +1,160 @@
+"""Decode products of 1-16 activation rows on DeepSeek-V3's shapes: the default launch against the tensor-core
+``mmq`` configurations and against dequantize + cuBLAS, in % of the card's copy bandwidth.
+
+For each shape and row count M it times, with ``kernels.py``'s method (weights rotated past the L2, calls
+replayed from a CUDA graph):
+- ``quant_matmul`` as shipped (``pick_config``);
+- every ``MMQ_STEPS`` launch of ``triton_mmq.mmq_kernel`` with split-K chosen for 1, 2 or 4 programs per SM,
+  with the packed-fp16 Q4_K decode and (for one step) its plain-Triton twin;
+- at M = 16, the prefill path: the Triton dequantizer to fp16, then cuBLAS.
+Each product is checked against ``quant_matmul_ref`` (relative error in the JSON).
+
+Usage: PYTHONPATH=. python bench/decode_rows.py [--out DIR] [--shapes a,b] [--m 1,2,4,8,16] [--workers 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import GB, SHAPES, copy_bandwidth, graph_time, n_copies, random_weight  # noqa: E402
+
+from tierlm.kernels import triton_mmq as tk  # noqa: E402
+from tierlm.kernels.quant_matmul import (MMQ_BM, QMMConfig, _dot_kind, dequantize_rows, mmq_splits,  # noqa: E402
+                                         quant_matmul, quant_matmul_ref, triton_cdiv)
+from tierlm.weights.formats import GGMLType  # noqa: E402
+
+T = GGMLType
+# (rows per program, 256-element blocks per step, warps, stages, form, asm)
+MMQ_STEPS = {
+    T.Q4_K: [(32, 1, 4, 2, 1, 1), (64, 1, 4, 2, 1, 1), (64, 1, 8, 2, 1, 1), (128, 1, 8, 2, 1, 1), (32, 1, 2, 2, 1, 1),
+             (128, 1, 4, 2, 1, 1), (64, 1, 4, 3, 1, 1), (64, 1, 4, 2, 1, 0)],
+    T.Q6_K: [(32, 1, 2, 2, 0, 1), (16, 1, 1, 2, 0, 1), (16, 1, 2, 2, 0, 1), (32, 1, 4, 2, 0, 1), (64, 1, 4, 2, 0, 1),
+             (32, 1, 2, 3, 0, 1)],
+    T.Q8_0: [(32, 1, 2, 2, 0, 1), (16, 1, 1, 2, 0, 1), (16, 1, 2, 2, 0, 1), (32, 1, 4, 2, 0, 1)],
+    T.Q5_0: [(32, 1, 2, 2, 0, 1), (16, 1, 1, 2, 0, 1), (16, 1, 2, 2, 0, 1), (32, 1, 4, 2, 0, 1)],
+}
+WAVES = (1, 2, 4)
+
+
+def mmq_direct(x, w, t, K, cfg, asm=True, form=0):
+    """``mmq`` launched as ``quant_matmul`` does, with a choice of decode: ``asm`` (inline PTX where there is
+    one) and ``form`` (``triton_mmq.mmq_kernel``'s FORM)."""
+    M, N = x.shape[0], w.shape[0]
+    block = tk.BLOCK_ELEMS[int(t)]
+    nb = cfg.nblk * 256 // block
+    nblocks = K // block
+    per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb
+    splits = triton_cdiv(nblocks, per_split)
+    out = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty(M, N)
+    tk.mmq_kernel[(triton_cdiv(N, cfg.block_n), splits, triton_cdiv(M, MMQ_BM))](
+        x, w, out, M, N, nblocks, w.shape[1], x.stride(0), N, M * N, per_split, QTYPE=int(t), BM=MMQ_BM,
+        BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x.dtype), ASM=asm, FORM=form, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return out if splits == 1 else out.sum(0).to(x.dtype)
+
+
+def jobs(shapes, ms, sms):
+    """(label, shape, M, call maker) for every timed product."""
+    out = []
+    for name, N, K, t in shapes:
+        for M in ms:
+            out.append(("default", name, M, None))
+            if M == 1:
+                continue
+            for i, (bn, nb, wp, st, form, asm) in enumerate(MMQ_STEPS[t]):
+                for waves in WAVES:
+                    split = mmq_splits(N, K, bn, nb, sms, waves)
+                    cfg = QMMConfig("mmq", wp, split, block_n=bn, nblk=nb, num_stages=st)
+                    label = f"mmq f{form}{' asm' if asm else ''} {bn}x{nb} {wp}w s{st} x{split} ({waves}/SM)"
+                    out.append((label, name, M, (cfg, bool(asm), form)))
+                    if i == 0 and M == 16:  # bf16 activations: the plain-Triton decode
+                        out.append((label + " bf16", name, M, (cfg, bool(asm), form, torch.bfloat16)))
+            if M == 16:
+                out.append(("dequantize + cuBLAS", name, M, "cublas"))
+    return out
+
+
+def call(x, w, t, K, cfg):
+    if isinstance(cfg, tuple) and len(cfg) == 4:
+        x, cfg = x.to(cfg[3]), cfg[:3]
+    if cfg is None:
+        return quant_matmul(x, w, t, K)
+    if isinstance(cfg, str):
+        return x @ dequantize_rows(w, t, K, x.dtype).T
+    return mmq_direct(x, w, t, K, *cfg)
+
+
+def _warm(chunk):
+    torch.cuda.init()
+    for label, name, M, cfg in chunk:
+        _, N, K, t = next(s for s in SHAPES if s[0] == name)
+        try:
+            call(torch.randn(M, K, device="cuda").half(), random_weight(t, N, K)[0], t, K, cfg)
+            torch.cuda.synchronize()
+        except Exception as e:  # reported again when the main process runs it
+            print(f"warm {label} {name} M={M}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--shapes", default="", help="comma-separated parts of shape names to keep")
+    ap.add_argument("--m", default="1,2,4,8,16", help="activation rows")
+    ap.add_argument("--workers", type=int, default=14, help="processes compiling the kernels first")
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_properties(0)
+    shapes = [s for s in SHAPES if not args.shapes or any(k in s[0] for k in args.shapes.split(","))]
+    todo = jobs(shapes, [int(m) for m in args.m.split(",")], dev.multi_processor_count)
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_warm, args=(todo[i::args.workers],)) for i in range(args.workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    res = dict(card=dev.name, sms=dev.multi_processor_count, date=dt.date.today().isoformat(),
+               torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
+               compile_s=time.time() - t0, rows=[])
+    bw = copy_bandwidth()
+    res["copy_GBps"] = bw / GB
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"decode-rows-{dev.name.replace(' ', '_')}.json"
+    print(f"{dev.name}: copy {bw / GB:.0f} GB/s; compiled in {res['compile_s']:.0f} s", flush=True)
+    for name, N, K, t in shapes:
+        copies = n_copies(N * K)
+        w = random_weight(t, N, K, copies)
+        nbytes = w[0].numel()
+        for M in sorted({j[2] for j in todo if j[1] == name}):
+            x = torch.randn(M, K, device="cuda").half()
+            ref = quant_matmul_ref(x, w[0], t, K)
+            for label, _, _, cfg in [j for j in todo if j[1] == name and j[2] == M]:
+                try:
+                    err = ((call(x, w[0], t, K, cfg).float() - ref).norm() / ref.norm()).item()
+                    s = graph_time([lambda i=i: call(x, w[i], t, K, cfg) for i in range(copies)])
+                except Exception as e:
+                    print(f"{label} {name} M={M}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                r = dict(what=label, shape=name, type=t.name, M=M, us=s * 1e6, pct=nbytes / s / bw * 100, err=err)
+                if isinstance(cfg, tuple):
+                    c = cfg[0]
+                    r["config"] = [c.block_n, c.nblk, c.num_warps, c.num_stages, c.split_k, cfg[1], cfg[2]]
+                res["rows"].append(r)
+                print(f"{name:<30} M={M:<3} {label:<42} {s * 1e6:9.2f} us {r['pct']:5.1f}%  err {err:.1e}", flush=True)
+        del w
+        torch.cuda.empty_cache()
+        path.write_text(json.dumps(res, indent=1))  # after every shape: a cut-short run keeps what it timed
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
