@@ -152,6 +152,53 @@ def _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB: tl.constexpr, DOT_KIN
 
 
 @triton.jit
+def _q6k_fetch(wrow, nmask, kb, kend, NB: tl.constexpr):
+    """The bytes of blocks kb .. kb+NB-1 that a Q6_K step decodes: low-nibble bytes (planes 0/2 and 1/3), high
+    bytes, the four planes' int8 scales and d (zeros for blocks at or past kend)."""
+    b = kb + tl.arange(0, NB)[None, :, None, None, None]  # (1, NB, 1, 1, 1)
+    h = tl.arange(0, 2)[None, None, :, None, None]  # 128-element half
+    g = tl.arange(0, 2)[None, None, None, :, None]  # 16-element group: its own scale
+    l = g * 16 + tl.arange(0, 16)[None, None, None, None, :]  # (1, 1, 1, 2, 16): 0..31
+    wmask = nmask[:, None, None, None, None] & (b < kend)
+    blk = wrow[:, None, None, None, None] + b * 210
+    qa = tl.load(blk + h * 64 + l, mask=wmask, other=0)  # (BN, NB, 2, 2, 16)
+    qb = tl.load(blk + h * 64 + 32 + l, mask=wmask, other=0)
+    qh = tl.load(blk + 128 + h * 32 + l, mask=wmask, other=0)
+    sp = (blk + 192 + h * 8 + g).to(tl.pointer_type(tl.int8))  # (BN, NB, 2, 2, 1): plane R adds 2R
+    s0 = tl.load(sp, mask=wmask, other=0)
+    s1 = tl.load(sp + 2, mask=wmask, other=0)
+    s2 = tl.load(sp + 4, mask=wmask, other=0)
+    s3 = tl.load(sp + 6, mask=wmask, other=0)
+    return qa, qb, qh, s0, s1, s2, s3, 64.0 * _f16_at(blk + 208, wmask)
+
+
+@triton.jit
+def _q6k_plane_of(acc, xp, xmask, qv, qh, sc, d, R: tl.constexpr, S: tl.constexpr, DOT_KIND: tl.constexpr):
+    """``_q6k_plane`` on fetched bytes."""
+    a = d * sc.to(tl.float32)  # (BN, NB, 2, 2, 1)
+    q = ((qv.to(tl.int32) >> (4 * (R // 2))) & 15) | (((qh.to(tl.int32) >> (2 * R)) & 3) << 4)
+    w = a * _f((q << 17) | 0x3F800000) - 1.5 * a  # (BN, NB, 2, 2, 16)
+    x = tl.load(xp + 32 * R, mask=xmask, other=0.0)  # (BM, NB, 2, 2, 16)
+    return tl.dot(_to_dot(tl.reshape(x, [x.shape[0], S]), DOT_KIND),
+                  tl.trans(_to_dot(tl.reshape(w, [w.shape[0], S]), DOT_KIND)), acc)
+
+
+@triton.jit
+def _q6k_math(acc, xrow, mmask, kb, kend, qa, qb, qh, s0, s1, s2, s3, d, NB: tl.constexpr, DOT_KIND: tl.constexpr):
+    """Four dots of K = 64 NB on a fetched Q6_K step."""
+    b = kb + tl.arange(0, NB)[None, :, None, None, None]
+    h = tl.arange(0, 2)[None, None, :, None, None]
+    l = tl.arange(0, 2)[None, None, None, :, None] * 16 + tl.arange(0, 16)[None, None, None, None, :]
+    xp = xrow[:, None, None, None, None] + b * 256 + h * 128 + l  # (BM, NB, 2, 2, 16): plane R adds 32R
+    xmask = mmask[:, None, None, None, None] & (b < kend)
+    S: tl.constexpr = NB * 64
+    acc = _q6k_plane_of(acc, xp, xmask, qa, qh, s0, d, 0, S, DOT_KIND)
+    acc = _q6k_plane_of(acc, xp, xmask, qb, qh, s1, d, 1, S, DOT_KIND)
+    acc = _q6k_plane_of(acc, xp, xmask, qa, qh, s2, d, 2, S, DOT_KIND)
+    return _q6k_plane_of(acc, xp, xmask, qb, qh, s3, d, 3, S, DOT_KIND)
+
+
+@triton.jit
 def _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE: tl.constexpr, NB: tl.constexpr,
               DOT_KIND: tl.constexpr):
     """Q8_0 (d, 32 int8) or Q5_0 (d, 32 fifth bits, 16 nibble bytes): NB blocks of 32, one dot."""
@@ -178,16 +225,37 @@ def _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE: tl.constexpr, NB: 
 
 
 @triton.jit
+def _q4k_scales(w0, w1, w2, w3, s: tl.constexpr):
+    """Sub-block s of a Q4_K block from its header words (d|dmin, scale bytes 0-3, 4-7, 8-11): (d * scale,
+    dmin * min) as float32."""
+    if s < 4:
+        sc = (w1 >> (8 * s)) & 63
+        mn = (w2 >> (8 * s)) & 63
+    else:
+        sc = ((w3 >> (8 * (s - 4))) & 15) | (((w1 >> (8 * (s - 4) + 6)) & 3) << 4)
+        mn = ((w3 >> (8 * (s - 4) + 4)) & 15) | (((w2 >> (8 * (s - 4) + 6)) & 3) << 4)
+    d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return d * sc.to(tl.float32), dmin * mn.to(tl.float32)
+
+
+@triton.jit
 def _q4k_step_2d(acc, xrow, mmask, wrow, nmask, kb, kend, DOT_KIND: tl.constexpr, ASM: tl.constexpr):
     """Block kb as eight (32, BN) tiles, one per sub-block, each with its own dot of K = 32; every tensor is 2-D
-    with the weight rows last, so the decode can happen in the dot operand's own layout."""
+    with the weight rows last, so the decode can happen in the dot operand's own layout. The header is read
+    as four words (loads of 4 bytes or more can be pipelined with cp.async)."""
     j = tl.arange(0, 32)
     blk = wrow[None, :] + kb * 144  # (1, BN)
     wmask = nmask[None, :]  # one block per step: kb < kend
     xmask = mmask[:, None]
+    hp = blk.to(tl.pointer_type(tl.int32))
+    w0 = tl.load(hp, mask=wmask, other=0)  # (1, BN): masked rows get zero scales, so zero weights
+    w1 = tl.load(hp + 1, mask=wmask, other=0)
+    w2 = tl.load(hp + 2, mask=wmask, other=0)
+    w3 = tl.load(hp + 3, mask=wmask, other=0)
     for c in tl.static_range(4):
-        sl, ml = _q4k_scale_min(blk, 2 * c, wmask)  # (1, BN)
-        sh, mh = _q4k_scale_min(blk, 2 * c + 1, wmask)
+        sl, ml = _q4k_scales(w0, w1, w2, w3, 2 * c)  # (1, BN)
+        sh, mh = _q4k_scales(w0, w1, w2, w3, 2 * c + 1)
         q = tl.load(blk + 16 + c * 32 + j[:, None], mask=wmask, other=0)  # (32, BN) uint8
         if ASM and DOT_KIND == 1:
             wl, wh = tl.inline_asm_elementwise(
@@ -248,7 +316,13 @@ def mmq_kernel(x_ptr, w_ptr, out_ptr, M, N, nblocks, row_bytes, stride_xm, strid
     kb0 = pid_k * blocks_per_split
     kend = tl.minimum(kb0 + blocks_per_split, nblocks)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(kb0, kend, NB):
+    if QTYPE == 14 and FORM == 2:  # the next step's bytes are loaded before this step's math
+        qa, qb, qh, s0, s1, s2, s3, d = _q6k_fetch(wrow, nmask, kb0, kend, NB)
+        for kb in range(kb0, kend, NB):
+            na, nb_, nh, n0, n1, n2, n3, nd = _q6k_fetch(wrow, nmask, kb + NB, kend, NB)
+            acc = _q6k_math(acc, xrow, mmask, kb, kend, qa, qb, qh, s0, s1, s2, s3, d, NB, DOT_KIND)
+            qa, qb, qh, s0, s1, s2, s3, d = na, nb_, nh, n0, n1, n2, n3, nd
+    for kb in range(kb0, kend if QTYPE != 14 or FORM != 2 else kb0, NB):
         if QTYPE == 12 and FORM == 1:
             acc = _q4k_step_2d(acc, xrow, mmask, wrow, nmask, kb, kend, DOT_KIND, ASM)
         elif QTYPE == 14 and FORM == 1:
