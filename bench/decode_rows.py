@@ -4,8 +4,9 @@
 For each shape and row count M it times, with ``kernels.py``'s method (weights rotated past the L2, calls
 replayed from a CUDA graph):
 - ``quant_matmul`` as shipped (``pick_config``);
-- every ``MMQ_STEPS`` launch of ``triton_mmq.mmq_kernel`` with split-K chosen for 1, 2 or 4 programs per SM,
-  with the packed-fp16 Q4_K decode and (for one step) its plain-Triton twin;
+- the same with bf16 activations (the Q4_K tiles then decode through float32);
+- ``MMQ_STEPS`` launches of ``triton_mmq.mmq_kernel`` with split-K chosen for 2, 4 or 8 programs per SM
+  (at least two 256-element blocks per split), with the packed-fp16 Q4_K decode and its plain twin;
 - at M = 16, the prefill path: the Triton dequantizer to fp16, then cuBLAS.
 Each product is checked against ``quant_matmul_ref`` (relative error in the JSON).
 
@@ -34,31 +35,28 @@ from tierlm.kernels.quant_matmul import (MMQ_BM, QMMConfig, _dot_kind, dequantiz
 from tierlm.weights.formats import GGMLType  # noqa: E402
 
 T = GGMLType
-# (rows per program, 256-element blocks per step, warps, stages, form, asm)
+# (rows per program, 256-element blocks per step, warps, stages, inline PTX): the defaults (MMQ_TILES) first
 MMQ_STEPS = {
-    T.Q4_K: [(32, 1, 4, 2, 1, 1), (64, 1, 4, 2, 1, 1), (64, 1, 8, 2, 1, 1), (128, 1, 8, 2, 1, 1), (64, 1, 4, 3, 1, 1),
-             (128, 1, 4, 3, 1, 1), (64, 1, 4, 2, 1, 0)],
-    T.Q6_K: [(32, 1, 2, 2, 0, 1), (64, 1, 4, 2, 0, 1), (32, 1, 4, 2, 2, 1), (64, 1, 8, 2, 2, 1), (16, 1, 2, 2, 2, 1),
-             (32, 1, 2, 2, 2, 1)],
-    T.Q8_0: [(32, 1, 2, 2, 0, 1), (16, 1, 1, 2, 0, 1), (16, 1, 2, 2, 0, 1), (32, 1, 4, 2, 0, 1)],
-    T.Q5_0: [(32, 1, 2, 2, 0, 1), (16, 1, 1, 2, 0, 1), (16, 1, 2, 2, 0, 1), (32, 1, 4, 2, 0, 1)],
+    T.Q4_K: [(64, 1, 4, 2, 1), (32, 1, 4, 2, 1), (64, 1, 8, 2, 1), (128, 1, 8, 2, 1), (64, 1, 4, 3, 1), (64, 1, 4, 2, 0)],
+    T.Q6_K: [(32, 1, 2, 2, 1), (64, 1, 4, 2, 1), (16, 1, 1, 2, 1), (32, 2, 2, 2, 1)],
+    T.Q8_0: [(32, 1, 2, 2, 1), (16, 1, 1, 2, 1), (32, 1, 4, 2, 1)],
+    T.Q5_0: [(32, 1, 2, 2, 1), (16, 1, 1, 2, 1), (32, 1, 4, 2, 1)],
 }
 WAVES = (2, 4, 8)
 
 
-def mmq_direct(x, w, t, K, cfg, asm=True, form=0):
-    """``mmq`` launched as ``quant_matmul`` does, with a choice of decode: ``asm`` (inline PTX where there is
-    one) and ``form`` (``triton_mmq.mmq_kernel``'s FORM)."""
+def mmq_direct(x, w, t, K, cfg, asm=True):
+    """``mmq`` launched as ``quant_matmul`` does, with or without inline PTX (``asm``, Q4_K with fp16)."""
     M, N = x.shape[0], w.shape[0]
     block = tk.BLOCK_ELEMS[int(t)]
-    nb = cfg.nblk * 256 // block
+    nb = tk.step_blocks(int(t), cfg.nblk)
     nblocks = K // block
     per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb
     splits = triton_cdiv(nblocks, per_split)
     out = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty(M, N)
     tk.mmq_kernel[(triton_cdiv(N, cfg.block_n), splits, triton_cdiv(M, MMQ_BM))](
         x, w, out, M, N, nblocks, w.shape[1], x.stride(0), N, M * N, per_split, QTYPE=int(t), BM=MMQ_BM,
-        BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x.dtype), ASM=asm, FORM=form, num_warps=cfg.num_warps,
+        BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x.dtype), ASM=asm, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out if splits == 1 else out.sum(0).to(x.dtype)
 
@@ -71,22 +69,21 @@ def jobs(shapes, ms, sms):
             out.append(("default", name, M, None))
             if M == 1:
                 continue
-            for i, (bn, nb, wp, st, form, asm) in enumerate(MMQ_STEPS[t]):
+            out.append(("default bf16", name, M, ("bf16",)))
+            for bn, nb, wp, st, asm in MMQ_STEPS[t]:
                 for waves in WAVES:
-                    split = mmq_splits(N, K, bn, nb, sms, waves)
+                    split = mmq_splits(N, K, bn, sms, waves, 2)
                     cfg = QMMConfig("mmq", wp, split, block_n=bn, nblk=nb, num_stages=st)
-                    label = f"mmq f{form}{' asm' if asm else ''} {bn}x{nb} {wp}w s{st} x{split} ({waves}/SM)"
-                    out.append((label, name, M, (cfg, bool(asm), form)))
-                    if i == 0 and M == 16:  # bf16 activations: the plain-Triton decode
-                        out.append((label + " bf16", name, M, (cfg, bool(asm), form, torch.bfloat16)))
+                    out.append((f"mmq{'' if asm else ' plain'} {bn}x{nb} {wp}w s{st} x{split} ({waves}/SM)", name, M,
+                                (cfg, bool(asm))))
             if M == 16:
                 out.append(("dequantize + cuBLAS", name, M, "cublas"))
     return out
 
 
 def call(x, w, t, K, cfg):
-    if isinstance(cfg, tuple) and len(cfg) == 4:
-        x, cfg = x.to(cfg[3]), cfg[:3]
+    if cfg == ("bf16",):  # the default launch with bf16 activations
+        return quant_matmul(x.to(torch.bfloat16), w, t, K)
     if cfg is None:
         return quant_matmul(x, w, t, K)
     if isinstance(cfg, str):
@@ -145,9 +142,9 @@ def main() -> None:
                     print(f"{label} {name} M={M}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
                 r = dict(what=label, shape=name, type=t.name, M=M, us=s * 1e6, pct=nbytes / s / bw * 100, err=err)
-                if isinstance(cfg, tuple):
+                if isinstance(cfg, tuple) and len(cfg) == 2:
                     c = cfg[0]
-                    r["config"] = [c.block_n, c.nblk, c.num_warps, c.num_stages, c.split_k, cfg[1], cfg[2]]
+                    r["config"] = [c.block_n, c.nblk, c.num_warps, c.num_stages, c.split_k, cfg[1]]
                 res["rows"].append(r)
                 print(f"{name:<30} M={M:<3} {label:<42} {s * 1e6:9.2f} us {r['pct']:5.1f}%  err {err:.1e}", flush=True)
         del w

@@ -279,9 +279,9 @@ def test_mmvq_rejects_act_rows_below_one():
 
 
 def test_pick_config_follows_the_measured_rules():
-    """Decode launch choice (bench/results/kernels-NVIDIA_H200-int8.md): int8 kernels up to 4 rows with
-    the tile measured best per type; tensor-core tiles above, or from 2 rows for the 129280-row head;
-    no tiles without sm_80 or with float32 activations."""
+    """Decode launch choice (bench/results/kernels-NVIDIA_H200-int8.md, decode-rows-NVIDIA_H200.md): int8
+    kernels up to 4 rows with the tile measured best per type; tensor-core tiles above, from 3 rows where they
+    measured faster, from 2 for the 129280-row head; no tiles without sm_80 or with float32 activations."""
     h, f16 = (9, 0), torch.float16
     assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
     assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
@@ -289,12 +289,18 @@ def test_pick_config_follows_the_measured_rules():
     assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4)
     assert pick_config(T.Q6_K, 2, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
-    assert pick_config(T.Q4_K, 4, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14,
-                                                                         act_rows=4)
+    assert pick_config(T.Q4_K, 4, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14,
+                                                                        act_rows=4)
     assert pick_config(T.Q4_K, 2, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14,
                                                                          act_rows=2)
-    assert pick_config(T.Q6_K, 4, 129280, 7168, f16, h, 132).kind == "tile"
-    assert pick_config(T.Q4_K, 16, 2048, 7168, f16, h, 132).kind == "tile"
+    assert pick_config(T.Q6_K, 2, 129280, 7168, f16, h, 132) == QMMConfig("mmq", 2, 1, block_n=32, nblk=1)
+    # dense up at 16 rows: 288 programs of 64 rows, split in 4 for 8 programs per multiprocessor
+    assert pick_config(T.Q4_K, 16, 18432, 7168, f16, h, 132) == QMMConfig("mmq", 4, 4, block_n=64, nblk=1)
+    assert pick_config(T.Q4_K, 8, 24576, 1536, f16, h, 132).split_k == 1  # q_b: 6 blocks, at least 4 per split
+    assert pick_config(T.Q4_K, 16, 2048, 7168, f16, h, 132).kind == "mmq"
+    assert pick_config(T.Q4_K, 4, 7168, 16384, f16, h, 132).kind == "mmq"  # o_proj: tiles from 3 rows
+    assert pick_config(T.Q6_K, 3, 7168, 2048, f16, h, 132).kind == "mmq"
+    assert pick_config(T.Q5_0, 4, 2048, 7168, f16, h, 132).kind == "mmvq"
     assert pick_config(T.Q4_K, 16, 2048, 7168, f16, (7, 5), 68).kind == "mmvq"  # Turing: no tiles
     assert pick_config(T.Q6_K, 4, 129280, 7168, torch.float32, h, 132).kind == "mmvq"
 

@@ -20,7 +20,7 @@ from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import MoEConfig
-from tierlm.kernels.quant_matmul import (MMVQ_Q4K_LOADS, MMVQ_Q4K_MULTI_SHORT_STEP, MMVQ_Q4K_MULTI_STEP,
+from tierlm.kernels.quant_matmul import (MMQ_TILES, MMVQ_Q4K_LOADS, MMVQ_Q4K_MULTI_SHORT_STEP, MMVQ_Q4K_MULTI_STEP,
                                          MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP, MMVQ_TILES,
                                          mmvq_loads)
 
@@ -137,6 +137,9 @@ def variants(capability: int) -> list[Variant]:
         if q == tq.Q6_K:  # the one-row default: sixteen threads per block
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, loads=12)]
+    for q in QUANT:  # tensor-core decode tiles, as pick_config launches them (fp32 out: split-K partial sums)
+        bn, warps, _, _ = MMQ_TILES[q]
+        out += [mmq_variant(q, act, bn, 1, warps, split) for act in acts if act != "fp32" for split in (False, True)]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
@@ -178,15 +181,15 @@ def mmvq_variant(qtype: int, bn: int = 4, nblk: int = 4, num_warps: int = 4, out
 
 
 def mmq_variant(qtype: int, act: str = "fp16", bn: int = 64, nblk: int = 1, num_warps: int = 4, split: bool = False,
-                num_stages: int = 2, asm: bool = False, form: int = 0) -> Variant:
+                num_stages: int = 2, asm: bool = True) -> Variant:
     """The tensor-core decode product of 2-16 activation rows (``triton_mmq.mmq_kernel``)."""
     types = dict(x_ptr=_PTR[act], w_ptr="*u8", out_ptr=_PTR["fp32" if split else act], M="i32", N="i32",
                  nblocks="i32", row_bytes="i32", stride_xm="i32", stride_om="i32", stride_os="i32",
                  blocks_per_split="i32")
     dot_kind = {"fp16": tq.DOT_F16, "bf16": tq.DOT_BF16}[act]
-    const = dict(QTYPE=qtype, BM=16, BN=bn, NB=nblk * 256 // tk.BLOCK_ELEMS[qtype], DOT_KIND=dot_kind, ASM=asm, FORM=form)
+    const = dict(QTYPE=qtype, BM=16, BN=bn, NB=tk.step_blocks(qtype, nblk), DOT_KIND=dot_kind, ASM=asm)
     aligned = ("stride_xm",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
-    return Variant(f"mmq_{qtype}_{act}_n{bn}_b{nblk}_w{num_warps}{'_split' if split else ''}{'_asm' if asm else ''}{f'_f{form}' if form else ''}", tk.mmq_kernel, types,
+    return Variant(f"mmq_{qtype}_{act}_n{bn}_b{nblk}_w{num_warps}{'_split' if split else ''}{'' if asm else '_plain'}", tk.mmq_kernel, types,
                    const, aligned, num_warps, num_stages, tags=dict(act=act, qtype=qtype))
 
 

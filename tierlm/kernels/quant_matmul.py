@@ -134,8 +134,18 @@ MMVQ_Q6K_LOADS = 4
 MMVQ_Q4K_MULTI_STEP = (1, 8, 2)
 MMVQ_Q4K_MULTI_SHORT_STEP = (4, 2, 1)
 MMQ_BM = 16  # activation rows per mmq program (the smallest tl.dot tile)
-MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles were faster in the same sweep (on sm_80+)
-TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 4 rows (950 vs 1286 us on an H200)
+# Tensor-core decode tiles (triton_mmq) per type: (weight rows per program, warps, programs per multiprocessor
+# that split-K aims at, fewest 256-element blocks per split), the best of the H200 sweep over DeepSeek-V3's shapes
+# at 4 and 16 rows (bench/results/decode-rows-NVIDIA_H200.md): Q4_K 31-33% of copy bandwidth on dense up and
+# o_proj at 16 rows against 6-7% for the earlier tiles
+MMQ_TILES = {GGMLType.Q4_K: (64, 4, 8, 4), GGMLType.Q6_K: (32, 2, 4, 2), GGMLType.Q8_0: (32, 2, 4, 2),
+             GGMLType.Q5_0: (32, 2, 4, 2)}
+MMVQ_MAX_M = 4  # above this many rows the tensor-core tiles are faster for every type (on sm_80+)
+# At 3-4 rows the tiles win on Q6_K and Q8_0, and on Q4_K matrices of at least MMQ_MIN_WEIGHTS weights (dense up,
+# o_proj, q_b: 1.2-1.3x); the int8 kernels keep Q4_K's experts and Q5_0. At 2 rows the int8 kernels win except on
+# a matrix as tall as the output head (TILE_MIN_N_MULTI_ROW).
+MMQ_MIN_WEIGHTS = 1 << 24
+TILE_MIN_N_MULTI_ROW = 65536  # the 129280-row head: tiles beat int8 already at 2 rows
 
 
 def mmvq_loads(qtype: GGMLType, loads: int, *weights: torch.Tensor) -> int:
@@ -158,12 +168,16 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``; for
     more Q4_K rows, its lean form with 2 or 4 activation rows per program, ``MMVQ_Q4K_MULTI_STEP`` /
     ``MMVQ_Q4K_MULTI_SHORT_STEP``; for one Q6_K row, the sixteen-thread step ``MMVQ_Q6K_STEP``). More
-    rows with 16-bit activations on sm_80+ (or several rows of a matrix as tall as the output head):
-    tensor-core tiles, which decode each weight once for all rows.
+    rows with 16-bit activations on sm_80+ (from 3 rows on the types and sizes where that measured faster,
+    from 2 on a matrix as tall as the output head): the tensor-core tiles ``MMQ_TILES``, which decode each
+    weight once for all rows, split along K to fill the card.
     """
     tiles_ok = capability >= (8, 0) and dtype != torch.float32
-    if tiles_ok and (M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW)):
-        return QMMConfig("tile", 4, 1, 16, 64, 256, True)
+    wide = M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW) or (M > 2 and (
+        qtype in (GGMLType.Q6_K, GGMLType.Q8_0) or (qtype == GGMLType.Q4_K and N * K >= MMQ_MIN_WEIGHTS)))
+    if tiles_ok and wide:
+        bn, warps, waves, min_steps = MMQ_TILES[qtype]
+        return QMMConfig("mmq", warps, mmq_splits(N, K, bn, sms, waves, min_steps), block_n=bn, nblk=1)
     bn, nb, w = MMVQ_TILES[qtype]
     loads, act_rows = 0, 1
     if M > 1 and qtype == GGMLType.Q4_K:
@@ -176,11 +190,10 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads, act_rows=act_rows)
 
 
-def mmq_splits(N: int, K: int, block_n: int, nblk: int, sms: int, waves: int) -> int:
-    """Split-K factor of an mmq launch that gives about ``waves`` programs per multiprocessor (at most one
-    split per loop step of ``nblk`` 256-element blocks)."""
-    steps = max(1, K // (256 * nblk))
-    return max(1, min(steps, triton_cdiv(waves * sms, triton_cdiv(N, block_n))))
+def mmq_splits(N: int, K: int, block_n: int, sms: int, waves: int, min_steps: int = 1) -> int:
+    """Split-K factor of an mmq launch that gives about ``waves`` programs per multiprocessor, with at least
+    ``min_steps`` 256-element blocks of K per split (each split costs fp32 partial sums and their sum)."""
+    return max(1, min(K // 256 // min_steps, triton_cdiv(waves * sms, triton_cdiv(N, block_n))))
 
 
 def check_inputs(x: torch.Tensor, w: torch.Tensor, qtype, K: int, name: str = "quant_matmul") -> GGMLType:
@@ -342,7 +355,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
             raise KernelInputError(f"mmq multiplies {', '.join(t.name for t in FUSED_TYPES)} weights with float16 or "
                                    f"bfloat16 activations, got {qtype.name} and {x2.dtype}; use kind 'mmvq'")
         block = tk.BLOCK_ELEMS[int(qtype)]
-        nb = cfg.nblk * 256 // block  # GGUF blocks per loop step
+        nb = tk.step_blocks(int(qtype), cfg.nblk)  # GGUF blocks per loop step
         nblocks = K // block
         per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb  # whole steps per split
         splits = triton_cdiv(nblocks, per_split)
