@@ -10,8 +10,8 @@ tensor cores make the multiply free, and the weight decode is what costs.
 Each type is decoded in the order its bytes sit in, as several tiles per step that each take one
 ``tl.dot``; the activations are loaded in each tile's order, in contiguous runs of 32 or 16:
 - Q4_K (one block per step): eight (32, BN) tiles, one per sub-block, all tensors 2-D with the
-  weight rows last; with fp16 activations the nibbles become fp16 pairs in inline PTX
-  (``_Q4K_HALF2``), with bf16 through float32. Its loads are 4 bytes or wider, so Triton's
+  weight rows last; the nibbles become fp16 or bf16 pairs in inline PTX (``_Q4K_HALF2``,
+  ``_Q4K_BF16X2``; the interpreter takes the float32 twin). Its loads are 4 bytes or wider, so Triton's
   pipeliner streams them through shared memory (cp.async) ahead of the math;
 - Q6_K: four (BN, 64 NB) tiles per step, one per 2-bit plane of its high bytes;
 - Q8_0, Q5_0: one (BN, 32 NB) tile per step in natural order.
@@ -123,6 +123,24 @@ and.b32 v, t1, 0x64F064F0; sub.f16x2 v, v, k; fma.rn.f16x2 $3, v, $10, $12;
 }""")
 
 
+# The same for bf16 (sm_80+): 0x43 is bf16 128 + byte up to 127 only, so the high nibbles are shifted down
+# rather than masked in place, and v - 128 is an fma (sub.bf16x2 needs sm_90). The caller's a is not divided.
+_Q4K_BF16X2 = tl.constexpr("""{
+.reg .b32 t0, t1, v, e, one, m128;
+mov.b32 e, 0x43434343;
+mov.b32 one, 0x3F803F80;
+mov.b32 m128, 0xC300C300;
+prmt.b32 t0, $4, e, 0x4140;
+prmt.b32 t1, $4, e, 0x4342;
+and.b32 v, t0, 0x430F430F; fma.rn.bf16x2 v, v, one, m128; fma.rn.bf16x2 $0, v, $5, $7;
+and.b32 v, t1, 0x430F430F; fma.rn.bf16x2 v, v, one, m128; fma.rn.bf16x2 $1, v, $6, $8;
+shr.b32 v, t0, 4; and.b32 v, v, 0x000F000F; or.b32 v, v, 0x43004300;
+fma.rn.bf16x2 v, v, one, m128; fma.rn.bf16x2 $2, v, $9, $11;
+shr.b32 v, t1, 4; and.b32 v, v, 0x000F000F; or.b32 v, v, 0x43004300;
+fma.rn.bf16x2 v, v, one, m128; fma.rn.bf16x2 $3, v, $10, $12;
+}""")
+
+
 @triton.jit
 def _q4k_scales(w0, w1, w2, w3, s: tl.constexpr):
     """Sub-block s of a Q4_K block from its header words (d|dmin, scale bytes 0-3, 4-7, 8-11): (d * scale,
@@ -161,6 +179,11 @@ def _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND: tl.constexpr, ASM: tl
                 _Q4K_HALF2, "=r,=r,=r,=r" + ",r" * 9,
                 [q, sl.to(tl.float16), (-ml).to(tl.float16), (sh * 0.0625).to(tl.float16), (-mh).to(tl.float16)],
                 dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        elif ASM and DOT_KIND == 2:
+            wl, wh = tl.inline_asm_elementwise(
+                _Q4K_BF16X2, "=r,=r,=r,=r" + ",r" * 9,
+                [q, sl.to(tl.bfloat16), (-ml).to(tl.bfloat16), sh.to(tl.bfloat16), (-mh).to(tl.bfloat16)],
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
             qi = q.to(tl.int32)
             wl = _to_dot((16.0 * sl) * _f(((qi << 19) & 0x00780000) | 0x3F800000) - (16.0 * sl + ml), DOT_KIND)
