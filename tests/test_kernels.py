@@ -532,6 +532,13 @@ def _interp_tile(gen: torch.Generator) -> None:
                 x = torch.randn(m, K, generator=gen).half()
                 _interp_check(f"mmq {t.name} {cfg.block_n}x{cfg.split_k} M={m}", _qmm_launch(x, w, t, K, cfg),
                               quant_matmul_ref(x, w, t, K), TILE_TOL[torch.float16])
+        if t == T.Q4_K:  # prefill's Q4_K dequantizer (the tiles' decode): float32 out is bit-exact
+            from tierlm.kernels import triton_mmq as tk
+
+            out = torch.full((N, K), float("nan"))
+            tk.q4k_dequant_kernel[(-(-N // 16), -(-(K // 256) // 2))](w, out, N, K, w.shape[1], BN=16, NB=2,
+                                                                     OUT_KIND=0, ASM=False)
+            _interp_check("q4k dequant", out, dequantize(w, t, (N, K)))
         out = torch.full((N, K), float("nan"))  # every element must be written
         block = tq.BLOCK_ELEMS[int(t)]
         nb = max(1, 256 // block)

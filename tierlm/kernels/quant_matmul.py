@@ -96,6 +96,7 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
 MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((32, 4), (64, 8), (16, 2)) for s in (1, 3))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS + MMQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
+Q4K_DEQUANT_CONFIG = (64, 2, 4)  # Q4_K's (triton_mmq.q4k_dequant_kernel): (rows, 256-element blocks, warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,6 +242,14 @@ def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch
     from tierlm.kernels import triton_q as tq
 
     out = torch.empty((N, K), dtype=dtype, device=w.device)
+    if qtype == GGMLType.Q4_K:  # the tensor-core tiles' decode: 2-D tiles, wide loads
+        from tierlm.kernels import triton_mmq as tk
+
+        bn, nb, warps = Q4K_DEQUANT_CONFIG
+        tk.q4k_dequant_kernel[(triton_cdiv(N, bn), triton_cdiv(K // 256, nb))](
+            w, out, N, K, w.shape[1], BN=bn, NB=nb, OUT_KIND=_dot_kind(dtype), ASM=not _interpreting(),
+            num_warps=warps)
+        return out
     bn, k_step, warps = DEQUANT_CONFIG
     block = tq.BLOCK_ELEMS[int(qtype)]
     nb = max(1, k_step // block)

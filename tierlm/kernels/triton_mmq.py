@@ -157,6 +157,39 @@ def _q4k_scales(w0, w1, w2, w3, s: tl.constexpr):
 
 
 @triton.jit
+def _q4k_header(blk, wmask):
+    """The four header words of a Q4_K block per weight row (1, BN): d|dmin, scale bytes 0-3, 4-7, 8-11
+    (zeros where masked: zero scales, so zero weights)."""
+    hp = blk.to(tl.pointer_type(tl.int32))
+    return (tl.load(hp, mask=wmask, other=0), tl.load(hp + 1, mask=wmask, other=0),
+            tl.load(hp + 2, mask=wmask, other=0), tl.load(hp + 3, mask=wmask, other=0))
+
+
+@triton.jit
+def _q4k_pair(blk, wmask, w0, w1, w2, w3, c: tl.constexpr, DOT_KIND: tl.constexpr, ASM: tl.constexpr):
+    """Sub-blocks 2c and 2c+1 of a Q4_K block, the low and high nibbles of its bytes 32c .. 32c+31, as two
+    (32, BN) tiles in the dot's dtype (DOT_KIND; float32 for 0)."""
+    sl, ml = _q4k_scales(w0, w1, w2, w3, 2 * c)  # (1, BN)
+    sh, mh = _q4k_scales(w0, w1, w2, w3, 2 * c + 1)
+    q = tl.load(blk + 16 + c * 32 + tl.arange(0, 32)[:, None], mask=wmask, other=0)  # (32, BN) uint8
+    if ASM and DOT_KIND == 1:
+        wl, wh = tl.inline_asm_elementwise(
+            _Q4K_HALF2, "=r,=r,=r,=r" + ",r" * 9,
+            [q, sl.to(tl.float16), (-ml).to(tl.float16), (sh * 0.0625).to(tl.float16), (-mh).to(tl.float16)],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif ASM and DOT_KIND == 2:
+        wl, wh = tl.inline_asm_elementwise(
+            _Q4K_BF16X2, "=r,=r,=r,=r" + ",r" * 9,
+            [q, sl.to(tl.bfloat16), (-ml).to(tl.bfloat16), sh.to(tl.bfloat16), (-mh).to(tl.bfloat16)],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        qi = q.to(tl.int32)
+        wl = _to_dot((16.0 * sl) * _f(((qi << 19) & 0x00780000) | 0x3F800000) - (16.0 * sl + ml), DOT_KIND)
+        wh = _to_dot((16.0 * sh) * _f(((qi << 15) & 0x00780000) | 0x3F800000) - (16.0 * sh + mh), DOT_KIND)
+    return wl, wh
+
+
+@triton.jit
 def _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND: tl.constexpr, ASM: tl.constexpr):
     """Block kb (NB = 1) as eight (32, BN) tiles, one per sub-block, each with its own dot of K = 32. Every
     tensor is 2-D with the weight rows last, which lets the compiler decode in the dot operand's layout, and
@@ -165,33 +198,35 @@ def _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND: tl.constexpr, ASM: tl
     blk = wrow[None, :] + kb * 144  # (1, BN)
     wmask = nmask[None, :]  # one block per step: kb < kend
     xmask = mmask[:, None]
-    hp = blk.to(tl.pointer_type(tl.int32))
-    w0 = tl.load(hp, mask=wmask, other=0)  # (1, BN): masked rows get zero scales, so zero weights
-    w1 = tl.load(hp + 1, mask=wmask, other=0)
-    w2 = tl.load(hp + 2, mask=wmask, other=0)
-    w3 = tl.load(hp + 3, mask=wmask, other=0)
+    w0, w1, w2, w3 = _q4k_header(blk, wmask)
     for c in tl.static_range(4):
-        sl, ml = _q4k_scales(w0, w1, w2, w3, 2 * c)  # (1, BN)
-        sh, mh = _q4k_scales(w0, w1, w2, w3, 2 * c + 1)
-        q = tl.load(blk + 16 + c * 32 + j[:, None], mask=wmask, other=0)  # (32, BN) uint8
-        if ASM and DOT_KIND == 1:
-            wl, wh = tl.inline_asm_elementwise(
-                _Q4K_HALF2, "=r,=r,=r,=r" + ",r" * 9,
-                [q, sl.to(tl.float16), (-ml).to(tl.float16), (sh * 0.0625).to(tl.float16), (-mh).to(tl.float16)],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        elif ASM and DOT_KIND == 2:
-            wl, wh = tl.inline_asm_elementwise(
-                _Q4K_BF16X2, "=r,=r,=r,=r" + ",r" * 9,
-                [q, sl.to(tl.bfloat16), (-ml).to(tl.bfloat16), sh.to(tl.bfloat16), (-mh).to(tl.bfloat16)],
-                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
-            qi = q.to(tl.int32)
-            wl = _to_dot((16.0 * sl) * _f(((qi << 19) & 0x00780000) | 0x3F800000) - (16.0 * sl + ml), DOT_KIND)
-            wh = _to_dot((16.0 * sh) * _f(((qi << 15) & 0x00780000) | 0x3F800000) - (16.0 * sh + mh), DOT_KIND)
+        wl, wh = _q4k_pair(blk, wmask, w0, w1, w2, w3, c, DOT_KIND, ASM)
         xp = xrow[:, None] + kb * 256 + c * 64 + j[None, :]  # (BM, 32)
         acc = tl.dot(_to_dot(tl.load(xp, mask=xmask, other=0.0), DOT_KIND), wl, acc)
         acc = tl.dot(_to_dot(tl.load(xp + 32, mask=xmask, other=0.0), DOT_KIND), wh, acc)
     return acc
+
+
+@triton.jit
+def q4k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl.constexpr,
+                       OUT_KIND: tl.constexpr, ASM: tl.constexpr):
+    """out[n, k] = dequant(w)[n, k] for Q4_K in out's dtype (OUT_KIND: 1 fp16, 2 bf16, 0 fp32), NB blocks of
+    BN rows per program, with ``mmq_kernel``'s decode. Grid: (cdiv(N, BN), cdiv(K / 256, NB))."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    wrow = w_ptr + offs_n.to(tl.int64) * row_bytes
+    orow = out_ptr + offs_n.to(tl.int64)[None, :] * K  # (1, BN)
+    j = tl.arange(0, 32)[:, None]
+    for i in tl.static_range(NB):
+        kb = tl.program_id(1) * NB + i
+        wmask = (nmask & (offs_n * 0 + kb < K // 256))[None, :]  # (1, BN); a tensor compare, for the interpreter
+        blk = wrow[None, :] + kb * 144
+        w0, w1, w2, w3 = _q4k_header(blk, wmask)
+        for c in tl.static_range(4):
+            wl, wh = _q4k_pair(blk, wmask, w0, w1, w2, w3, c, OUT_KIND, ASM)
+            op = orow + kb * 256 + c * 64 + j  # (32, BN)
+            tl.store(op, wl.to(out_ptr.dtype.element_ty), mask=wmask)
+            tl.store(op + 32, wh.to(out_ptr.dtype.element_ty), mask=wmask)
 
 
 @triton.jit
