@@ -412,9 +412,13 @@ def test_dequantize_rows_matches_formats(t, dtype):
     _poison_cache()
     out = dequantize_rows(w, t, K, dtype)
     ref = dequantize(w, t, (N, K), torch.float32)
-    # one rounding of A*f - B instead of the reference's d*sc*q - dmin*m: a few float32 ulps
-    assert torch.allclose(out.float(), ref.to(dtype).float(), rtol=2e-6 if dtype == torch.float32 else 2e-3,
-                          atol=1e-6 * ref.abs().max().item())
+    if dtype == torch.float32:  # one rounding of A*f - B instead of the reference's d*sc*q - dmin*m: a few ulps
+        assert torch.allclose(out, ref, rtol=2e-6, atol=1e-6 * ref.abs().max().item())
+        return
+    # 16-bit: Q4_K decodes in packed fp16 (its scales rounded to fp16 too, then one fma), so a weight can be off
+    # by a few fp16 ulps of its 32-element group's largest value, not of its own (small ones cancel a * q - m)
+    group_max = ref.abs().view(N, K // 32, 32).amax(-1, keepdim=True).expand(-1, -1, 32).reshape(N, K)
+    assert ((out.float() - ref).abs() <= 4e-3 * group_max + 1e-7).all()
 
 
 @pytest.mark.gpu
