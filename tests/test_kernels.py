@@ -543,6 +543,12 @@ def _interp_tile(gen: torch.Generator) -> None:
             tk.q4k_dequant_kernel[(-(-N // 16), -(-(K // 256) // 2))](w, out, N, K, w.shape[1], BN=16, NB=2,
                                                                      OUT_KIND=0, ASM=False)
             _interp_check("q4k dequant", out, dequantize(w, t, (N, K)))
+        if t == T.Q6_K:
+            from tierlm.kernels import triton_mmq as tk
+
+            out = torch.full((N, K), float("nan"))
+            tk.q6k_dequant_kernel[(-(-N // 16), -(-(K // 256) // 2))](w, out, N, K, w.shape[1], BN=16, NB=2)
+            _interp_check("q6k dequant", out, dequantize(w, t, (N, K)))
         out = torch.full((N, K), float("nan"))  # every element must be written
         block = tq.BLOCK_ELEMS[int(t)]
         nb = max(1, 256 // block)

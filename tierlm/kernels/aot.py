@@ -140,6 +140,7 @@ def variants(capability: int) -> list[Variant]:
     for q in QUANT:  # tensor-core decode tiles, as pick_config launches them (fp32 out: split-K partial sums)
         bn, warps, _, _ = MMQ_TILES[q]
         out += [mmq_variant(q, act, bn, 1, warps, split) for act in acts if act != "fp32" for split in (False, True)]
+    out += [kquant_dequant_variant(q, act) for q in (tq.Q4_K, tq.Q6_K) for act in acts]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
@@ -191,6 +192,17 @@ def mmq_variant(qtype: int, act: str = "fp16", bn: int = 64, nblk: int = 1, num_
     aligned = ("stride_xm",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
     return Variant(f"mmq_{qtype}_{act}_n{bn}_b{nblk}_w{num_warps}{'_split' if split else ''}{'' if asm else '_plain'}", tk.mmq_kernel, types,
                    const, aligned, num_warps, num_stages, tags=dict(act=act, qtype=qtype))
+
+
+def kquant_dequant_variant(qtype: int, out: str) -> Variant:
+    """Prefill's Q4_K / Q6_K dequantizers (``triton_mmq.q4k_dequant_kernel``, ``q6k_dequant_kernel``)."""
+    types = dict(w_ptr="*u8", out_ptr=_PTR[out], N="i32", K="i32", row_bytes="i32")
+    if qtype == tq.Q4_K:
+        fn, const = tk.q4k_dequant_kernel, dict(BN=64, NB=2, OUT_KIND={"fp32": 0, "fp16": 1, "bf16": 2}[out], ASM=True)
+    else:
+        fn, const = tk.q6k_dequant_kernel, dict(BN=64, NB=1)
+    aligned = ("K",) + (("row_bytes",) if qtype == tq.Q4_K else ())
+    return Variant(f"dequant_{qtype}_{out}_tiles", fn, types, const, aligned, tags=dict(act=out, qtype=qtype))
 
 
 def quantize_q8_variant(act: str, pack: bool = False) -> Variant:

@@ -97,6 +97,7 @@ MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS + MMQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
 Q4K_DEQUANT_CONFIG = (64, 2, 4)  # Q4_K's (triton_mmq.q4k_dequant_kernel): (rows, 256-element blocks, warps)
+Q6K_DEQUANT_CONFIG = (64, 1, 4)  # Q6_K's (triton_mmq.q6k_dequant_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,6 +250,13 @@ def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch
         tk.q4k_dequant_kernel[(triton_cdiv(N, bn), triton_cdiv(K // 256, nb))](
             w, out, N, K, w.shape[1], BN=bn, NB=nb, OUT_KIND=_dot_kind(dtype), ASM=not _interpreting(),
             num_warps=warps)
+        return out
+    if qtype == GGMLType.Q6_K:
+        from tierlm.kernels import triton_mmq as tk
+
+        bn, nb, warps = Q6K_DEQUANT_CONFIG
+        tk.q6k_dequant_kernel[(triton_cdiv(N, bn), triton_cdiv(K // 256, nb))](w, out, N, K, w.shape[1], BN=bn, NB=nb,
+                                                                              num_warps=warps)
         return out
     bn, k_step, warps = DEQUANT_CONFIG
     block = tq.BLOCK_ELEMS[int(qtype)]

@@ -208,6 +208,34 @@ def _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND: tl.constexpr, ASM: tl
 
 
 @triton.jit
+def q6k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl.constexpr):
+    """out[n, k] = dequant(w)[n, k] for Q6_K in out's dtype, NB blocks of BN rows per program as (32, BN) tiles
+    with the elements of each weight row down the columns (as ``q4k_dequant_kernel``). Grid: (cdiv(N, BN),
+    cdiv(K / 256, NB))."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    wrow = w_ptr + offs_n.to(tl.int64) * ((row_bytes // 2) * 2)  # whole 2-byte words: pairs of byte loads
+    orow = out_ptr + offs_n.to(tl.int64)[None, :] * K  # (1, BN)
+    l = tl.arange(0, 32)[:, None]  # (32, 1)
+    for i in tl.static_range(NB):
+        kb = tl.program_id(1) * NB + i
+        wmask = (nmask & (offs_n * 0 + kb < K // 256))[None, :]  # (1, BN)
+        blk = wrow[None, :] + kb * 210
+        d = _f16_at(blk + 208, wmask)
+        for h in tl.static_range(2):
+            qa = tl.load(blk + h * 64 + l, mask=wmask, other=0).to(tl.int32)  # (32, BN): planes 0 and 2
+            qb = tl.load(blk + h * 64 + 32 + l, mask=wmask, other=0).to(tl.int32)  # planes 1 and 3
+            qh = tl.load(blk + 128 + h * 32 + l, mask=wmask, other=0).to(tl.int32)
+            for r in tl.static_range(4):
+                qv = qa if r % 2 == 0 else qb
+                q = ((qv >> (4 * (r // 2))) & 15) | (((qh >> (2 * r)) & 3) << 4)
+                sp = (blk + 192 + h * 8 + 2 * r + l // 16).to(tl.pointer_type(tl.int8))  # (32, BN): two scales
+                a = d * tl.load(sp, mask=wmask, other=0).to(tl.float32)
+                op = orow + kb * 256 + h * 128 + 32 * r + l
+                tl.store(op, ((q - 32).to(tl.float32) * a).to(out_ptr.dtype.element_ty), mask=wmask)
+
+
+@triton.jit
 def q4k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl.constexpr,
                        OUT_KIND: tl.constexpr, ASM: tl.constexpr):
     """out[n, k] = dequant(w)[n, k] for Q4_K in out's dtype (OUT_KIND: 1 fp16, 2 bf16, 0 fp32), NB blocks of
