@@ -5,10 +5,12 @@ per output. On CPU the product is the reference computation (dequantize, then ma
 
 - Q4_K, Q6_K, Q8_0, Q5_0 with at most ``DECODE_MAX_M`` rows: the activation rows are quantized to
   int8 in groups of 32 (as llama.cpp does for its quantized matrix-vector kernels), then one launch
-  reads each weight byte once, coalesced, and multiplies with ``dp4a`` (``triton_mmvq``). The
-  float-activation kernels (``triton_gemv``, ``triton_q.qmm_kernel``) stay selectable by config;
-- more rows (prefill): a Triton launch dequantizes the weight to x's dtype, then ``torch.matmul``
-  (cuBLAS, which uses tensor cores on every card from Turing on);
+  reads each weight byte once, coalesced, and multiplies with ``dp4a`` (``triton_mmvq``); from 3-5
+  rows on sm_80+ with 16-bit activations (``pick_config``), tensor-core tiles decode each weight once
+  for all rows (``triton_mmq``). The float-activation kernels (``triton_gemv``,
+  ``triton_q.qmm_kernel``) stay selectable by config;
+- more rows (prefill): a Triton launch dequantizes the weight to x's dtype (Q4_K and Q6_K with
+  ``triton_mmq``'s decode), then ``torch.matmul`` (cuBLAS, tensor cores from Turing on);
 - other types: ``formats.dequantize`` then ``torch.matmul``.
 
 Glossary: M = activation rows (all leading dims of x), N = outputs, K = inputs.
