@@ -389,6 +389,14 @@ def test_mmq_matches_reference(t, dtype, M):
         out = quant_matmul(x, w, t, K, config=QMMConfig("mmq", 4, split, block_n=bn, nblk=1))
         assert out.dtype == dtype and out.shape == (M, N)
         assert rel(out, quant_matmul_ref(x, w, t, K)) <= TILE_TOL[dtype], (t.name, dtype, M, N, K)
+    # weight bytes that start off a 4-byte boundary (the Q4_K tiles read 32-bit header words): copied first
+    buf = torch.zeros(w.numel() + 2, dtype=torch.uint8, device="cuda")
+    odd = buf[2:].view(w.shape)
+    odd.copy_(w)
+    assert odd.data_ptr() % 4 == 2
+    out = quant_matmul(x, odd, t, K, config=QMMConfig("mmq", 4, 2, block_n=32, nblk=1))
+    assert rel(out, quant_matmul_ref(x, w, t, K)) <= TILE_TOL[dtype]
+    assert rel(dequantize_rows(odd, t, K, dtype).float(), dequantize(w, t, w.shape[:1] + (K,), torch.float32)) < 1e-2
 
 
 @pytest.mark.gpu

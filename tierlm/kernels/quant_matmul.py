@@ -94,7 +94,7 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14, act_rows=4),
     QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2),
     QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4))
-# (rows per program, 256-element blocks per step, warps) of the tensor-core decode tiles; split-K per shape
+# tensor-core decode tiles of 32, 64 and 16 rows per program (4, 8, 2 warps), without and with split-K
 MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((32, 4), (64, 8), (16, 2)) for s in (1, 3))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS + MMQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
@@ -248,6 +248,7 @@ def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch
     if qtype == GGMLType.Q4_K:  # the tensor-core tiles' decode: 2-D tiles, wide loads
         from tierlm.kernels import triton_mmq as tk
 
+        w = _word_aligned(w)
         bn, nb, warps = Q4K_DEQUANT_CONFIG
         tk.q4k_dequant_kernel[(triton_cdiv(N, bn), triton_cdiv(K // 256, nb))](
             w, out, N, K, w.shape[1], BN=bn, NB=nb, OUT_KIND=_dot_kind(dtype), ASM=not _interpreting(),
@@ -268,6 +269,13 @@ def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch
     tq.dequant_kernel[grid](w, out, N, K, nblocks, w.shape[1], QTYPE=int(qtype), BLOCK=block, BLOCK_N=bn, NB=nb,
                             num_warps=warps)
     return out
+
+
+def _word_aligned(w: torch.Tensor) -> torch.Tensor:
+    """w itself, or a copy where its bytes do not start on a 4-byte boundary: the Q4_K tiles read block headers
+    as 32-bit words. GGUF aligns tensor data to 32 bytes and rows are 144-byte multiples, so the copy is for views
+    made some other way."""
+    return w if w.data_ptr() % 4 == 0 else w.clone()
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -375,6 +383,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
                                    f"bfloat16 activations, got {qtype.name} and {x2.dtype}; use kind 'mmvq'")
         block = tk.BLOCK_ELEMS[int(qtype)]
         nb = tk.step_blocks(int(qtype), cfg.nblk)  # GGUF blocks per loop step
+        w = _word_aligned(w) if qtype == GGMLType.Q4_K else w
         nblocks = K // block
         per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb  # whole steps per split
         splits = triton_cdiv(nblocks, per_split)
