@@ -582,10 +582,12 @@ def _interp_moe(gen: torch.Generator) -> None:
         args = (x, ids.reshape(-1), wts.reshape(-1), gate, up, down, [gt, gt, dt], (E, I, D, K))
         pairs = moe._moe_pairs(*args, MoEConfig(num_warps=2, rows=1)).view(n, K, D).sum(1)
         pairs_block = moe._moe_pairs(*args, MoEConfig(num_warps=2, rows=2, q4k_block=True)).view(n, K, D).sum(1)
-        tiles = moe._moe_sorted(*args, MoEConfig(block_m=16, block_n=32)).view(n, K, D).sum(1)
+        tiles = moe._moe_sorted(*args, MoEConfig(block_m=16, block_n=32)).view(n, K, D).sum(1)  # mmq decode
+        general = moe._moe_sorted(*args, MoEConfig(block_m=16, block_n=32, sorted_mmq=False)).view(n, K, D).sum(1)
         _interp_check(f"moe pairs {gt.name}/{dt.name}", pairs, ref)
         _interp_check(f"moe pairs q4k_block {gt.name}/{dt.name}", pairs_block, ref)
         _interp_check(f"moe sorted {gt.name}/{dt.name}", tiles, ref)
+        _interp_check(f"moe sorted, general decode {gt.name}/{dt.name}", general, ref)
 
 
 def _interp_mmvq(gen: torch.Generator) -> None:

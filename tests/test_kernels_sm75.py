@@ -27,7 +27,8 @@ def _representative(capability: int) -> list:
         if moe and v.tags.get("qtype") not in (12, 14, 1):
             continue
         key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"),
-               v.constexprs.get("Q4K_BLOCK"), v.constexprs.get("LOADS"), v.constexprs.get("MR"))
+               v.constexprs.get("Q4K_BLOCK"), v.constexprs.get("LOADS"), v.constexprs.get("MR"),
+               v.constexprs.get("MMQ"))
         if key not in seen:
             seen.add(key)
             out.append(v)

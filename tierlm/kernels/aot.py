@@ -78,8 +78,9 @@ def dequant_variant(qtype: int, out: str) -> Variant:
     return Variant(f"dequant_{qtype}_{out}", tq.dequant_kernel, types, const, aligned, tags=dict(act=out, qtype=qtype))
 
 
-def moe_variants(q_up: int, q_down: int, act: str, sorted_: bool, dot_prec: str) -> list[Variant]:
-    """The up and down kernels of one MoE layer: decode (pairs, gemv) or prefill (sorted tiles)."""
+def moe_variants(q_up: int, q_down: int, act: str, sorted_: bool, dot_prec: str, mmq: bool = False) -> list[Variant]:
+    """The up and down kernels of one MoE layer: decode (pairs, gemv) or prefill (sorted tiles; ``mmq``: with
+    ``triton_mmq``'s decode, as sm_80+ launches them for quantized experts)."""
     gu, gd = (_geometry(q_up), _geometry(q_down)) if sorted_ else (dict(BLOCK=32, NB=1),) * 2
     bm, bn = (16, 64) if sorted_ else (1, 64)
     dot_kind = {"fp32": tq.DOT_F32, "fp16": tq.DOT_F16, "bf16": tq.DOT_BF16}[act]
@@ -87,7 +88,7 @@ def moe_variants(q_up: int, q_down: int, act: str, sorted_: bool, dot_prec: str)
     if not sorted_:
         tiles = {k: "*i64" for k in tiles}
     flags = dict(BLOCK_M=bm, BLOCK_N=bn, SORTED=sorted_, USE_DOT=sorted_, DOT_PREC=dot_prec, W=4,
-                 R=1 if sorted_ else 2, ASM=not sorted_, Q4K_BLOCK=False)
+                 R=1 if sorted_ else 2, ASM=not sorted_ or mmq, Q4K_BLOCK=False, MMQ=mmq)
     up_types = dict(x_ptr=_PTR["fp32" if not sorted_ else act], gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
                     ids_ptr="*i64", **tiles, E="i32", I="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
                     es_g="i64", es_u="i64", stride_xt="i32", TOPK="i32")
@@ -96,7 +97,7 @@ def moe_variants(q_up: int, q_down: int, act: str, sorted_: bool, dot_prec: str)
     down_types = dict(h_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32", ids_ptr="*i64", **tiles,
                       E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64")
     down_const = dict(DOWN_T=q_down, BLOCK_D=gd["BLOCK"], NB_D=gd["NB"], DOT_KIND=tq.DOT_F32, **flags)
-    tag = "sorted" if sorted_ else "pairs"
+    tag = ("sorted_mmq" if mmq else "sorted") if sorted_ else "pairs"
     aligned_up = ("stride_xt",) + (("rb_g", "rb_u") if tq.BLOCK_BYTES[q_up] % 16 == 0 else ())
     aligned_down = ("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ()
     return [
@@ -124,6 +125,8 @@ def variants(capability: int) -> list[Variant]:
     for act in acts:
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, False, dot_prec)
         out += moe_variants(tq.Q4_K, tq.Q6_K, act, True, dot_prec)
+        if capability >= 80:
+            out += moe_variants(tq.Q4_K, tq.Q6_K, act, True, dot_prec, mmq=True)
     for q in QUANT:
         bn, nblk, warps = MMVQ_TILES[q]  # the default launch, then the prefetching form
         out += [mmvq_variant(q, bn, nblk, warps, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
@@ -148,6 +151,8 @@ def variants(capability: int) -> list[Variant]:
     out += moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
+    if capability >= 80:
+        out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec, mmq=True)
     for w in (tq.F16, tq.BF16, tq.F32):  # moe_dense (bf16 weights are widened by a shift everywhere)
         out += moe_variants(w, w, "fp16", False, dot_prec)
         out += moe_variants(w, w, "fp16", True, dot_prec)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, device_info,
-                                         mmvq_loads)
+from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, _word_aligned,
+                                         device_info, mmvq_loads)
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -56,6 +56,7 @@ class MoEConfig:
     mmvq_loads: int = 0  # int8 decode, Q4_K gate/up: QMMConfig.loads (quant_matmul.mmvq_loads keeps those of a type)
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
+    sorted_mmq: bool = True  # sorted tiles on sm_80+: triton_mmq's decode for Q4_K/Q6_K/Q8_0/Q5_0 experts
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -286,8 +287,11 @@ def _moe_sorted(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> tor
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     y = torch.zeros(P, D, dtype=torch.float32, device=x.device)  # pairs with no expert stay 0
     prec = "tf32" if cap >= (8, 0) else "ieee"
+    mmq = cfg.sorted_mmq and cap >= (8, 0) and cfg.block_m >= 16 and all(t in FUSED_TYPES for t in types)
+    if mmq:  # the Q4_K decode reads block headers as 32-bit words
+        gate, up, down = (_word_aligned(w) if t == GGMLType.Q4_K else w for w, t in zip((gate, up, down), types))
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SORTED=True, USE_DOT=True, DOT_PREC=prec,
-                  W=1, R=1, ASM=False, num_warps=cfg.tile_warps)
+                  W=1, R=1, ASM=mmq and not _interpreting(), MMQ=mmq, num_warps=cfg.tile_warps)
 
     def geo(t):
         block = tq.BLOCK_ELEMS[int(t)]

@@ -258,6 +258,24 @@ def q4k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl
 
 
 @triton.jit
+def mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr,
+            BN: tl.constexpr, DOT_KIND: tl.constexpr, ASM: tl.constexpr):
+    """Sum over GGUF blocks kb0 .. kend-1 of x[m] . w[n] -> (BM, BN) float32, BM >= 16 (``triton_q._mac``'s
+    contract, with this module's decode). xrow: (BM,) activation row pointers, mmask their validity; wrow:
+    (BN,) weight row pointers, nmask their validity. float32 activations (DOT_KIND 0) multiply in tl.dot's
+    default precision (tf32 on sm_80+)."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(kb0, kend, NB):
+        if QTYPE == 12:
+            acc = _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND, ASM)
+        elif QTYPE == 14:
+            acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND)
+        else:
+            acc = _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE, NB, DOT_KIND)
+    return acc
+
+
+@triton.jit
 def mmq_kernel(x_ptr, w_ptr, out_ptr, M, N, nblocks, row_bytes, stride_xm, stride_om, stride_os, blocks_per_split,
                QTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_KIND: tl.constexpr,
                ASM: tl.constexpr = False):
@@ -276,13 +294,6 @@ def mmq_kernel(x_ptr, w_ptr, out_ptr, M, N, nblocks, row_bytes, stride_xm, strid
     wrow = w_ptr + offs_n.to(tl.int64) * row_stride(row_bytes, QTYPE)  # (BN,)
     kb0 = pid_k * blocks_per_split
     kend = tl.minimum(kb0 + blocks_per_split, nblocks)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(kb0, kend, NB):
-        if QTYPE == 12:
-            acc = _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND, ASM)
-        elif QTYPE == 14:
-            acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND)
-        else:
-            acc = _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE, NB, DOT_KIND)
+    acc = mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE, NB, BM, BN, DOT_KIND, ASM)
     optr = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

@@ -8,7 +8,8 @@ Two launches per layer compute y[p] = w_p * down_e(silu(gate_e x_t) * up_e x_t) 
   sorting launches run, and with one token every pair has its own expert anyway.
 - Prefill (``SORTED=True``): a "tile" is up to BLOCK_M pairs of one expert, taken from the
   expert-sorted pair order (``order``), so an expert's weights are read once per tile and
-  multiplied with ``tl.dot`` (``triton_q._mac``).
+  multiplied with ``tl.dot``: with ``MMQ``, the decode of ``triton_mmq`` (Q4_K, Q6_K, Q8_0, Q5_0);
+  otherwise ``triton_q._mac`` (every type).
 
 An expert id outside [0, E) contributes nothing and reads no weights.
 
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from tierlm.kernels.triton_gemv import _gemv
+from tierlm.kernels.triton_mmq import mmq_mac
 from tierlm.kernels.triton_q import _mac, row_stride
 
 
@@ -52,7 +54,7 @@ def moe_up_kernel(x_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, order_ptr, tile_e_ptr
                   UP_T: tl.constexpr, BLOCK_U: tl.constexpr, NB_U: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SORTED: tl.constexpr, USE_DOT: tl.constexpr,
                   DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                  ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False):
+                  ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False, MMQ: tl.constexpr = False):
     """h[row, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]), float32 (P, I).
 
     Grid: (tiles, cdiv(I, BLOCK_N)). nb_*: blocks per row for tiles, units per row for decode;
@@ -68,10 +70,16 @@ def moe_up_kernel(x_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, order_ptr, tile_e_ptr
         nmask = offs_n < I  # an invalid expert runs no loop iteration (kend = 0)
         gw = gate_ptr + e * es_g + offs_n.to(tl.int64) * row_stride(rb_g, GATE_T)
         uw = up_ptr + e * es_u + offs_n.to(tl.int64) * row_stride(rb_u, UP_T)
-        g = _mac(xrow, rmask, gw, nmask, 0, tl.where(valid, nb_g, 0), GATE_T, NB_G, BLOCK_G,
-                 BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
-        u = _mac(xrow, rmask, uw, nmask, 0, tl.where(valid, nb_u, 0), UP_T, NB_U, BLOCK_U,
-                 BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
+        if MMQ:
+            g = mmq_mac(xrow, rmask, gw, nmask, 0, tl.where(valid, nb_g, 0), GATE_T, NB_G, BLOCK_M, BLOCK_N,
+                        DOT_KIND, ASM)
+            u = mmq_mac(xrow, rmask, uw, nmask, 0, tl.where(valid, nb_u, 0), UP_T, NB_U, BLOCK_M, BLOCK_N,
+                        DOT_KIND, ASM)
+        else:
+            g = _mac(xrow, rmask, gw, nmask, 0, tl.where(valid, nb_g, 0), GATE_T, NB_G, BLOCK_G,
+                     BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
+            u = _mac(xrow, rmask, uw, nmask, 0, tl.where(valid, nb_u, 0), UP_T, NB_U, BLOCK_U,
+                     BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
     else:
         xr = x_ptr + (t // TOPK).to(tl.int64) * stride_xt  # pair t's token row, as a scalar pointer
         g = _gemv(xr, gate_ptr + e * es_g, pid_n * BLOCK_N, I, rb_g, 0, tl.where(valid, nb_g, 0),
@@ -89,7 +97,7 @@ def moe_down_kernel(h_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, order_ptr, tile_e_
                     DOWN_T: tl.constexpr, BLOCK_D: tl.constexpr, NB_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SORTED: tl.constexpr, USE_DOT: tl.constexpr,
                     DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                    ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False):
+                    ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False, MMQ: tl.constexpr = False):
     """y[pair, n] = wts[pair] * (down_e[n] . h[row]), float32 (P, D). Grid: (tiles, cdiv(D, BLOCK_N))."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -100,8 +108,12 @@ def moe_down_kernel(h_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, order_ptr, tile_e_
     if SORTED:
         nmask = offs_n < D
         dw = down_ptr + e * es_d + offs_n.to(tl.int64) * row_stride(rb_d, DOWN_T)
-        acc = _mac(hrow, rmask, dw, nmask, 0, tl.where(valid, nb_d, 0), DOWN_T, NB_D, BLOCK_D,
-                   BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
+        if MMQ:  # h is float32: tf32 tiles
+            acc = mmq_mac(hrow, rmask, dw, nmask, 0, tl.where(valid, nb_d, 0), DOWN_T, NB_D, BLOCK_M, BLOCK_N,
+                          DOT_KIND, ASM)
+        else:
+            acc = _mac(hrow, rmask, dw, nmask, 0, tl.where(valid, nb_d, 0), DOWN_T, NB_D, BLOCK_D,
+                       BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
     else:
         acc = _gemv(h_ptr + t.to(tl.int64) * I, down_ptr + e * es_d, pid_n * BLOCK_N, D, rb_d, 0,
                     tl.where(valid, nb_d, 0), DOWN_T, W, R, ASM, Q4K_BLOCK)[None, :]
