@@ -8,8 +8,6 @@ Usage: PYTHONPATH=. python bench/dequant.py [--out DIR]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GB, SHAPES, copy_bandwidth, graph_time, random_weight  # noqa: E402
+from kernels import SHAPES, graph_time, random_weight, start_run, write_run  # noqa: E402
 
 from tierlm.kernels import triton_q as tq  # noqa: E402
 from tierlm.kernels.quant_matmul import DEQUANT_CONFIG, dequantize_rows, quant_matmul  # noqa: E402
@@ -40,12 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    dev = torch.cuda.get_device_properties(0)
-    res = dict(card=dev.name, date=dt.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
-               command=" ".join(sys.argv), rows=[])
-    bw = copy_bandwidth()
-    res["copy_GBps"] = bw / GB
-    print(f"{dev.name}: copy {bw / GB:.0f} GB/s", flush=True)
+    res, bw = start_run()
     for name, N, K, t in SHAPES[:8]:
         w = random_weight(t, N, K, 2)
         ref = dequantize(w[0].cpu(), t, (N, K)).cuda()
@@ -66,10 +59,7 @@ def main() -> None:
               f"({s_q / s_mm:.1f}x)", flush=True)
         del w, ref, wd
         torch.cuda.empty_cache()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"dequant-{dev.name.replace(' ', '_')}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print("wrote", path)
+    print("wrote", write_run(res, args.out, "dequant"))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,27 @@ def copy_bandwidth() -> float:
     return 2 * n / t
 
 
+def start_run(**extra) -> tuple[dict, float]:
+    """The result record of a run on GPU 0 (card, date, versions, command) and its measured copy bandwidth."""
+    import triton
+
+    dev = torch.cuda.get_device_properties(0)
+    res = dict(card=dev.name, date=dt.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
+               command=" ".join(sys.argv), **extra, rows=[])
+    bw = copy_bandwidth()
+    res["copy_GBps"] = bw / GB
+    print(f"{dev.name}: copy {bw / GB:.0f} GB/s", flush=True)
+    return res, bw
+
+
+def write_run(res: dict, out: str, stem: str) -> Path:
+    """res as JSON under out, named by the stem and the card."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / f"{stem}-{res['card'].replace(' ', '_')}.json"
+    path.write_text(json.dumps(res, indent=1))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- jobs
 
 

@@ -9,16 +9,13 @@ Usage: PYTHONPATH=. python bench/moe_prefill.py [--out DIR] [--tokens 64,512,204
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GB, copy_bandwidth, graph_time, moe_setup, moe_weights  # noqa: E402
+from kernels import graph_time, moe_setup, moe_weights, start_run, write_run  # noqa: E402
 
 from tierlm.kernels.moe import MoEConfig  # noqa: E402
 from tierlm.weights.formats import GGMLType  # noqa: E402
@@ -31,12 +28,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tokens", default="64,512,2048")
     args = ap.parse_args()
-    dev = torch.cuda.get_device_properties(0)
-    res = dict(card=dev.name, date=dt.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
-               command=" ".join(sys.argv), rows=[])
-    bw = copy_bandwidth()
-    res["copy_GBps"] = bw / GB
-    print(f"{dev.name}: copy {bw / GB:.0f} GB/s", flush=True)
+    res, bw = start_run()
     for down in (T.Q6_K, T.Q4_K):
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down))
         for n in (int(v) for v in args.tokens.split(",")):
@@ -53,10 +45,7 @@ def main() -> None:
                 del calls
         del weights
         torch.cuda.empty_cache()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"moe-prefill-{dev.name.replace(' ', '_')}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print("wrote", path)
+    print("wrote", write_run(res, args.out, "moe-prefill"))
 
 
 if __name__ == "__main__":
