@@ -109,7 +109,8 @@ def _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE: tl.constexpr, NB: 
 # under the exponent 0x64 (fp16 1024 + byte), a mask keeps one nibble (1024 + q, or 1024 + 16 q), sub 1024
 # is exact, then one fma.f16x2 per pair. The caller divides the high nibbles' a by 16. Operands (pack=4):
 # $0-$3 out (lo 0-1, lo 2-3, hi 0-1, hi 2-3), $4 the bytes, then a and c of the low, a and c of the high
-# nibbles, each as two fp16 pairs.
+# nibbles, each as two fp16 pairs. a and c are rounded to fp16 first: a sub-block whose d * scale falls below
+# fp16's normal range (6.1e-5, weights under about 1e-3) loses scale precision there; the float32 twin does not.
 _Q4K_HALF2 = tl.constexpr("""{
 .reg .b32 t0, t1, v, e, k;
 mov.b32 e, 0x64646464;
