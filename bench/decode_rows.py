@@ -4,13 +4,14 @@
 For each shape and row count M it times, with ``kernels.py``'s method (weights rotated past the L2, calls
 replayed from a CUDA graph):
 - ``quant_matmul`` as shipped (``pick_config``);
-- the same with bf16 activations (the Q4_K tiles then decode through float32);
+- the same with bf16 activations (converted before the timed calls);
 - ``MMQ_STEPS`` launches of ``triton_mmq.mmq_kernel`` with split-K chosen for 2, 4 or 8 programs per SM
   (at least two 256-element blocks per split), with the packed-fp16 Q4_K decode and its plain twin;
 - at M = 16, the prefill path: the Triton dequantizer to fp16, then cuBLAS.
 Each product is checked against ``quant_matmul_ref`` (relative error in the JSON).
 
 Usage: PYTHONPATH=. python bench/decode_rows.py [--out DIR] [--shapes a,b] [--m 1,2,4,8,16] [--workers 14]
+       [--defaults-only]
 """
 
 from __future__ import annotations

@@ -588,6 +588,9 @@ def _interp_moe(gen: torch.Generator) -> None:
         _interp_check(f"moe pairs q4k_block {gt.name}/{dt.name}", pairs_block, ref)
         _interp_check(f"moe sorted {gt.name}/{dt.name}", tiles, ref)
         _interp_check(f"moe sorted, general decode {gt.name}/{dt.name}", general, ref)
+        if gt == T.Q4_K:  # two blocks per step: the Q4_K tiles still take one at a time
+            wide = moe._moe_sorted(*args, MoEConfig(block_m=16, block_n=32, k_step=512)).view(n, K, D).sum(1)
+            _interp_check(f"moe sorted, k_step 512 {gt.name}/{dt.name}", wide, ref)
 
 
 def _interp_mmvq(gen: torch.Generator) -> None:

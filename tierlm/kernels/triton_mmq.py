@@ -266,13 +266,15 @@ def mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE: tl.constexpr, NB: tl.con
     (BN,) weight row pointers, nmask their validity. float32 activations (DOT_KIND 0) multiply in tl.dot's
     default precision (tf32 on sm_80+)."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(kb0, kend, NB):
-        if QTYPE == 12:
+    if QTYPE == 12:
+        for kb in range(kb0, kend):  # one block per step, whatever NB says
             acc = _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND, ASM)
-        elif QTYPE == 14:
-            acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND)
-        else:
-            acc = _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE, NB, DOT_KIND)
+    else:
+        for kb in range(kb0, kend, NB):
+            if QTYPE == 14:
+                acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND)
+            else:
+                acc = _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE, NB, DOT_KIND)
     return acc
 
 
