@@ -17,49 +17,30 @@ Usage: PYTHONPATH=. python bench/decode_rows.py [--out DIR] [--shapes a,b] [--m 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GB, SHAPES, copy_bandwidth, graph_time, n_copies, random_weight  # noqa: E402
+from kernels import SHAPES, graph_time, n_copies, random_weight, start_run, write_run  # noqa: E402
 
-from tierlm.kernels import triton_mmq as tk  # noqa: E402
-from tierlm.kernels.quant_matmul import (MMQ_BM, QMMConfig, _dot_kind, dequantize_rows, mmq_splits,  # noqa: E402
-                                         quant_matmul, quant_matmul_ref, triton_cdiv)
+from tierlm.kernels.quant_matmul import (QMMConfig, dequantize_rows, mmq_launch, mmq_splits,  # noqa: E402
+                                         quant_matmul, quant_matmul_ref)
 from tierlm.weights.formats import GGMLType  # noqa: E402
 
 T = GGMLType
 # (rows per program, 256-element blocks per step, warps, stages, inline PTX): the defaults (MMQ_TILES) first
 MMQ_STEPS = {
-    T.Q4_K: [(64, 1, 4, 2, 1), (32, 1, 4, 2, 1), (64, 1, 8, 2, 1), (128, 1, 8, 2, 1), (64, 1, 4, 3, 1), (64, 1, 4, 2, 0)],
+    T.Q4_K: [(64, 1, 4, 2, 1), (32, 1, 4, 2, 1), (64, 1, 8, 2, 1), (128, 1, 8, 2, 1), (64, 1, 4, 3, 1),
+             (64, 1, 4, 2, 0)],
     T.Q6_K: [(32, 1, 2, 2, 1), (64, 1, 4, 2, 1), (16, 1, 1, 2, 1), (32, 2, 2, 2, 1)],
     T.Q8_0: [(32, 1, 2, 2, 1), (16, 1, 1, 2, 1), (32, 1, 4, 2, 1)],
     T.Q5_0: [(32, 1, 2, 2, 1), (16, 1, 1, 2, 1), (32, 1, 4, 2, 1)],
 }
 WAVES = (2, 4, 8)
-
-
-def mmq_direct(x, w, t, K, cfg, asm=True):
-    """``mmq`` launched as ``quant_matmul`` does, with or without inline PTX (``asm``, Q4_K with fp16)."""
-    M, N = x.shape[0], w.shape[0]
-    block = tk.BLOCK_ELEMS[int(t)]
-    nb = tk.step_blocks(int(t), cfg.nblk)
-    nblocks = K // block
-    per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb
-    splits = triton_cdiv(nblocks, per_split)
-    out = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else x.new_empty(M, N)
-    tk.mmq_kernel[(triton_cdiv(N, cfg.block_n), splits, triton_cdiv(M, MMQ_BM))](
-        x, w, out, M, N, nblocks, w.shape[1], x.stride(0), N, M * N, per_split, QTYPE=int(t), BM=MMQ_BM,
-        BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x.dtype), ASM=asm, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    return out if splits == 1 else out.sum(0).to(x.dtype)
 
 
 def jobs(shapes, ms, sms):
@@ -88,7 +69,7 @@ def call(x, w, t, K, cfg):
         return quant_matmul(x, w, t, K)
     if isinstance(cfg, str):
         return x @ dequantize_rows(w, t, K, x.dtype).T
-    return mmq_direct(x, w, t, K, *cfg)
+    return mmq_launch(x, w, t, K, *cfg)  # (config, inline PTX or not)
 
 
 def _warm(chunk):
@@ -123,14 +104,8 @@ def main() -> None:
         p.start()
     for p in procs:
         p.join()
-    res = dict(card=dev.name, sms=dev.multi_processor_count, date=dt.date.today().isoformat(),
-               torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
-               compile_s=time.time() - t0, rows=[])
-    bw = copy_bandwidth()
-    res["copy_GBps"] = bw / GB
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"decode-rows-{dev.name.replace(' ', '_')}.json"
-    print(f"{dev.name}: copy {bw / GB:.0f} GB/s; compiled in {res['compile_s']:.0f} s", flush=True)
+    res, bw = start_run(sms=dev.multi_processor_count, compile_s=time.time() - t0)
+    print(f"compiled in {res['compile_s']:.0f} s", flush=True)
     for name, N, K, t in shapes:
         copies = n_copies(N * K)
         w = random_weight(t, N, K, copies)
@@ -156,7 +131,7 @@ def main() -> None:
                 print(f"{name:<30} M={M:<3} {label:<42} {s * 1e6:9.2f} us {r['pct']:5.1f}%  err {err:.1e}", flush=True)
         del w
         torch.cuda.empty_cache()
-        path.write_text(json.dumps(res, indent=1))  # after every shape: a cut-short run keeps what it timed
+        path = write_run(res, args.out, "decode-rows")  # after every shape: a cut-short run keeps what it timed
     print("wrote", path)
 
 

@@ -195,8 +195,8 @@ def mmq_variant(qtype: int, act: str = "fp16", bn: int = 64, nblk: int = 1, num_
     dot_kind = {"fp16": tq.DOT_F16, "bf16": tq.DOT_BF16}[act]
     const = dict(QTYPE=qtype, BM=16, BN=bn, NB=tk.step_blocks(qtype, nblk), DOT_KIND=dot_kind, ASM=asm)
     aligned = ("stride_xm",) + (("row_bytes",) if tq.BLOCK_BYTES[qtype] % 16 == 0 else ())
-    return Variant(f"mmq_{qtype}_{act}_n{bn}_b{nblk}_w{num_warps}{'_split' if split else ''}{'' if asm else '_plain'}", tk.mmq_kernel, types,
-                   const, aligned, num_warps, num_stages, tags=dict(act=act, qtype=qtype))
+    name = f"mmq_{qtype}_{act}_n{bn}_b{nblk}_w{num_warps}{'_split' if split else ''}{'' if asm else '_plain'}"
+    return Variant(name, tk.mmq_kernel, types, const, aligned, num_warps, num_stages, tags=dict(act=act, qtype=qtype))
 
 
 def kquant_dequant_variant(qtype: int, out: str) -> Variant:

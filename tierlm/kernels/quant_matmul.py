@@ -95,11 +95,12 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
     QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2),
     QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4))
 # tensor-core decode tiles of 32, 64 and 16 rows per program (4, 8, 2 warps), without and with split-K
-MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((32, 4), (64, 8), (16, 2)) for s in (1, 3))
+MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((32, 4), (64, 8), (16, 2))
+                    for s in (1, 3))
 DECODE_CONFIGS = GEMV_CONFIGS + TILE_CONFIGS + MMVQ_CONFIGS + MMQ_CONFIGS
 DEQUANT_CONFIG = (16, 256, 4)  # prefill dequantization: (rows, elements per program, warps)
-Q4K_DEQUANT_CONFIG = (64, 2, 4)  # Q4_K's (triton_mmq.q4k_dequant_kernel): (rows, 256-element blocks, warps)
-Q6K_DEQUANT_CONFIG = (64, 1, 4)  # Q6_K's (triton_mmq.q6k_dequant_kernel)
+# Q4_K's and Q6_K's (triton_mmq.q4k_dequant_kernel, q6k_dequant_kernel): (rows, 256-element blocks, warps)
+KQUANT_DEQUANT_CONFIG = {GGMLType.Q4_K: (64, 2, 4), GGMLType.Q6_K: (64, 1, 4)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -245,21 +246,16 @@ def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch
     from tierlm.kernels import triton_q as tq
 
     out = torch.empty((N, K), dtype=dtype, device=w.device)
-    if qtype == GGMLType.Q4_K:  # the tensor-core tiles' decode: 2-D tiles, wide loads
+    if qtype in KQUANT_DEQUANT_CONFIG:  # (32, rows) tiles as the tensor-core decode tiles take them, wide loads
         from tierlm.kernels import triton_mmq as tk
 
-        w = _word_aligned(w)
-        bn, nb, warps = Q4K_DEQUANT_CONFIG
-        tk.q4k_dequant_kernel[(triton_cdiv(N, bn), triton_cdiv(K // 256, nb))](
-            w, out, N, K, w.shape[1], BN=bn, NB=nb, OUT_KIND=_dot_kind(dtype), ASM=not _interpreting(),
-            num_warps=warps)
-        return out
-    if qtype == GGMLType.Q6_K:
-        from tierlm.kernels import triton_mmq as tk
-
-        bn, nb, warps = Q6K_DEQUANT_CONFIG
-        tk.q6k_dequant_kernel[(triton_cdiv(N, bn), triton_cdiv(K // 256, nb))](w, out, N, K, w.shape[1], BN=bn, NB=nb,
-                                                                              num_warps=warps)
+        bn, nb, warps = KQUANT_DEQUANT_CONFIG[qtype]
+        grid = (triton_cdiv(N, bn), triton_cdiv(K // 256, nb))
+        if qtype == GGMLType.Q4_K:
+            tk.q4k_dequant_kernel[grid](_word_aligned(w), out, N, K, w.shape[1], BN=bn, NB=nb,
+                                        OUT_KIND=_dot_kind(dtype), ASM=not _interpreting(), num_warps=warps)
+        else:
+            tk.q6k_dequant_kernel[grid](w, out, N, K, w.shape[1], BN=bn, NB=nb, num_warps=warps)
         return out
     bn, k_step, warps = DEQUANT_CONFIG
     block = tq.BLOCK_ELEMS[int(qtype)]
@@ -365,8 +361,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
         step = nblk * 256 // tv.BLOCK_ELEMS[int(qtype)]  # blocks per loop step
-        per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), step) * step  # whole steps per split
-        splits = triton_cdiv(nblocks, per_split)
+        per_split, splits = _splits(nblocks, cfg.split_k, step)
         out = _out_buffer(x2, M, N, splits)
         mr = min(cfg.act_rows, M) if qtype == GGMLType.Q4_K and loads & 8 else 1
         mr = 4 if mr > 2 else mr  # 1, 2 or 4 compiled forms
@@ -376,22 +371,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
                              LOADS=loads, MR=mr,
                              num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "mmq":
-        from tierlm.kernels import triton_mmq as tk
-
-        if qtype not in FUSED_TYPES or x2.dtype == torch.float32:
-            raise KernelInputError(f"mmq multiplies {', '.join(t.name for t in FUSED_TYPES)} weights with float16 or "
-                                   f"bfloat16 activations, got {qtype.name} and {x2.dtype}; use kind 'mmvq'")
-        block = tk.BLOCK_ELEMS[int(qtype)]
-        nb = tk.step_blocks(int(qtype), cfg.nblk)  # GGUF blocks per loop step
-        w = _word_aligned(w) if qtype == GGMLType.Q4_K else w
-        nblocks = K // block
-        per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb  # whole steps per split
-        splits = triton_cdiv(nblocks, per_split)
-        out = _out_buffer(x2, M, N, splits)
-        grid = (triton_cdiv(N, cfg.block_n), splits, triton_cdiv(M, MMQ_BM))
-        tk.mmq_kernel[grid](x2, w, out, M, N, nblocks, w.shape[1], x2.stride(0), N, M * N, per_split,
-                            QTYPE=int(qtype), BM=MMQ_BM, BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x2.dtype),
-                            ASM=not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return mmq_launch(x2, w, qtype, K, cfg)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 
@@ -412,8 +392,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
             raise KernelInputError(f"config k_step={cfg.k_step} is not a multiple of the {qtype.name} block ({block})")
         nb = cfg.k_step // block
         nblocks = K // block
-        per_split = triton_cdiv(triton_cdiv(nblocks, cfg.split_k), nb) * nb  # whole steps per split
-        splits = triton_cdiv(nblocks, per_split)
+        per_split, splits = _splits(nblocks, cfg.split_k, nb)
         out = _out_buffer(x2, M, N, splits)
         grid = (triton_cdiv(N, cfg.block_n), triton_cdiv(M, cfg.block_m), splits)
         tq.qmm_kernel[grid](
@@ -422,6 +401,34 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
             USE_DOT=cfg.use_dot, DOT_KIND=_dot_kind(x2.dtype), DOT_PREC="ieee",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
+
+
+def _splits(nblocks: int, split_k: int, step: int) -> tuple[int, int]:
+    """(blocks per split, splits) for ``split_k`` splits of whole ``step``-block loop steps over ``nblocks``."""
+    per_split = triton_cdiv(triton_cdiv(nblocks, split_k), step) * step
+    return per_split, triton_cdiv(nblocks, per_split)
+
+
+def mmq_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig,
+               asm: bool = True) -> torch.Tensor:
+    """The tensor-core decode product (``triton_mmq.mmq_kernel``) of x2 (M, K) -> (M, N) in x2's dtype; ``asm=False``
+    takes the plain-Triton Q4_K decode instead of inline PTX (the benchmarks compare the two)."""
+    from tierlm.kernels import triton_mmq as tk
+
+    if qtype not in FUSED_TYPES or x2.dtype == torch.float32:
+        raise KernelInputError(f"mmq multiplies {', '.join(t.name for t in FUSED_TYPES)} weights with float16 or "
+                               f"bfloat16 activations, got {qtype.name} and {x2.dtype}; use kind 'mmvq'")
+    M, N = x2.shape[0], w.shape[0]
+    nb = tk.step_blocks(int(qtype), cfg.nblk)  # GGUF blocks per loop step
+    w = _word_aligned(w) if qtype == GGMLType.Q4_K else w
+    nblocks = K // tk.BLOCK_ELEMS[int(qtype)]
+    per_split, splits = _splits(nblocks, cfg.split_k, nb)
+    out = _out_buffer(x2, M, N, splits)
+    grid = (triton_cdiv(N, cfg.block_n), splits, triton_cdiv(M, MMQ_BM))
+    tk.mmq_kernel[grid](x2, w, out, M, N, nblocks, w.shape[1], x2.stride(0), N, M * N, per_split,
+                        QTYPE=int(qtype), BM=MMQ_BM, BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x2.dtype),
+                        ASM=asm and not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
 
 

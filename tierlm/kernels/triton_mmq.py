@@ -33,10 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tierlm.kernels.triton_q import _f, _f16_at, _to_dot, row_stride
-
-Q4_K, Q6_K, Q8_0, Q5_0 = 12, 14, 8, 6
-BLOCK_ELEMS = {Q4_K: 256, Q6_K: 256, Q8_0: 32, Q5_0: 32}
+from tierlm.kernels.triton_q import BLOCK_ELEMS, Q4_K, _dequant_tile, _f, _f16_at, _to_dot, _x_tile, row_stride
 
 
 def step_blocks(qtype: int, nblk: int) -> int:
@@ -82,27 +79,10 @@ def _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB: tl.constexpr, DOT_KIN
 @triton.jit
 def _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE: tl.constexpr, NB: tl.constexpr,
               DOT_KIND: tl.constexpr):
-    """Q8_0 (d, 32 int8) or Q5_0 (d, 32 fifth bits, 16 nibble bytes): NB blocks of 32, one dot."""
-    b = kb + tl.arange(0, NB)[None, :, None]  # (1, NB, 1)
-    l = tl.arange(0, 32)[None, None, :]
-    bmask = b < kend
-    wmask = nmask[:, None, None] & bmask
-    if QTYPE == 8:
-        blk = wrow[:, None, None] + b * 34
-        q = tl.load((blk + 2 + l).to(tl.pointer_type(tl.int8)), mask=wmask, other=0).to(tl.int32)
-        d = 256.0 * _f16_at(blk, wmask)
-        w = d * _f(((q + 128) << 15) | 0x3F800000) - 1.5 * d  # 256 d (1 + (q + 128)/256) - 384 d = d q
-    else:
-        blk = wrow[:, None, None] + b * 22
-        hb = tl.load(blk + 2 + l // 8, mask=wmask, other=0).to(tl.int32)
-        qs = tl.load(blk + 6 + l % 16, mask=wmask, other=0).to(tl.int32)
-        q = ((qs >> ((l // 16) * 4)) & 15) | (((hb >> (l % 8)) & 1) << 4)
-        d = 32.0 * _f16_at(blk, wmask)
-        w = d * _f((q << 18) | 0x3F800000) - 1.5 * d  # 32 d (1 + q/32) - 48 d = d (q - 16)
-    x = tl.load(xrow[:, None, None] + b * 32 + l, mask=mmask[:, None, None] & bmask, other=0.0)  # (BM, NB, 32)
-    S: tl.constexpr = NB * 32
-    return tl.dot(_to_dot(tl.reshape(x, [x.shape[0], S]), DOT_KIND),
-                  tl.trans(_to_dot(tl.reshape(w, [w.shape[0], S]), DOT_KIND)), acc)
+    """Q8_0 or Q5_0: NB blocks of 32 in natural order (``triton_q``'s decode and activation tiles), one dot."""
+    w, _ = _dequant_tile(wrow, kb, kend, nmask, QTYPE, NB, 32)  # (BN, 32 NB)
+    x = _x_tile(xrow, mmask, kb, kend, QTYPE, NB, 32)  # (BM, 32 NB)
+    return tl.dot(_to_dot(x, DOT_KIND), tl.trans(_to_dot(w, DOT_KIND)), acc)
 
 
 # Four bytes -> their four low and four high nibbles as fp16 a * q + c, two at a time: prmt puts two bytes
