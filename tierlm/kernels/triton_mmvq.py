@@ -754,3 +754,119 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
 
+
+
+@triton.jit
+def _q4k_stream_acts(xq_ptr, xd_ptr, s, nblocks, RB: tl.constexpr, NB: tl.constexpr, MASK: tl.constexpr):
+    """The resident activations of a ``mmvq_stream_kernel`` program: for blocks s * NB .. s * NB + NB - 1 of one
+    int8 row, the words under each nibble word j (low ``xl`` and high ``xh``) and its (xd, xs) pair bits ``v`` as
+    (RB * NB, 32) tensors (the same for each of the RB rows of a step), then j (1, NB * 32), the block of each word
+    and whether it is inside the row."""
+    j = tl.arange(0, NB * 32)[None, :]
+    kb = s * NB + j // 32
+    hc = (j % 32) // 4  # the 16-byte piece of the block
+    live = kb < nblocks
+    px = xq_ptr.to(tl.pointer_type(tl.int32)) + kb * 64 + 16 * (hc // 2) + 4 * (hc % 2) + j % 4
+    pd = tl.multiple_of(xd_ptr.to(tl.pointer_type(tl.int32)) + kb * 16, [1, 16]) + 4 * (hc // 2) + j % 4
+    if MASK:
+        xl, xh, v = tl.load(px, mask=live, other=0), tl.load(px + 8, mask=live, other=0), \
+            tl.load(pd, mask=live, other=0)
+    else:
+        xl, xh, v = tl.load(px), tl.load(px + 8), tl.load(pd)
+    W: tl.constexpr = NB * 32
+    return (tl.reshape(tl.broadcast_to(xl, [RB, W]), [RB * NB, 32]),
+            tl.reshape(tl.broadcast_to(xh, [RB, W]), [RB * NB, 32]),
+            tl.reshape(tl.broadcast_to(v, [RB, W]), [RB * NB, 32]), j, kb, live)
+
+
+@triton.jit
+def _q4k_stream_rows(acts, w_ptr, rows, row_bytes, RB: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
+                     MASK: tl.constexpr):
+    """Rows ``rows`` (RB,) of the Q4_K weight at w_ptr dotted with the resident activations ``acts``
+    (``_q4k_stream_acts``) over their NB blocks: (RB,) float32. Each thread loads, per row, its 16-byte nibble
+    piece and its block's 16-byte header: two 16-byte loads, no activation loads."""
+    xl, xh, v, j, kb, live = acts
+    pw = tl.multiple_of((w_ptr + rows.to(tl.int64)[:, None] * row_bytes).to(tl.pointer_type(tl.int32)) + kb * 36,
+                        [16, 16])  # (RB, NB * 32): the block of each word; Q4_K rows are 16-byte aligned
+    if MASK:
+        hv, q = tl.load(pw + j % 4, mask=live, other=0), tl.load(pw + 4 + j % 32, mask=live, other=0)
+    else:
+        hv, q = tl.load(pw + j % 4), tl.load(pw + 4 + j % 32)
+    c = tl.arange(0, 8)[None, :] // 2  # the chunk of each piece, as in _q4k_rows32p
+    hi = c >= 2
+    se = 16 * (c % 2)
+    p = _q4k_math(tl.reshape(hv, [RB * NB, 32]), tl.reshape(q, [RB * NB, 32]), xl, xh, v, se + tl.where(hi, 2, 0),
+                  se, tl.where(hi, 0x3030, 0x3F3F), ASM)
+    return tl.sum(tl.reshape(p, [RB, NB * 8]), axis=1)
+
+
+@triton.jit
+def mmvq_stream_kernel(xq_ptr, xd_ptr, w_ptr, out_ptr, N, row_bytes, nblocks, rows_per_prog, stride_os,
+                       NB: tl.constexpr, RB: tl.constexpr, ASM: tl.constexpr, MASK: tl.constexpr):
+    """One Q4_K activation row with the activations held in registers: program (i, s) loads the int8 words and
+    (xd, xs) pairs of blocks s * NB .. s * NB + NB - 1 once, then streams rows i * rows_per_prog .. + rows_per_prog
+    - 1 past them, RB rows per loop step (eight threads per block, as in ``_q4k_rows32``, each with RB times two
+    16-byte loads per step). Rows are summed across the program's threads each step. out[s, n]: float32 partial
+    sums stride_os apart with several splits, else the output row. MASK: blocks past ``nblocks`` in the last
+    split."""
+    s = tl.program_id(1)
+    acts = _q4k_stream_acts(xq_ptr, xd_ptr, s, nblocks, RB, NB, MASK)
+    r = tl.arange(0, RB)
+    row0 = tl.program_id(0) * rows_per_prog
+    row1 = tl.minimum(row0 + rows_per_prog, N)
+    po = out_ptr + s.to(tl.int64) * stride_os
+    for n0 in range(row0, row1, RB):
+        acc = _q4k_stream_rows(acts, w_ptr, tl.minimum(n0 + r, N - 1), row_bytes, RB, NB, ASM, MASK)
+        tl.store(po + n0 + r, acc.to(out_ptr.dtype.element_ty), mask=n0 + r < row1)
+
+
+@triton.jit
+def moe_up_stream_kernel(xq_ptr, xd_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, row_bytes, es, TOPK,
+                         rows_per_prog, NB: tl.constexpr, RB: tl.constexpr, ASM: tl.constexpr, MASK: tl.constexpr):
+    """``moe_up_q8_kernel`` for Q4_K gate and up with the token's activations held in registers (whole rows: NB
+    covers D's blocks): program (p, i) streams gate and up rows i * rows_per_prog .. + rows_per_prog - 1 of expert
+    ids[p], RB of each per loop step; h[p, n] = silu(gate . x) * (up . x), float32. An expert id outside [0, E)
+    reads nothing and gives zeros (as in the down kernel)."""
+    t = tl.program_id(0)
+    e = tl.load(ids_ptr + t)
+    valid = (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0).to(tl.int64)
+    tok = (t // TOPK).to(tl.int64)
+    r = tl.arange(0, RB)
+    row0 = tl.program_id(1) * rows_per_prog
+    row1 = tl.minimum(row0 + rows_per_prog, I)
+    ph = h_ptr + t.to(tl.int64) * I
+    if valid:
+        acts = _q4k_stream_acts(xq_ptr + tok * D, xd_ptr + tok * (D // 16), 0, D // 256, RB, NB, MASK)
+        for n0 in range(row0, row1, RB):
+            rows = tl.minimum(n0 + r, I - 1)
+            g = _q4k_stream_rows(acts, gate_ptr + e * es, rows, row_bytes, RB, NB, ASM, MASK)
+            u = _q4k_stream_rows(acts, up_ptr + e * es, rows, row_bytes, RB, NB, ASM, MASK)
+            tl.store(ph + n0 + r, g / (1.0 + tl.exp(-g)) * u, mask=n0 + r < row1)
+    else:
+        for n0 in range(row0, row1, RB):
+            tl.store(ph + n0 + r, tl.zeros([RB], dtype=tl.float32), mask=n0 + r < row1)
+
+
+@triton.jit
+def moe_down_stream_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, row_bytes, es,
+                           rows_per_prog, NB: tl.constexpr, RB: tl.constexpr, ASM: tl.constexpr, MASK: tl.constexpr):
+    """``moe_down_q8_kernel`` for Q4_K down experts with the pair's h held in registers (NB covers I's blocks):
+    y[p, n] = wts[p] * (down_e[n] . h[p]), float32."""
+    t = tl.program_id(0)
+    e = tl.load(ids_ptr + t)
+    valid = (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0).to(tl.int64)
+    p = t.to(tl.int64)
+    r = tl.arange(0, RB)
+    row0 = tl.program_id(1) * rows_per_prog
+    row1 = tl.minimum(row0 + rows_per_prog, D)
+    if valid:
+        acts = _q4k_stream_acts(hq_ptr + p * I, hd_ptr + p * (I // 16), 0, I // 256, RB, NB, MASK)
+        wt = tl.load(wts_ptr + t)
+        for n0 in range(row0, row1, RB):
+            acc = _q4k_stream_rows(acts, down_ptr + e * es, tl.minimum(n0 + r, D - 1), row_bytes, RB, NB, ASM, MASK)
+            tl.store(y_ptr + p * D + n0 + r, acc * wt, mask=n0 + r < row1)
+    else:
+        for n0 in range(row0, row1, RB):
+            tl.store(y_ptr + p * D + n0 + r, tl.zeros([RB], dtype=tl.float32), mask=n0 + r < row1)
