@@ -77,14 +77,6 @@ PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps
 # (rows, blocks, warps) of the Q4_K lean step with several activation rows per program, timed with --multi
 MULTI_STEPS = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 8, 2)]
 MULTI_M = (2, 3, 4)
-# (blocks of K per program, rows per loop step, rows per program, warps) of the activation-resident Q4_K kernel
-# (triton_mmvq.mmvq_stream_kernel), timed with --stream; blocks 0: the whole row (a power of two covering it)
-STREAM = [(4, 4, 4, 1), (4, 4, 16, 1), (4, 2, 8, 1), (8, 4, 4, 2), (8, 4, 16, 2), (8, 2, 8, 1), (8, 4, 8, 1),
-          (16, 4, 8, 4), (16, 2, 16, 4), (0, 4, 8, 0), (0, 2, 8, 0), (0, 4, 32, 0), (4, 8, 8, 1), (8, 8, 16, 2)]
-# MoE with the activations in registers, timed with --stream: ((rows per step, rows per program) of the gate/up
-# launch, the same of the down launch or () for the default down launch)
-MOE_STREAM = [((2, 8), ()), ((4, 8), ()), ((4, 16), ()), ((2, 4), ()), ((1, 8), ()),
-              ((2, 8), (4, 8)), ((4, 8), (4, 16)), ((2, 8), (2, 8)), ((4, 16), (4, 4))]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -165,21 +157,6 @@ def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, 
     return out
 
 
-def stream_alone(xq, xd, w, N, K, nb, rb, rp, warps, out, part):
-    """``mmvq_stream_kernel`` on activations quantized beforehand (packed (xd, xs) pairs); its fp32 partial sums
-    (``part``, splits x N) summed into ``out`` when K takes several programs."""
-    nblocks = K // 256
-    nb = nb or triton.next_power_of_2(nblocks)
-    warps = warps or max(1, nb // 4)
-    splits = triton.cdiv(nblocks, nb)
-    dst = out if splits == 1 else part[:splits]
-    tv.mmvq_stream_kernel[(triton.cdiv(N, rp), splits)](xq, xd, w, dst, N, w.shape[1], nblocks, rp, N, NB=nb, RB=rb,
-                                                        ASM=True, MASK=nblocks % nb != 0, num_warps=warps)
-    if splits > 1:
-        torch.sum(dst, 0, keepdim=True, out=out)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
@@ -189,7 +166,6 @@ def main() -> None:
                     "the MoE with them")
     ap.add_argument("--multi", action="store_true", help="also time Q4_K products of 2-4 activation rows: the "
                     "default launch, and MULTI_STEPS with all rows in one program")
-    ap.add_argument("--stream", action="store_true", help="also time the activation-resident Q4_K kernel (STREAM)")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
@@ -249,8 +225,6 @@ def main() -> None:
         out = torch.empty(1, N, dtype=torch.float16, device="cuda")
         variants = [(bn, nblk, warps, "default", 0)]
         variants += [(b_, n_, w_, "", 0) for (b_, n_, w_) in STEPS[t]] if args.steps else []
-        if args.stream and t == T.Q4_K:  # the shipped one-row steps, for comparison
-            variants += [(1, 8, 1, "eight threads, loads=6", 6), (4, 2, 1, "eight threads, loads=6", 6)]
         if args.loads:
             variants += [(*v[0], f"loads={v[1]}" + (f" maxnreg={v[2]}" if v[2:] else ""), *v[1:])
                          for v in LOAD_VARIANTS.get(t, ())]
@@ -264,15 +238,6 @@ def main() -> None:
                                                    mr) for i in range(copies)])
             row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s),
                 loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
-        outf = torch.empty(1, N, dtype=torch.float32, device="cuda")
-        part = torch.empty(K // 256, N, dtype=torch.float32, device="cuda")
-        for nb_, rb_, rp_, w_ in STREAM if args.stream and t == T.Q4_K else ():
-            stream_alone(xqp, xdp, w[0], N, K, nb_, rb_, rp_, w_, outf, part)
-            err = ((outf - ref).norm() / ref.norm()).item()
-            s = graph_time([lambda i=i: stream_alone(xqp, xdp, w[i], N, K, nb_, rb_, rp_, w_, outf, part)
-                            for i in range(copies)])
-            row(what=f"stream alone nb={nb_} rb={rb_} rp={rp_} {w_}w", shape=name, us=s * 1e6, pct=pct(s),
-                stream=[nb_, rb_, rp_, w_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
         for M in MULTI_M if args.multi and t == T.Q4_K else ():
@@ -306,14 +271,9 @@ def main() -> None:
                      for (r, nb, wp, ld) in MOE_DOWN]
         moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w l{d[3]}{' prefetch' if pf else ''}",
                       MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf)) for u, d, pf in MOE_LEAN]
-    if args.stream:
-        moe_cfgs += [(f"stream up {u} down {d or 'default'}", replace(MOE_DEFAULT, stream_up=u, stream_down=d))
-                     for u, d in MOE_STREAM]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         for label, cfg in moe_cfgs:
-            if cfg.stream_down and down_type != T.Q4_K:
-                continue
             calls, per_expert, distinct, check = moe_setup(1, 32, cfg, weights=weights)
             err = check()
             s = graph_time(calls)

@@ -622,10 +622,6 @@ def _interp_mmvq(gen: torch.Generator) -> None:
                      (QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=14, act_rows=4), -3),
                      (QMMConfig("mmvq", 1, 1, block_n=4, nblk=1, loads=14, act_rows=2), -3),
                      (QMMConfig("mmvq", 1, 3, block_n=2, nblk=1, loads=14, act_rows=4), -4)]
-        if t == T.Q4_K:  # activations in registers: one program per row (3 blocks in a masked 4); splits of 2
-            # (the last half empty); 2 rows per step, 5 per program (a partial step); 2 activation rows
-            cfgs += [(QMMConfig("stream", 0, 1, block_n=5, rows=2, nblk=0), 1),
-                     (QMMConfig("stream", 1, 1, block_n=8, rows=4, nblk=2), 2)]
         if t == T.Q6_K:  # sixteen threads per block
             cfgs += [(QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4), 1),
                      (QMMConfig("mmvq", 2, 1, block_n=4, nblk=1, loads=4), 2),
@@ -654,8 +650,8 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         # the four-thread steps with prefetch, and the default (lean steps in both launches; with Q4_K down
         # experts, as Q4_K_M has outside its more-bits layers, only the default: the interpreter is slow)
         cfgs = [MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True), moe.DEFAULT]
-        if dt == T.Q4_K:  # and with the activations in registers (rows per step, per program), both launches
-            cfgs = [moe.DEFAULT, MoEConfig(stream_up=(2, 6), stream_down=(4, 8))]
+        if dt == T.Q4_K:
+            cfgs = [moe.DEFAULT]
         elif dt == T.Q5_0:
             cfgs = cfgs[:1]
         for c in cfgs:

@@ -57,10 +57,6 @@ class MoEConfig:
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
     sorted_mmq: bool = True  # sorted tiles on sm_80+: triton_mmq's decode for Q4_K/Q6_K/Q8_0/Q5_0 experts
-    # int8 decode of Q4_K experts with the activations held in registers (triton_mmvq.moe_up_stream_kernel,
-    # moe_down_stream_kernel): (rows per loop step, rows per program) of the gate/up and the down launch, or ()
-    stream_up: tuple = ()
-    stream_down: tuple = ()
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -211,46 +207,25 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
+    ub, unb, uw, loads = cfg.up_step()
+    loads = mmvq_loads(gt, loads, gate, up) if gt == ut else 0  # one LOADS for both
+    xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
-    if cfg.stream_up and gt == ut == GGMLType.Q4_K and mmvq_loads(gt, 8, gate, up) & 8:
-        rb, rp = cfg.stream_up
-        xq, xd, _ = quantize_q8(x.contiguous(), pack=True)
-        nb = _pow2(D // 256)
-        tv.moe_up_stream_kernel[(P, -(-I // rp))](
-            xq, xd, gate, up, h, ids, E, I, D, gate.shape[2], gate[0].numel(), K, rp, NB=nb, RB=rb,
-            ASM=not _interpreting(), MASK=D // 256 != nb, num_warps=max(1, nb // 4))
-    else:
-        ub, unb, uw, loads = cfg.up_step()
-        loads = mmvq_loads(gt, loads, gate, up) if gt == ut else 0  # one LOADS for both
-        xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
-        nblk, warps = tv.fit_step(unb, uw, D)
-        tv.moe_up_q8_kernel[(P, -(-I // ub))](
-            xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
-            gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
-            NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
-    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
-    if cfg.stream_down and dt == GGMLType.Q4_K and mmvq_loads(dt, 8, down) & 8:
-        rb, rp = cfg.stream_down
-        hq, hd, _ = quantize_q8(h, pack=True)
-        nb = _pow2(I // 256)
-        tv.moe_down_stream_kernel[(P, -(-D // rp))](
-            hq, hd, down, y, wts, ids, E, I, D, down.shape[2], down[0].numel(), rp, NB=nb, RB=rb,
-            ASM=not _interpreting(), MASK=I // 256 != nb, num_warps=max(1, nb // 4))
-        return y
+    nblk, warps = tv.fit_step(unb, uw, D)
+    tv.moe_up_q8_kernel[(P, -(-I // ub))](
+        xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
+        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
+        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
     bn, dnb, dw, dl = cfg.down_step()
     dl = mmvq_loads(dt, dl, down)
     hq, hd, hs = quantize_q8(h, pack=bool(dl & 2))
     nblk, warps = tv.fit_step(dnb, dw, I)
+    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
         LOADS=dl, num_warps=warps)
     return y
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (>= 4: a stream program's blocks fill at least one warp)."""
-    return max(4, 1 << (n - 1).bit_length())
 
 
 def moe_quant_q8_ref(x, ids, weights, gate, up, down, gate_type, up_type, down_type) -> torch.Tensor:

@@ -370,8 +370,6 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
                              LOADS=loads, MR=mr,
                              num_warps=warps, num_stages=cfg.num_stages)
-    elif cfg.kind == "stream":
-        return stream_launch(x2, w, qtype, K, cfg)
     elif cfg.kind == "mmq":
         return mmq_launch(x2, w, qtype, K, cfg)
     elif cfg.kind == "gemv":
@@ -410,33 +408,6 @@ def _splits(nblocks: int, split_k: int, step: int) -> tuple[int, int]:
     """(blocks per split, splits) for ``split_k`` splits of whole ``step``-block loop steps over ``nblocks``."""
     per_split = triton_cdiv(triton_cdiv(nblocks, split_k), step) * step
     return per_split, triton_cdiv(nblocks, per_split)
-
-
-def stream_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig) -> torch.Tensor:
-    """The activation-resident Q4_K product (``triton_mmvq.mmvq_stream_kernel``) of x2 (M, K) -> (M, N) in x2's
-    dtype, one launch per activation row: ``cfg.nblk`` blocks of K per program (0: the whole row), ``cfg.rows``
-    weight rows per loop step, ``cfg.block_n`` per program, ``cfg.num_warps`` warps (0: one per four blocks)."""
-    from tierlm.kernels import triton_mmvq as tv
-
-    if qtype != GGMLType.Q4_K or not mmvq_loads(qtype, 8, w) & 8:
-        raise KernelInputError(f"the stream kernel takes 16-byte aligned Q4_K weights, got {qtype.name} at byte "
-                               f"{w.data_ptr() % 16} of 16; use kind 'mmvq'")
-    M, N = x2.shape[0], w.shape[0]
-    nblocks = K // 256
-    nb = cfg.nblk or max(4, triton_next_pow2(nblocks))
-    splits = triton_cdiv(nblocks, nb)
-    xq, xd, _ = quantize_q8(x2, pack=True)
-    out = _out_buffer(x2, M, N, splits)
-    for m in range(M):
-        dst = out[m] if splits == 1 else out[:, m]
-        tv.mmvq_stream_kernel[(triton_cdiv(N, cfg.block_n), splits)](
-            xq[m], xd[m], w, dst, N, w.shape[1], nblocks, cfg.block_n, dst.stride(0) if splits > 1 else 0, NB=nb,
-            RB=cfg.rows, ASM=not _interpreting(), MASK=nblocks % nb != 0, num_warps=cfg.num_warps or max(1, nb // 4))
-    return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def mmq_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig,
