@@ -77,13 +77,6 @@ PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps
 # (rows, blocks, warps) of the Q4_K lean step with several activation rows per program, timed with --multi
 MULTI_STEPS = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 8, 2)]
 MULTI_M = (2, 3, 4)
-# ((rows, blocks per step, warps), LOADS, stages) of the eight-thread Q4_K steps with their loop software-pipelined
-# (loads copied ahead into shared memory), timed with --stages; the MoE with MOE_STAGES (gate/up, down launch)
-STAGED = [((1, 8, 1), 6, s) for s in (2, 3, 4)] + [((1, 8, 1), 14, s) for s in (2, 3, 4)] + [
-    ((4, 2, 1), 6, s) for s in (2, 3)] + [((4, 2, 1), 14, s) for s in (2, 3)] + [
-    ((1, 4, 1), 14, s) for s in (1, 2, 3, 4)] + [((2, 4, 1), 14, s) for s in (2, 3)] + [
-    ((1, 8, 2), 14, s) for s in (1, 2, 3)] + [((1, 16, 2), 14, s) for s in (2, 3)] + [((1, 4, 1), 6, s) for s in (1, 3, 4)]
-MOE_STAGES = [(2, 1), (3, 1), (4, 1), (2, 2), (3, 3), (1, 3)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -153,14 +146,14 @@ def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBL
     tl.store(out_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, maxnreg=None, ns=1):
+def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, maxnreg=None):
     """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2);
     ``maxnreg``: a cap on its registers per thread (more warps per SM)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
     tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N, 1,
                                             QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
-                                            PF=pf, NS=ns, num_warps=warps, maxnreg=maxnreg)
+                                            PF=pf, num_warps=warps, maxnreg=maxnreg)
     return out
 
 
@@ -173,8 +166,6 @@ def main() -> None:
                     "the MoE with them")
     ap.add_argument("--multi", action="store_true", help="also time Q4_K products of 2-4 activation rows: the "
                     "default launch, and MULTI_STEPS with all rows in one program")
-    ap.add_argument("--stages", action="store_true", help="also time the Q4_K steps of STAGED and the MoE with "
-                    "MOE_STAGES")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
@@ -234,21 +225,17 @@ def main() -> None:
         out = torch.empty(1, N, dtype=torch.float16, device="cuda")
         variants = [(bn, nblk, warps, "default", 0)]
         variants += [(b_, n_, w_, "", 0) for (b_, n_, w_) in STEPS[t]] if args.steps else []
-        if args.stages and t == T.Q4_K:
-            variants += [(1, 8, 1, "loads=6", 6), (1, 8, 1, "loads=14", 14), (4, 2, 1, "loads=6", 6),
-                         (4, 2, 1, "loads=14", 14)]
-            variants += [(*v[0], f"loads={v[1]} stages={v[2]}", v[1], None, v[2]) for v in STAGED]
         if args.loads:
             variants += [(*v[0], f"loads={v[1]}" + (f" maxnreg={v[2]}" if v[2:] else ""), *v[1:])
                          for v in LOAD_VARIANTS.get(t, ())]
         xqp, xdp, _ = quantize_q8(x, pack=True)
         for bn_, nblk_, warps_, label, ld, *mr in variants:
-            a = (xqp, xdp, xdp) if ld & 2 or ld & 8 else (xq, xd, xs)
-            mr, ns = (mr + [None, 1])[:2]
-            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16), mr, ns)
+            a = (xqp, xdp, xdp) if ld & 2 else (xq, xd, xs)
+            mr = mr[0] if mr else None
+            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16), mr)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16),
-                                                   mr, ns) for i in range(copies)])
+                                                   mr) for i in range(copies)])
             row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s),
                 loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
@@ -284,10 +271,6 @@ def main() -> None:
                      for (r, nb, wp, ld) in MOE_DOWN]
         moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w l{d[3]}{' prefetch' if pf else ''}",
                       MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf)) for u, d, pf in MOE_LEAN]
-    if args.stages:
-        moe_cfgs += [(f"stages {st}", replace(MOE_DEFAULT, mmvq_stages=st)) for st in MOE_STAGES]
-        moe_cfgs += [(f"up 1x8 1w stages {st}", replace(MOE_DEFAULT, mmvq_up=(1, 8, 1), mmvq_stages=st))
-                     for st in ((1, 1), (2, 1), (3, 1))]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         for label, cfg in moe_cfgs:

@@ -73,8 +73,6 @@ class QMMConfig:
     # Q6_K: 4 sixteen threads per block (_q6k_rows16), 8: that step in fewer instructions (_q6k_rows16p)
     act_rows: int = 1  # mmvq, Q4_K with loads & 8: activation rows per program (up to 4, then no prefetch), the
     # weights read once for all of them
-    stages: int = 1  # mmvq, Q4_K eight-thread steps (loads & 4): a loop software-pipelined over this many stages, its
-    # loads copied ahead into shared memory (cp.async, sm_80+); 1: a plain loop
 
 
 # The configurations bench/kernels.py times for decode; pick_config chooses among them.
@@ -370,7 +368,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         grid = (triton_cdiv(M, mr) * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N, M,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             LOADS=loads, MR=mr, NS=cfg.stages,
+                             LOADS=loads, MR=mr,
                              num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "mmq":
         return mmq_launch(x2, w, qtype, K, cfg)

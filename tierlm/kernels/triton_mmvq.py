@@ -209,7 +209,7 @@ def _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 
 @triton.jit
 def _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                LOADS: tl.constexpr, NS: tl.constexpr = 1):
+                LOADS: tl.constexpr):
     """Q4_K with eight threads per block (LOADS & 4). A step's tensors are (NBLK * BN, 32 words):
     line i is block k + i // BN of row i % BN, and the 32 words are its 128 nibble bytes, so a
     thread holds the four words of one 16-byte piece hc and neighbouring threads hold neighbouring
@@ -231,7 +231,7 @@ def _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl
     sh = 8 * ((2 * c3) % 4)
     j3 = tl.arange(0, 4)[None, None, :]
     acc = tl.zeros([L, 8], dtype=tl.float32)
-    for k in tl.range(kb0, kb1, NBLK, num_stages=NS):
+    for k in range(kb0, kb1, NBLK):
         kb = k + i // BN
         keep = (kb < kb1)[:, None]
         kb = tl.minimum(kb, kb1 - 1)[:, None]
@@ -339,7 +339,7 @@ def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM:
 
 @triton.jit
 def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                 PF: tl.constexpr = False, MR: tl.constexpr = 1, NS: tl.constexpr = 1):
+                 PF: tl.constexpr = False, MR: tl.constexpr = 1):
     """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2), for up to
     MR (<= 4) activation rows at once. Returns four (BN,) float32 sums (zeros past MR).
 
@@ -385,7 +385,7 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
             hv, q, live = nhv, nq, nlive
     else:
         kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
-        for k in tl.range(kb0, kfull, NBLK, num_stages=NS):
+        for k in range(kb0, kfull, NBLK):
             o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
             p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3, None,
                                          sa, se, ma, ASM, False, MR)
@@ -645,7 +645,7 @@ def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 @triton.jit
 def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
               QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr = False,
-              LOADS: tl.constexpr = 0, NS: tl.constexpr = 1):
+              LOADS: tl.constexpr = 0):
     """Rows row0 .. row0 + BN - 1 of the weight at w_ptr dotted with one quantized activation row
     (xq int8, xd/xs per 32 values) over blocks kb0..kb1-1: (BN,) float32. Rows past N are clamped
     (their values are garbage for the caller to mask); an empty block range gives zeros."""
@@ -654,9 +654,9 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
     if QTYPE == 12 and LOADS & 8:
         tl.static_assert(LOADS & 2 != 0, "the lean Q4_K step (LOADS & 8) reads (xd, xs) pairs (LOADS & 2)")
-        return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, 1, 0, BN, NBLK, ASM, PF, 1, NS)[0]
+        return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, 1, 0, BN, NBLK, ASM, PF)[0]
     elif QTYPE == 12 and LOADS & 4:
-        return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS, NS)
+        return _q4k_rows32(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, LOADS)
     elif QTYPE == 12:
         return _q4k_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN, NBLK, ASM, PF, LOADS)
     elif QTYPE == 14 and LOADS & 8:
@@ -675,7 +675,7 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os, M,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1, NS: tl.constexpr = 1):
+                PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1):
     """out[s, m, n] = weight row n . activation row m over split s's blocks, for M activation rows.
 
     Grid: (cdiv(M, MR) * cdiv(N, BN), splits); program i is row block i // G of activation rows
@@ -700,7 +700,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
         wrow = w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * row_stride(row_bytes, QTYPE)
         nact = tl.minimum(M - m, MR).to(tl.int32)
         a0, a1, a2, a3 = _q4k_rows32p(xq_ptr.to(tl.pointer_type(tl.int32)) + m * (K // 4), xd_ptr + m * ng, wrow,
-                                      kb0, kb1, nact, K, BN, NBLK, ASM, False, MR, NS)
+                                      kb0, kb1, nact, K, BN, NBLK, ASM, False, MR)
         ty = out_ptr.dtype.element_ty
         r = tl.zeros([BN], dtype=tl.int32) + nact  # activation rows of this program, over its weight rows
         tl.store(po, a0.to(ty), mask=rows < N)
@@ -711,7 +711,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
             tl.store(po + 3 * stride_om, a3.to(ty), mask=(rows < N) & (r > 3))
     else:
         acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * ng, xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
-                        kb0, kb1, QTYPE, BN, NBLK, ASM, PF, LOADS, NS)
+                        kb0, kb1, QTYPE, BN, NBLK, ASM, PF, LOADS)
         tl.store(po, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
@@ -719,7 +719,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, NS: tl.constexpr = 1):
+                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros."""
@@ -731,9 +731,9 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     tok = (t // TOPK).to(tl.int64)
     xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * ((2 if LOADS & 2 else 1) * (D // 32)), xs_ptr + tok * (D // 32)
     g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM, PF,
-                  LOADS, NS)
+                  LOADS)
     u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
-                  LOADS, NS)
+                  LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
@@ -741,7 +741,7 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0, NS: tl.constexpr = 1):
+                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -750,7 +750,7 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
     acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, NS)
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
 
