@@ -75,8 +75,17 @@ MOE_LEAN = [((4, 2, 1), (4, 2, 1, 14), False), ((4, 2, 1), (8, 2, 2, 14), False)
             ((2, 4, 1), (2, 2, 1, 14), False), ((1, 8, 1), (2, 2, 1, 14), True)]
 PATTERN8 = [(1, 8, 1), (1, 4, 1), (1, 16, 2), (2, 8, 2)]  # (rows, blocks, warps) of the eight-thread walk
 # (rows, blocks, warps) of the Q4_K lean step with several activation rows per program, timed with --multi
-MULTI_STEPS = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 8, 2)]
+MULTI_STEPS = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 8, 2), (2, 4, 2), (4, 2, 2)]
 MULTI_M = (2, 3, 4)
+# ((rows, blocks per step, warps), LOADS) of one-row Q4_K steps timed with --candidates (each thread one 16-byte
+# piece or more: rows x blocks x 8 >= 32 x warps), and (gate/up step, down step) of the MoE at one token
+CANDIDATES = {T.Q4_K: [((1, 8, 1), 6), ((1, 8, 2), 14), ((2, 4, 2), 14), ((4, 2, 2), 14), ((4, 2, 1), 14),
+                       ((1, 16, 2), 14), ((2, 8, 4), 14), ((4, 4, 4), 14)],
+              T.Q6_K: [((2, 2, 1), 4), ((2, 2, 2), 4), ((1, 4, 2), 4), ((4, 1, 2), 4), ((2, 4, 4), 4), ((4, 2, 4), 4),
+                       ((2, 2, 2), 12), ((1, 4, 2), 12), ((8, 1, 4), 12), ((1, 8, 4), 12)]}
+MOE_CANDIDATES = [((4, 2, 1), (2, 2, 2, 4)), ((4, 2, 1), (1, 4, 2, 4)), ((4, 2, 1), (4, 1, 2, 4)),
+                  ((4, 2, 1), (2, 2, 2, 14)), ((4, 2, 1), (4, 1, 2, 14)), ((4, 2, 1), (4, 2, 2, 14)),
+                  ((4, 2, 1), (2, 4, 4, 4)), ((2, 4, 2), (2, 2, 2, 4)), ((4, 2, 2), (4, 2, 2, 14))]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -151,10 +160,14 @@ def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, 
     ``maxnreg``: a cap on its registers per thread (more warps per SM)."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
-    tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N, 1,
+    k = tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N, 1,
                                             QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
                                             PF=pf, num_warps=warps, maxnreg=maxnreg)
+    LAST_REGS[0] = getattr(k, "n_regs", None)
     return out
+
+
+LAST_REGS = [None]  # registers per thread of the last mmvq_alone launch
 
 
 def main() -> None:
@@ -166,6 +179,8 @@ def main() -> None:
                     "the MoE with them")
     ap.add_argument("--multi", action="store_true", help="also time Q4_K products of 2-4 activation rows: the "
                     "default launch, and MULTI_STEPS with all rows in one program")
+    ap.add_argument("--candidates", action="store_true", help="also time the one-row Q4_K steps of CANDIDATES "
+                    "and the MoE with MOE_CANDIDATES")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
@@ -225,6 +240,8 @@ def main() -> None:
         out = torch.empty(1, N, dtype=torch.float16, device="cuda")
         variants = [(bn, nblk, warps, "default", 0)]
         variants += [(b_, n_, w_, "", 0) for (b_, n_, w_) in STEPS[t]] if args.steps else []
+        if args.candidates:
+            variants += [(*v[0], f"loads={v[1]}", v[1]) for v in CANDIDATES[t]]
         if args.loads:
             variants += [(*v[0], f"loads={v[1]}" + (f" maxnreg={v[2]}" if v[2:] else ""), *v[1:])
                          for v in LOAD_VARIANTS.get(t, ())]
@@ -236,8 +253,8 @@ def main() -> None:
             err = ((out.float() - ref).norm() / ref.norm()).item()
             s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16),
                                                    mr) for i in range(copies)])
-            row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label}", shape=name, us=s * 1e6, pct=pct(s),
-                loads=ld, maxnreg=mr, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
+            row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label} ({LAST_REGS[0]} regs)", shape=name, us=s * 1e6,
+                pct=pct(s), loads=ld, maxnreg=mr, regs=LAST_REGS[0], step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
         for M in MULTI_M if args.multi and t == T.Q4_K else ():
@@ -251,6 +268,12 @@ def main() -> None:
                 s = graph_time([lambda i=i: quant_matmul(xm, w[i], t, K, config=cfg) for i in range(copies)])
                 row(what=f"quant_matmul M={M} {label}", shape=name, us=s * 1e6, pct=pct(s), M=M,
                     err=f"rel err {err:.1e}")
+        for (b_, n_, w_), ld in CANDIDATES[t] if args.candidates else ():
+            cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=ld)
+            s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)])
+            err = ((quant_matmul(x, w[0], t, K, config=cfg).float() - ref).norm() / ref.norm()).item()
+            row(what=f"quant_matmul {b_}x{n_} {w_}w loads={ld}", shape=name, us=s * 1e6, pct=pct(s), loads=ld,
+                step=[b_, n_, w_], err=f"rel err {err:.1e}")
         if args.loads:
             for (b_, n_, w_), ld, *mr in LOAD_VARIANTS.get(t, ()):
                 if mr:
@@ -271,6 +294,8 @@ def main() -> None:
                      for (r, nb, wp, ld) in MOE_DOWN]
         moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w l{d[3]}{' prefetch' if pf else ''}",
                       MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf)) for u, d, pf in MOE_LEAN]
+    if args.candidates:
+        moe_cfgs += [(f"up {u} down {d}", replace(MOE_DEFAULT, mmvq_up=u, mmvq_down=d)) for u, d in MOE_CANDIDATES]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         for label, cfg in moe_cfgs:

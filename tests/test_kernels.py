@@ -283,16 +283,23 @@ def test_pick_config_follows_the_measured_rules():
     kernels up to 4 rows with the tile measured best per type; tensor-core tiles above, from 3 rows where they
     measured faster, from 2 for the 129280-row head; no tiles without sm_80 or with float32 activations."""
     h, f16 = (9, 0), torch.float16
-    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
-    assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=6)
-    assert pick_config(T.Q4_K, 1, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=6)
-    assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=2, nblk=2, loads=4)
+    # Q4_K: two-warp lean steps shaped by the row (28 blocks of 7168: two rows x 4 blocks where there are rows
+    # enough, one row x 8 on an expert's 2048 rows; 64 blocks of 16384: one row x 8; short rows: four x 2)
+    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14)
+    assert pick_config(T.Q4_K, 1, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=14)
+    assert pick_config(T.Q4_K, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14)
+    assert pick_config(T.Q4_K, 1, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=14)
+    assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=12)
     assert pick_config(T.Q6_K, 2, 7168, 2048, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2)
     assert pick_config(T.Q8_0, 1, 7168, 16384, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=1, nblk=4)
     assert pick_config(T.Q4_K, 4, 2048, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14,
                                                                         act_rows=4)
-    assert pick_config(T.Q4_K, 2, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14,
+    assert pick_config(T.Q4_K, 2, 24576, 1536, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=14,
                                                                          act_rows=2)
+    assert pick_config(T.Q4_K, 2, 18432, 7168, f16, h, 132) == QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=14,
+                                                                         act_rows=2)
+    assert pick_config(T.Q4_K, 1, 2048, 7168, f16, h, 16).block_n == 2  # few multiprocessors: an expert's rows
+    # fill them in pairs
     assert pick_config(T.Q6_K, 2, 129280, 7168, f16, h, 132) == QMMConfig("mmq", 2, 1, block_n=32, nblk=1)
     # dense up at 16 rows: 288 programs of 64 rows, split in 4 for 8 programs per multiprocessor
     assert pick_config(T.Q4_K, 16, 18432, 7168, f16, h, 132) == QMMConfig("mmq", 4, 4, block_n=64, nblk=1)

@@ -20,8 +20,7 @@ from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import MoEConfig
-from tierlm.kernels.quant_matmul import (MMQ_TILES, MMVQ_Q4K_LOADS, MMVQ_Q4K_MULTI_SHORT_STEP, MMVQ_Q4K_MULTI_STEP,
-                                         MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP, MMVQ_TILES,
+from tierlm.kernels.quant_matmul import (MMQ_TILES, MMVQ_Q4K_LOADS, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP, MMVQ_TILES,
                                          mmvq_loads)
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
@@ -130,16 +129,17 @@ def variants(capability: int) -> list[Variant]:
     for q in QUANT:
         bn, nblk, warps = MMVQ_TILES[q]  # the default launch, then the prefetching form
         out += [mmvq_variant(q, bn, nblk, warps, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
-        if q == tq.Q4_K:  # the one-row default (eight threads per block), and the vector loads of four
-            out += [mmvq_variant(q, *MMVQ_Q4K_STEP, out=act, loads=MMVQ_Q4K_LOADS) for act in acts]
-            out += [mmvq_variant(q, *MMVQ_Q4K_SHORT_STEP, loads=MMVQ_Q4K_LOADS), mmvq_variant(q, 1, 8, 2, loads=4),
-                    mmvq_variant(q, bn, nblk, warps, loads=3), mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14),
-                    mmvq_variant(q, *MMVQ_Q4K_STEP, loads=14, act_rows=4)]
+        if q == tq.Q4_K:  # the defaults (the lean eight-thread step in its three shapes), the first eight-thread
+            # step, and the vector loads of four
+            out += [mmvq_variant(q, *step, out=act, loads=MMVQ_Q4K_LOADS) for act in acts
+                    for step in (MMVQ_Q4K_STEP, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP)]
+            out += [mmvq_variant(q, 1, 8, 1, loads=6), mmvq_variant(q, 1, 8, 2, loads=4),
+                    mmvq_variant(q, bn, nblk, warps, loads=3)]
             out += [mmvq_variant(q, *step, out=act, loads=14, act_rows=ar) for act in acts  # 2-4 rows
-                    for step in (MMVQ_Q4K_MULTI_STEP, MMVQ_Q4K_MULTI_SHORT_STEP) for ar in (2, 4)]
-        if q == tq.Q6_K:  # the one-row default: sixteen threads per block
+                    for step in (MMVQ_Q4K_STEP, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP) for ar in (2, 4)]
+        if q == tq.Q6_K:  # the one-row default: sixteen threads per block, lean
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
-            out += [mmvq_variant(q, *MMVQ_Q6K_STEP, loads=12)]
+            out += [mmvq_variant(q, 2, 2, 1, loads=4)]  # the sixteen-thread step before its lean form
     for q in QUANT:  # tensor-core decode tiles, as pick_config launches them (fp32 out: split-K partial sums)
         bn, warps, _, _ = MMQ_TILES[q]
         out += [mmq_variant(q, act, bn, 1, warps, split) for act in acts if act != "fp32" for split in (False, True)]

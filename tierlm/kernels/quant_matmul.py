@@ -93,7 +93,9 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=4, loads=12),
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14, act_rows=4),
     QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2),
-    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4))
+    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4), QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14),
+    QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=14), QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=14),
+    QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=14, act_rows=2), QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=12))
 # tensor-core decode tiles of 32, 64 and 16 rows per program (4, 8, 2 warps), without and with split-K
 MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((32, 4), (64, 8), (16, 2))
                     for s in (1, 3))
@@ -116,28 +118,31 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
 
 # Default int8 decode tiles (rows per program, 256-element blocks per step, warps) per weight type at
 # one activation row, the best geometric mean over DeepSeek-V3's shapes in the H200 sweep
-# (bench/results/kernels-NVIDIA_H200-int8.md); Q4_K at 2-4 rows: MMVQ_Q4K_MULTI_STEP below.
+# (bench/results/kernels-NVIDIA_H200-int8.md); Q4_K at 1-4 rows and Q6_K at one: the steps below.
 MMVQ_TILES = {GGMLType.Q4_K: (4, 4, 2), GGMLType.Q6_K: (4, 2, 1), GGMLType.Q8_0: (1, 4, 1), GGMLType.Q5_0: (1, 4, 1)}
-# Q4_K at one row: (rows, blocks, warps) and loads of the eight-threads-per-block step (triton_mmvq._q4k_rows32):
-# one row x 8 blocks per one-warp program, header and (xd, xs) pairs as vector loads; on the H200 69% / 75% / 34%
-# of copy bandwidth on dense up / o_proj / an expert's gate, against 60% / 54% / 23% for (4, 4, 2) with four
-# threads per block (bench/results/kernels-NVIDIA_H200-int8.md, "Fifth round")
-MMVQ_Q4K_STEP = (1, 8, 1)
-MMVQ_Q4K_LOADS = 6
-# rows shorter than MMVQ_Q4K_SHORT_K (a program of one row would end after one step): four rows x 2 blocks,
-# 51% / 34% on q_b (1536 -> 24576) / a Q4_K expert down (2048 -> 7168) against 30% / 31% for MMVQ_Q4K_STEP
+# Q4_K at 1-4 rows: the lean eight-threads-per-block step (loads 14, triton_mmvq._q4k_rows32p) in two-warp programs
+# of one 16-byte piece per thread, eight block lines per step: 40-48 registers, so 42 or more resident warps per
+# multiprocessor on sm_90 against 32 for one-warp programs of two pieces. Its (rows, blocks, warps) follow the row
+# (q4k_row_step), at one activation row and, with 2 or 4 of them per program (act_rows), at 2-4:
+# - MMVQ_Q4K_STEP, one row x 8 blocks, where 8 divides the row's blocks (o_proj, 64) or the rows are few;
+# - MMVQ_Q4K_PAIR_STEP, two rows x 4 blocks, where only 4 does (7168 elements: 28 blocks, so one row x 8 would end
+#   on a half-empty step) and there are at least MMVQ_Q4K_PAIR_PROGRAMS two-row programs per multiprocessor;
+# - MMVQ_Q4K_SHORT_STEP, four rows x 2 blocks, for rows shorter than MMVQ_Q4K_SHORT_K (one step per program).
+# H200, quantizer included (bench/results/kernels-NVIDIA_H200-int8.md, "Two-warp steps"): one row 1.04-1.14x
+# faster than the one-warp steps before on DeepSeek-V3's Q4_K shapes (dense up 66 -> 75% of copy bandwidth; the
+# product alone 81%), two rows up to 1.13x, three or four rows on the experts up to 1.08x
+MMVQ_Q4K_STEP = (1, 8, 2)
+MMVQ_Q4K_PAIR_STEP = (2, 4, 2)
+MMVQ_Q4K_PAIR_PROGRAMS = 16
+MMVQ_Q4K_LOADS = 14
 MMVQ_Q4K_SHORT_K = 4096
-MMVQ_Q4K_SHORT_STEP = (4, 2, 1)
-# Q6_K at one row: sixteen threads per block (triton_mmvq._q6k_rows16), two rows x 2 blocks per one-warp program;
-# H200: 35 / 50 / 62% on an expert's down / dense down / head against 29 / 38 / 51% for MMVQ_TILES' (4, 2, 1)
-MMVQ_Q6K_STEP = (2, 2, 1)
-MMVQ_Q6K_LOADS = 4
-# Q4_K at 2 or more rows: the lean eight-thread step with all of a program's activation rows (up to 4) on one
-# read of the weights; rows of at least MMVQ_Q4K_SHORT_K elements one row x 8 blocks per two-warp program, shorter
-# ones four rows x 2 blocks. On the H200, 1.04-1.69x faster than four-row programs per activation row at 2-4 rows
-# over DeepSeek-V3's Q4_K shapes (bench/results/kernels-NVIDIA_H200-int8.md, "Several activation rows")
-MMVQ_Q4K_MULTI_STEP = (1, 8, 2)
-MMVQ_Q4K_MULTI_SHORT_STEP = (4, 2, 1)
+MMVQ_Q4K_SHORT_STEP = (4, 2, 2)
+# Q6_K at one row: the lean sixteen-threads-per-block step (loads 12, triton_mmvq._q6k_rows16p), two rows x 2 blocks
+# per two-warp program, one lane per thread at 32 registers (full occupancy); H200, quantizer included: 31 / 54 /
+# 65% of copy bandwidth on an expert's down / dense down / head against 29 / 46 / 61% for the one-warp (2, 2, 1)
+# step of loads 4 before (bench/results/kernels-NVIDIA_H200-int8.md, "Two-warp steps")
+MMVQ_Q6K_STEP = (2, 2, 2)
+MMVQ_Q6K_LOADS = 12
 MMQ_BM = 16  # activation rows per mmq program (the smallest tl.dot tile)
 # Tensor-core decode tiles (triton_mmq) per type: (weight rows per program, warps, programs per multiprocessor
 # that split-K aims at, fewest 256-element blocks per split), the best of the H200 sweep over DeepSeek-V3's shapes
@@ -169,10 +174,9 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
-    int8-activation kernel with the measured tile of its type (for one Q4_K row, the eight-thread
-    step ``MMVQ_Q4K_STEP``, or ``MMVQ_Q4K_SHORT_STEP`` for short rows, with ``MMVQ_Q4K_LOADS``; for
-    more Q4_K rows, its lean form with 2 or 4 activation rows per program, ``MMVQ_Q4K_MULTI_STEP`` /
-    ``MMVQ_Q4K_MULTI_SHORT_STEP``; for one Q6_K row, the sixteen-thread step ``MMVQ_Q6K_STEP``). More
+    int8-activation kernel with the measured tile of its type (for Q4_K, the lean eight-thread step shaped
+    by ``q4k_row_step``, with 2 or 4 activation rows per program from 2 rows; for one Q6_K row, the lean
+    sixteen-thread step ``MMVQ_Q6K_STEP``). More
     rows with 16-bit activations on sm_80+ (from 3 rows on the types and sizes where that measured faster,
     from 2 on a matrix as tall as the output head): the tensor-core tiles ``MMQ_TILES``, which decode each
     weight once for all rows, split along K to fill the card.
@@ -185,14 +189,23 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
         return QMMConfig("mmq", warps, mmq_splits(N, K, bn, sms, waves, min_steps), block_n=bn, nblk=1)
     bn, nb, w = MMVQ_TILES[qtype]
     loads, act_rows = 0, 1
-    if M > 1 and qtype == GGMLType.Q4_K:
-        (bn, nb, w), loads = MMVQ_Q4K_MULTI_STEP if K >= MMVQ_Q4K_SHORT_K else MMVQ_Q4K_MULTI_SHORT_STEP, 14
-        act_rows = 2 if M == 2 else 4
-    elif qtype == GGMLType.Q4_K:
-        (bn, nb, w), loads = MMVQ_Q4K_STEP if K >= MMVQ_Q4K_SHORT_K else MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_LOADS
+    if qtype == GGMLType.Q4_K:
+        (bn, nb, w), loads = q4k_row_step(N, K, sms), MMVQ_Q4K_LOADS
+        act_rows = 1 if M == 1 else 2 if M == 2 else 4
     elif qtype == GGMLType.Q6_K and M == 1:
         (bn, nb, w), loads = MMVQ_Q6K_STEP, MMVQ_Q6K_LOADS
     return QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb, loads=loads, act_rows=act_rows)
+
+
+def q4k_row_step(N: int, K: int, sms: int) -> tuple[int, int, int]:
+    """(rows, blocks per step, warps) of the int8 Q4_K product on an (N, K) weight (see MMVQ_Q4K_STEP)."""
+    nblocks = K // 256
+    if K < MMVQ_Q4K_SHORT_K:
+        return MMVQ_Q4K_SHORT_STEP
+    pair_rows, pair_blocks, _ = MMVQ_Q4K_PAIR_STEP
+    if nblocks % MMVQ_Q4K_STEP[1] and nblocks % pair_blocks == 0 and N // pair_rows >= MMVQ_Q4K_PAIR_PROGRAMS * sms:
+        return MMVQ_Q4K_PAIR_STEP
+    return MMVQ_Q4K_STEP
 
 
 def mmq_splits(N: int, K: int, block_n: int, sms: int, waves: int, min_steps: int = 1) -> int:
