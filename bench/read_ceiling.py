@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GB, copy_bandwidth, graph_time, moe_setup, moe_weights, n_copies, random_weight  # noqa: E402
+from kernels import GB, MOE, copy_bandwidth, graph_time, moe_setup, moe_weights, n_copies, random_weight  # noqa: E402
 
 from tierlm.kernels import triton_mmvq as tv  # noqa: E402
 from tierlm.kernels.triton_q import row_stride  # noqa: E402
@@ -83,9 +83,10 @@ CANDIDATES = {T.Q4_K: [((1, 8, 1), 6), ((1, 8, 2), 14), ((2, 4, 2), 14), ((4, 2,
                        ((1, 16, 2), 14), ((2, 8, 4), 14), ((4, 4, 4), 14)],
               T.Q6_K: [((2, 2, 1), 4), ((2, 2, 2), 4), ((1, 4, 2), 4), ((4, 1, 2), 4), ((2, 4, 4), 4), ((4, 2, 4), 4),
                        ((2, 2, 2), 12), ((1, 4, 2), 12), ((8, 1, 4), 12), ((1, 8, 4), 12)]}
-MOE_CANDIDATES = [((4, 2, 1), (2, 2, 2, 4)), ((4, 2, 1), (1, 4, 2, 4)), ((4, 2, 1), (4, 1, 2, 4)),
-                  ((4, 2, 1), (2, 2, 2, 14)), ((4, 2, 1), (4, 1, 2, 14)), ((4, 2, 1), (4, 2, 2, 14)),
-                  ((4, 2, 1), (2, 4, 4, 4)), ((2, 4, 2), (2, 2, 2, 4)), ((4, 2, 2), (4, 2, 2, 14))]
+MOE_CANDIDATES = [((2, 4, 2), (4, 2, 1, 14), True), ((1, 8, 2), (4, 2, 1, 14), True), ((4, 2, 2), (4, 2, 1, 14), True),
+                  ((4, 2, 1), (4, 2, 1, 14), True), ((1, 8, 1), (4, 2, 1, 14), True), ((2, 4, 1), (4, 2, 1, 14), True),
+                  ((1, 16, 2), (4, 2, 1, 14), True), ((2, 4, 2), (4, 2, 2, 14), True),
+                  ((2, 4, 2), (8, 2, 2, 14), True)]  # (gate/up step, down step, gate and up in separate programs)
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -181,6 +182,7 @@ def main() -> None:
                     "default launch, and MULTI_STEPS with all rows in one program")
     ap.add_argument("--candidates", action="store_true", help="also time the one-row Q4_K steps of CANDIDATES "
                     "and the MoE with MOE_CANDIDATES")
+    ap.add_argument("--moe-parts", action="store_true", help="also time the int8 MoE at one token launch by launch")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
@@ -286,6 +288,8 @@ def main() -> None:
         del w
         torch.cuda.empty_cache()
 
+    if args.moe_parts:
+        moe_parts(bw, row)
     moe_cfgs = [("default", MOE_DEFAULT)]
     if args.loads:
         moe_cfgs += [(f"up {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_loads=ld, mmvq_up=(r, nb, wp)))
@@ -295,7 +299,9 @@ def main() -> None:
         moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w l{d[3]}{' prefetch' if pf else ''}",
                       MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf)) for u, d, pf in MOE_LEAN]
     if args.candidates:
-        moe_cfgs += [(f"up {u} down {d}", replace(MOE_DEFAULT, mmvq_up=u, mmvq_down=d)) for u, d in MOE_CANDIDATES]
+        moe_cfgs += [(f"up {u} down {d}{' split' if sp else ''}", replace(MOE_DEFAULT, mmvq_up=u, mmvq_down=d,
+                                                                          gate_up_split=sp))
+                     for u, d, sp in MOE_CANDIDATES]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         for label, cfg in moe_cfgs:
@@ -313,6 +319,50 @@ def main() -> None:
     path = Path(args.out) / f"read-ceiling-{dev.name.replace(' ', '_')}.json"
     path.write_text(json.dumps(res, indent=1))
     print("wrote", path)
+
+
+def moe_parts(bw: float, row) -> None:
+    """The int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, the slots
+    summed) beside the whole call, for the default and the gate/up-split configuration, each launch's weight
+    bytes against copy bandwidth."""
+    import statistics
+
+    from tierlm.kernels import moe as moe_mod
+
+    for down_type in (T.Q6_K, T.Q4_K):
+        gate, up, down, types = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
+        E, I, D = gate.shape[0], gate.shape[1], MOE["D"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        sets = [torch.randperm(E, device="cuda", generator=g)[:8] for _ in range(32)]
+        x = torch.randn(1, D, device="cuda").half()
+        wts = torch.rand(8, device="cuda")
+        dims = (E, I, D, 8)
+        distinct = statistics.mean(len(set(ids.tolist())) for ids in sets)
+        up_bytes, down_bytes = distinct * (gate[0].numel() + up[0].numel()), distinct * down[0].numel()
+        for label, cfg in (("default", MOE_DEFAULT), ("gate/up split 2x4 2w", replace(MOE_DEFAULT, mmvq_up=(2, 4, 2),
+                                                                                      gate_up_split=True))):
+            lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down)
+            xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
+            h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu)
+            glu = h.shape[1] != I
+            hq, hd, hs = quantize_q8(h, pack=bool(ld & 2), glu=glu)
+            y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld)
+            parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
+                     ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu)
+                                  for ids in sets], up_bytes),
+                     ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2), glu=glu)], 0),
+                     ("down", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld)
+                               for ids in sets], down_bytes),
+                     ("slots summed", [lambda: y.view(1, 8, D).sum(1)], 0),
+                     ("whole layer", [lambda ids=ids: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types,
+                                                                        config=cfg) for ids in sets],
+                      up_bytes + down_bytes)]
+            for what, calls, nbytes in parts:
+                s = graph_time(calls)
+                kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}
+                row(what=f"moe part, down {down_type.name}, {label}: {what}", us=s * 1e6, **kw)
+        del gate, up, down
+        torch.cuda.empty_cache()
 
 
 def profile_launch(args) -> None:

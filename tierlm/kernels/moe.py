@@ -57,6 +57,10 @@ class MoEConfig:
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
     sorted_mmq: bool = True  # sorted tiles on sm_80+: triton_mmq's decode for Q4_K/Q6_K/Q8_0/Q5_0 experts
+    # int8 decode with gate and up of one type: separate programs for the gate's and the up's rows
+    # (triton_mmvq.moe_gate_up_q8_kernel, each with the step of a single matrix, mmvq_up), silu(gate) * up formed
+    # by the quantizer of h; else one program takes the same rows of both (moe_up_q8_kernel)
+    gate_up_split: bool = False
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -77,7 +81,9 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 12)),
     MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 1), mmvq_down=(2, 2, 1, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(8, 2, 2, 14)),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True))
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True),
+    MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 2), mmvq_down=(4, 2, 1, 14), gate_up_split=True),
+    MoEConfig(mmvq_loads=14, mmvq_up=(1, 8, 2), mmvq_down=(4, 2, 1, 14), gate_up_split=True))
 # the lean eight-thread Q4_K step for gate/up and the lean Q6_K / Q4_K step for down, 4 rows x 2 blocks each:
 # 1.48-1.50x the read time at one token with Q6_K down experts and 1.40-1.42x with Q4_K ones, against 1.58-1.61x
 # and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
@@ -202,29 +208,58 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
 def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D)."""
-    from tierlm.kernels import triton_mmvq as tv
     from tierlm.kernels.quant_matmul import quantize_q8
+
+    loads = q8_loads(cfg, types, gate, up, down)
+    xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
+    h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0])
+    hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2), glu=h.shape[1] != dims[1])
+    return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1])
+
+
+def q8_loads(cfg: MoEConfig, types, gate, up, down) -> tuple[int, int]:
+    """The LOADS bits of the int8 gate/up and down launches (one for gate and up, as their launch is one)."""
+    gt, ut, dt = types
+    return (mmvq_loads(gt, cfg.up_step()[3], gate, up) if gt == ut else 0), mmvq_loads(dt, cfg.down_step()[3], down)
+
+
+def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int) -> torch.Tensor:
+    """The int8 gate/up launch on quantized x: h (P, I) float32, or the gate and up sums side by side (P, 2 I)
+    with ``cfg.gate_up_split`` (for ``quantize_q8(..., glu=True)``)."""
+    from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
-    ub, unb, uw, loads = cfg.up_step()
-    loads = mmvq_loads(gt, loads, gate, up) if gt == ut else 0  # one LOADS for both
-    xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
-    h = torch.empty(P, I, dtype=torch.float32, device=x.device)
+    ub, unb, uw, _ = cfg.up_step()
     nblk, warps = tv.fit_step(unb, uw, D)
+    if cfg.gate_up_split and gt == ut:
+        h = torch.empty(P, 2 * I, dtype=torch.float32, device=xq.device)
+        tv.moe_gate_up_q8_kernel[(P, 2 * -(-I // ub))](
+            xq, xd, xs, gate, up.data_ptr() - gate.data_ptr(), h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)],
+            gate.shape[2], gate[0].numel(), K, W_T=int(gt), BN=ub, NBLK=nblk, LOADS=loads, num_warps=warps,
+            ASM=not _interpreting(), PF=cfg.mmvq_pf)
+        return h
+    h = torch.empty(P, I, dtype=torch.float32, device=xq.device)
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
         NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
-    bn, dnb, dw, dl = cfg.down_step()
-    dl = mmvq_loads(dt, dl, down)
-    hq, hd, hs = quantize_q8(h, pack=bool(dl & 2))
+    return h
+
+
+def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int) -> torch.Tensor:
+    """The int8 down launch on quantized h: y (P, D) float32, each pair's row weighted."""
+    from tierlm.kernels import triton_mmvq as tv
+
+    (gt, ut, dt), (E, I, D, K) = types, dims
+    P = ids.numel()
+    bn, dnb, dw, _ = cfg.down_step()
     nblk, warps = tv.fit_step(dnb, dw, I)
-    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    y = torch.empty(P, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        LOADS=dl, num_warps=warps)
+        LOADS=loads, num_warps=warps)
     return y
 
 
