@@ -83,10 +83,10 @@ CANDIDATES = {T.Q4_K: [((1, 8, 1), 6), ((1, 8, 2), 14), ((2, 4, 2), 14), ((4, 2,
                        ((1, 16, 2), 14), ((2, 8, 4), 14), ((4, 4, 4), 14)],
               T.Q6_K: [((2, 2, 1), 4), ((2, 2, 2), 4), ((1, 4, 2), 4), ((4, 1, 2), 4), ((2, 4, 4), 4), ((4, 2, 4), 4),
                        ((2, 2, 2), 12), ((1, 4, 2), 12), ((8, 1, 4), 12), ((1, 8, 4), 12)]}
-MOE_CANDIDATES = [((2, 4, 2), (4, 2, 1, 14), True), ((1, 8, 2), (4, 2, 1, 14), True), ((4, 2, 2), (4, 2, 1, 14), True),
-                  ((4, 2, 1), (4, 2, 1, 14), True), ((1, 8, 1), (4, 2, 1, 14), True), ((2, 4, 1), (4, 2, 1, 14), True),
-                  ((1, 16, 2), (4, 2, 1, 14), True), ((2, 4, 2), (4, 2, 2, 14), True),
-                  ((2, 4, 2), (8, 2, 2, 14), True)]  # (gate/up step, down step, gate and up in separate programs)
+# (gate/up step, down step) of the MoE at one token, timed with --candidates (run with more entries, and with gate and
+# up in separate programs, in read-ceiling-NVIDIA_H200-candidates-run2.json and -moe-gate-up-split.json)
+MOE_CANDIDATES = [((4, 2, 2), (4, 2, 1, 14)), ((2, 4, 2), (4, 2, 1, 14)), ((4, 2, 1), (4, 2, 2, 14)),
+                  ((4, 2, 1), (8, 2, 2, 14))]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -299,9 +299,7 @@ def main() -> None:
         moe_cfgs += [(f"lean up {u[0]}x{u[1]} {u[2]}w, down {d[0]}x{d[1]} {d[2]}w l{d[3]}{' prefetch' if pf else ''}",
                       MoEConfig(mmvq_loads=14, mmvq_up=u, mmvq_down=d, mmvq_pf=pf)) for u, d, pf in MOE_LEAN]
     if args.candidates:
-        moe_cfgs += [(f"up {u} down {d}{' split' if sp else ''}", replace(MOE_DEFAULT, mmvq_up=u, mmvq_down=d,
-                                                                          gate_up_split=sp))
-                     for u, d, sp in MOE_CANDIDATES]
+        moe_cfgs += [(f"up {u} down {d}", replace(MOE_DEFAULT, mmvq_up=u, mmvq_down=d)) for u, d in MOE_CANDIDATES]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         for label, cfg in moe_cfgs:
@@ -323,8 +321,7 @@ def main() -> None:
 
 def moe_parts(bw: float, row) -> None:
     """The int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, the slots
-    summed) beside the whole call, for the default and the gate/up-split configuration, each launch's weight
-    bytes against copy bandwidth."""
+    summed) beside the whole call, each launch's weight bytes against copy bandwidth."""
     import statistics
 
     from tierlm.kernels import moe as moe_mod
@@ -339,18 +336,16 @@ def moe_parts(bw: float, row) -> None:
         dims = (E, I, D, 8)
         distinct = statistics.mean(len(set(ids.tolist())) for ids in sets)
         up_bytes, down_bytes = distinct * (gate[0].numel() + up[0].numel()), distinct * down[0].numel()
-        for label, cfg in (("default", MOE_DEFAULT), ("gate/up split 2x4 2w", replace(MOE_DEFAULT, mmvq_up=(2, 4, 2),
-                                                                                      gate_up_split=True))):
+        for label, cfg in (("default", MOE_DEFAULT),):
             lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down)
             xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
             h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu)
-            glu = h.shape[1] != I
-            hq, hd, hs = quantize_q8(h, pack=bool(ld & 2), glu=glu)
+            hq, hd, hs = quantize_q8(h, pack=bool(ld & 2))
             y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld)
             parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
                      ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu)
                                   for ids in sets], up_bytes),
-                     ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2), glu=glu)], 0),
+                     ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
                      ("down", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld)
                                for ids in sets], down_bytes),
                      ("slots summed", [lambda: y.view(1, 8, D).sum(1)], 0),

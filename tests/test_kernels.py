@@ -657,8 +657,8 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         # the four-thread steps with prefetch, and the default (lean steps in both launches; with Q4_K down
         # experts, as Q4_K_M has outside its more-bits layers, only the default: the interpreter is slow)
         cfgs = [MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True), moe.DEFAULT]
-        if dt == T.Q4_K:  # and gate and up in separate programs (silu(gate) * up formed by h's quantizer)
-            cfgs = [moe.DEFAULT, MoEConfig(gate_up_split=True, mmvq_loads=14, mmvq_up=(2, 4, 2))]
+        if dt == T.Q4_K:
+            cfgs = [moe.DEFAULT]
         elif dt == T.Q5_0:
             cfgs = cfgs[:1]
         for c in cfgs:

@@ -57,10 +57,6 @@ class MoEConfig:
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
     sorted_mmq: bool = True  # sorted tiles on sm_80+: triton_mmq's decode for Q4_K/Q6_K/Q8_0/Q5_0 experts
-    # int8 decode with gate and up of one type: separate programs for the gate's and the up's rows
-    # (triton_mmvq.moe_gate_up_q8_kernel, each with the step of a single matrix, mmvq_up), silu(gate) * up formed
-    # by the quantizer of h; else one program takes the same rows of both (moe_up_q8_kernel)
-    gate_up_split: bool = False
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -81,9 +77,7 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 12)),
     MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 1), mmvq_down=(2, 2, 1, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(8, 2, 2, 14)),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 2), mmvq_down=(4, 2, 1, 14), gate_up_split=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(1, 8, 2), mmvq_down=(4, 2, 1, 14), gate_up_split=True))
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True))
 # the lean eight-thread Q4_K step for gate/up and the lean Q6_K / Q4_K step for down, 4 rows x 2 blocks each:
 # 1.48-1.50x the read time at one token with Q6_K down experts and 1.40-1.42x with Q4_K ones, against 1.58-1.61x
 # and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
@@ -213,7 +207,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> t
     loads = q8_loads(cfg, types, gate, up, down)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0])
-    hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2), glu=h.shape[1] != dims[1])
+    hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2))
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1])
 
 
@@ -224,21 +218,13 @@ def q8_loads(cfg: MoEConfig, types, gate, up, down) -> tuple[int, int]:
 
 
 def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int) -> torch.Tensor:
-    """The int8 gate/up launch on quantized x: h (P, I) float32, or the gate and up sums side by side (P, 2 I)
-    with ``cfg.gate_up_split`` (for ``quantize_q8(..., glu=True)``)."""
+    """The int8 gate/up launch on quantized x: h (P, I) float32."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
     ub, unb, uw, _ = cfg.up_step()
     nblk, warps = tv.fit_step(unb, uw, D)
-    if cfg.gate_up_split and gt == ut:
-        h = torch.empty(P, 2 * I, dtype=torch.float32, device=xq.device)
-        tv.moe_gate_up_q8_kernel[(P, 2 * -(-I // ub))](
-            xq, xd, xs, gate, up.data_ptr() - gate.data_ptr(), h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)],
-            gate.shape[2], gate[0].numel(), K, W_T=int(gt), BN=ub, NBLK=nblk, LOADS=loads, num_warps=warps,
-            ASM=not _interpreting(), PF=cfg.mmvq_pf)
-        return h
     h = torch.empty(P, I, dtype=torch.float32, device=xq.device)
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],

@@ -320,19 +320,14 @@ def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.to(torch.int8).reshape(M, K).to(x2.device), xd.to(x2.device), xs.to(x2.device)
 
 
-def quantize_q8(x2: torch.Tensor, pack: bool = False, glu: bool = False) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
+def quantize_q8(x2: torch.Tensor, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter). ``pack``: xd and
     xs interleaved in one (M, K/32, 2) tensor, returned in both places (the layout of
-    ``QMMConfig.loads & 2``). ``glu``: x2 is (M, 2K), each row a then b, and what is quantized is
-    silu(a) * b, formed in float32."""
-    M, K = x2.shape[0], x2.shape[1] // (2 if glu else 1)
-    if K % 32 or (glu and x2.shape[1] % 2):
-        raise KernelInputError(f"quantize_q8: {x2.shape[1]} values per row are not {'2 x ' if glu else ''}a multiple of 32")
+    ``QMMConfig.loads & 2``)."""
+    M, K = x2.shape
+    if K % 32:
+        raise KernelInputError(f"quantize_q8: K={K} is not a multiple of 32")
     if not (x2.is_cuda or _interpreting()):
-        if glu:
-            a, b = x2.float().split(K, dim=1)
-            x2 = F.silu(a) * b
         xq, xd, xs = quantize_q8_ref(x2)
         if pack:
             xd = xs = torch.stack([xd, xs], -1)
@@ -347,7 +342,7 @@ def quantize_q8(x2: torch.Tensor, pack: bool = False, glu: bool = False) -> tupl
         xs = torch.empty_like(xd)
     G = 8
     tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, ASM=not _interpreting(),
-                                                         PACK=pack, GLU=glu, num_warps=1)
+                                                         PACK=pack, num_warps=1)
     return xq, xd, xs
 
 

@@ -61,19 +61,15 @@ def _rint(v, ASM: tl.constexpr):
 
 @triton.jit
 def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr, ASM: tl.constexpr,
-                       PACK: tl.constexpr = False, GLU: tl.constexpr = False):
+                       PACK: tl.constexpr = False):
     """Row m, groups g0..g0+G-1 of x: xq = round(x * (127 / max|x|)) as int8 (the product rounded to
     float32, then to the nearest integer, ties to even), xd = max|x| / 127, xs = xd * sum(xq).
-    GLU: x is silu(a) * b of a row holding a (K values) then b (K values), as the MoE's gate and up sums.
     Grid: (M, cdiv(K / 32, G))."""
     m = tl.program_id(0)
     g = tl.program_id(1) * G + tl.arange(0, G)
     gmask = g < K // 32
     offs = g[:, None] * 32 + tl.arange(0, 32)[None, :]
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=gmask[:, None], other=0.0).to(tl.float32)
-    if GLU:
-        b = tl.load(x_ptr + m.to(tl.int64) * stride_xm + K + offs, mask=gmask[:, None], other=0.0)
-        x = x / (1.0 + tl.exp(-x)) * b
     amax = tl.max(tl.abs(x), axis=1)
     inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
     q = _rint(x * inv[:, None], ASM)  # no add after the product: nothing to fuse it into
@@ -740,31 +736,6 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                   LOADS)
     rows = row0 + tl.arange(0, BN)
     tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
-
-
-@triton.jit
-def moe_gate_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, up_offset, gu_ptr, ids_ptr, E, I, D, nb, rb, es, TOPK,
-                          W_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                          PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
-    """The gate and up products of pair p = program 0 (expert e = ids[p], token p // TOPK) as separate programs:
-    program 1's blocks of BN rows cover the gate's I rows, then the up's, which lie ``up_offset`` bytes from the
-    gate's (both of type W_T, expert stride es bytes); gu[p, 0, n] = gate_e[n] . x, gu[p, 1, n] = up_e[n] . x,
-    float32. Each program holds one product's step (``moe_up_q8_kernel`` holds both), so the steps of a single
-    matrix apply; ``quantize_q8(..., glu=True)`` then forms silu(gate) * up. An expert id outside [0, E) reads
-    nothing and gives zeros."""
-    t = tl.program_id(0)
-    nrb = tl.cdiv(I, BN)
-    half = tl.program_id(1) // nrb  # 0: gate, 1: up
-    row0 = (tl.program_id(1) % nrb) * BN
-    e = tl.load(ids_ptr + t)
-    valid = (e >= 0) & (e < E)
-    e = tl.where(valid, e, 0).to(tl.int64)
-    tok = (t // TOPK).to(tl.int64)
-    xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * ((2 if LOADS & 2 else 1) * (D // 32)), xs_ptr + tok * (D // 32)
-    acc = mmvq_rows(xq, xd, xs, w_ptr + half.to(tl.int64) * up_offset + e * es, row0, I, rb, 0,
-                    tl.where(valid, nb, 0), W_T, BN, NBLK, ASM, PF, LOADS)
-    rows = row0 + tl.arange(0, BN)
-    tl.store(gu_ptr + (2 * t + half).to(tl.int64) * I + rows, acc, mask=rows < I)
 
 
 @triton.jit
