@@ -158,17 +158,13 @@ def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBL
 
 def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, maxnreg=None):
     """The product kernel on activations quantized beforehand (packed (xd, xs) pairs when loads & 2);
-    ``maxnreg``: a cap on its registers per thread (more warps per SM)."""
+    ``maxnreg``: a cap on its registers per thread (more warps per SM). Returns the compiled kernel (its
+    ``n_regs``: registers per thread); the product is in ``out``."""
     nblk, warps = tv.fit_step(nblk, warps, K)
     nblocks = K // tv.BLOCK_ELEMS[int(t)]
-    k = tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N, 1,
-                                            QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
-                                            PF=pf, num_warps=warps, maxnreg=maxnreg)
-    LAST_REGS[0] = getattr(k, "n_regs", None)
-    return out
-
-
-LAST_REGS = [None]  # registers per thread of the last mmvq_alone launch
+    return tv.mmvq_kernel[(triton.cdiv(N, bn), 1)](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, nblocks, N, N, 1,
+                                                   QTYPE=int(t), BN=bn, NBLK=nblk, ASM=True, LOADS=loads,
+                                                   PF=pf, num_warps=warps, maxnreg=maxnreg)
 
 
 def main() -> None:
@@ -251,12 +247,13 @@ def main() -> None:
         for bn_, nblk_, warps_, label, ld, *mr in variants:
             a = (xqp, xdp, xdp) if ld & 2 else (xq, xd, xs)
             mr = mr[0] if mr else None
-            mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16), mr)
+            kernel = mmvq_alone(*a, w[0], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16), mr)
+            regs = getattr(kernel, "n_regs", None)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             s = graph_time([lambda i=i: mmvq_alone(*a, w[i], t, N, K, bn_, nblk_, warps_, out, ld & 15, bool(ld & 16),
                                                    mr) for i in range(copies)])
-            row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label} ({LAST_REGS[0]} regs)", shape=name, us=s * 1e6,
-                pct=pct(s), loads=ld, maxnreg=mr, regs=LAST_REGS[0], step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
+            row(what=f"mmvq alone {bn_}x{nblk_} {warps_}w, {label} ({regs} regs)", shape=name, us=s * 1e6,
+                pct=pct(s), loads=ld, maxnreg=mr, regs=regs, step=[bn_, nblk_, warps_], err=f"rel err {err:.1e}")
         s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
         row(what="quant_matmul (quantizer + mmvq, default)", shape=name, us=s * 1e6, pct=pct(s))
         for M in MULTI_M if args.multi and t == T.Q4_K else ():
@@ -320,42 +317,41 @@ def main() -> None:
 
 
 def moe_parts(bw: float, row) -> None:
-    """The int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, the slots
-    summed) beside the whole call, each launch's weight bytes against copy bandwidth."""
+    """The default int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, the
+    slots summed) beside the whole call, each launch's weight bytes against copy bandwidth."""
     import statistics
 
     from tierlm.kernels import moe as moe_mod
 
     for down_type in (T.Q6_K, T.Q4_K):
         gate, up, down, types = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
-        E, I, D = gate.shape[0], gate.shape[1], MOE["D"]
+        E, I, D, K = gate.shape[0], gate.shape[1], MOE["D"], MOE["K"]
         g = torch.Generator(device="cuda").manual_seed(0)
-        sets = [torch.randperm(E, device="cuda", generator=g)[:8] for _ in range(32)]
+        sets = [torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(32)]
         x = torch.randn(1, D, device="cuda").half()
-        wts = torch.rand(8, device="cuda")
-        dims = (E, I, D, 8)
+        wts = torch.rand(K, device="cuda")
+        dims, cfg = (E, I, D, K), MOE_DEFAULT
         distinct = statistics.mean(len(set(ids.tolist())) for ids in sets)
         up_bytes, down_bytes = distinct * (gate[0].numel() + up[0].numel()), distinct * down[0].numel()
-        for label, cfg in (("default", MOE_DEFAULT),):
-            lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down)
-            xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
-            h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu)
-            hq, hd, hs = quantize_q8(h, pack=bool(ld & 2))
-            y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld)
-            parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
-                     ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu)
-                                  for ids in sets], up_bytes),
-                     ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
-                     ("down", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld)
-                               for ids in sets], down_bytes),
-                     ("slots summed", [lambda: y.view(1, 8, D).sum(1)], 0),
-                     ("whole layer", [lambda ids=ids: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types,
-                                                                        config=cfg) for ids in sets],
-                      up_bytes + down_bytes)]
-            for what, calls, nbytes in parts:
-                s = graph_time(calls)
-                kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}
-                row(what=f"moe part, down {down_type.name}, {label}: {what}", us=s * 1e6, **kw)
+        lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down)
+        xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
+        h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu)
+        hq, hd, hs = quantize_q8(h, pack=bool(ld & 2))
+        y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld)
+        parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
+                 ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu)
+                              for ids in sets], up_bytes),
+                 ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
+                 ("down", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld)
+                           for ids in sets], down_bytes),
+                 ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0),
+                 ("whole layer", [lambda ids=ids: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types,
+                                                                    config=cfg) for ids in sets],
+                  up_bytes + down_bytes)]
+        for what, calls, nbytes in parts:
+            s = graph_time(calls)
+            kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}
+            row(what=f"moe part, down {down_type.name}: {what}", us=s * 1e6, **kw)
         del gate, up, down
         torch.cuda.empty_cache()
 

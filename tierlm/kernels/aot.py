@@ -20,8 +20,8 @@ from tierlm.kernels import triton_moe as tm
 from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import MoEConfig
-from tierlm.kernels.quant_matmul import (MMQ_TILES, MMVQ_Q4K_LOADS, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP, MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP, MMVQ_TILES,
-                                         mmvq_loads)
+from tierlm.kernels.quant_matmul import (MMQ_TILES, MMVQ_Q4K_LOADS, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP,
+                                         MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP, MMVQ_TILES, mmvq_loads)
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -131,12 +131,12 @@ def variants(capability: int) -> list[Variant]:
         out += [mmvq_variant(q, bn, nblk, warps, out=act) for act in acts] + [mmvq_variant(q, 2, 4, 1, prefetch=True)]
         if q == tq.Q4_K:  # the defaults (the lean eight-thread step in its three shapes), the first eight-thread
             # step, and the vector loads of four
-            out += [mmvq_variant(q, *step, out=act, loads=MMVQ_Q4K_LOADS) for act in acts
-                    for step in (MMVQ_Q4K_STEP, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP)]
+            steps = (MMVQ_Q4K_STEP, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP)  # q4k_row_step's three shapes
+            out += [mmvq_variant(q, *step, out=act, loads=MMVQ_Q4K_LOADS) for act in acts for step in steps]
             out += [mmvq_variant(q, 1, 8, 1, loads=6), mmvq_variant(q, 1, 8, 2, loads=4),
                     mmvq_variant(q, bn, nblk, warps, loads=3)]
-            out += [mmvq_variant(q, *step, out=act, loads=14, act_rows=ar) for act in acts  # 2-4 rows
-                    for step in (MMVQ_Q4K_STEP, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP) for ar in (2, 4)]
+            out += [mmvq_variant(q, *step, out=act, loads=MMVQ_Q4K_LOADS, act_rows=ar) for act in acts  # 2-4 rows
+                    for step in steps for ar in (2, 4)]
         if q == tq.Q6_K:  # the one-row default: sixteen threads per block, lean
             out += [mmvq_variant(q, *MMVQ_Q6K_STEP, out=act, loads=MMVQ_Q6K_LOADS) for act in acts]
             out += [mmvq_variant(q, 2, 2, 1, loads=4)]  # the sixteen-thread step before its lean form

@@ -93,8 +93,9 @@ MMVQ_CONFIGS = tuple(QMMConfig("mmvq", w, 1, block_n=bn, nblk=nb) for (bn, nb, w
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=4, loads=12),
     QMMConfig("mmvq", 1, 1, block_n=1, nblk=8, loads=14, act_rows=4),
     QMMConfig("mmvq", 1, 1, block_n=2, nblk=4, loads=14, act_rows=2),
-    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4), QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14),
-    QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=14), QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=14),
+    QMMConfig("mmvq", 1, 1, block_n=4, nblk=2, loads=14, act_rows=4),
+    QMMConfig("mmvq", 2, 1, block_n=1, nblk=8, loads=14), QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=14),
+    QMMConfig("mmvq", 2, 1, block_n=4, nblk=2, loads=14),
     QMMConfig("mmvq", 2, 1, block_n=2, nblk=4, loads=14, act_rows=2), QMMConfig("mmvq", 2, 1, block_n=2, nblk=2, loads=12))
 # tensor-core decode tiles of 32, 64 and 16 rows per program (4, 8, 2 warps), without and with split-K
 MMQ_CONFIGS = tuple(QMMConfig("mmq", w, s, block_n=bn, nblk=1) for (bn, w) in ((32, 4), (64, 8), (16, 2))
