@@ -3,7 +3,8 @@
 1. Copy bandwidth: a 2 GiB device-to-device copy, (read + write bytes) / time: the denominator of
    every "% of bandwidth" below.
 2. Decode (M = 1, 4, 16 activation rows): ``quant_matmul`` with its default configuration and with
-   every configuration in ``DECODE_CONFIGS``; GB/s = weight bytes / time. Each timed call reads a
+   every configuration in ``DECODE_CONFIGS``; GB/s = weight bytes / time. Q6_K weights are timed in the
+   layout the model holds them in on a GPU (``kernels.q6k_layout``, "aligned") and in GGUF's. Each timed call reads a
    different copy of the weight (>= 256 MB of copies, five times the 50 MB L2) and the calls are
    replayed from a CUDA graph, so launch gaps between kernels count but Python's launch cost does not.
 3. Prefill (M = 512, 2048): Triton dequantize + cuBLAS (the wrapper's path) against
@@ -35,6 +36,7 @@ import torch
 
 from tierlm.kernels import moe as moe_mod
 from tierlm.kernels.moe import MoEConfig, moe_quant
+from tierlm.kernels.q6k_layout import align_, alignable, from_aligned
 from tierlm.kernels.quant_matmul import DECODE_CONFIGS, QMMConfig, quant_matmul, quant_matmul_q8_ref, quantize_q8
 from tierlm.weights.formats import FORMATS, GGMLType, dequantize
 from tierlm.weights.ggml_types import tensor_nbytes
@@ -165,34 +167,50 @@ def write_run(res: dict, out: str, stem: str) -> Path:
 # ---------------------------------------------------------------------------------------------- jobs
 
 
-def decode_calls(t, N, K, M, cfg, copies):
+def layouts(t, K) -> tuple[bool, ...]:
+    """The layouts a weight of type t with rows of K elements is timed in: aligned (as the model holds it on a GPU)
+    first where that applies, then GGUF's."""
+    return (True, False) if t == GGMLType.Q6_K and alignable(K) else (False,)
+
+
+def decode_calls(t, N, K, M, cfg, copies, aligned=False):
     w = random_weight(t, N, K, copies)
+    if aligned:
+        align_(w)
     x = torch.randn(M, K, device="cuda").half()
-    return [lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)]
+    return [lambda i=i: quant_matmul(x, w[i], t, K, config=cfg, aligned=aligned) for i in range(copies)]
 
 
-def moe_weights(E=None, types=None):
-    """Random stacked gate, up and down experts of DeepSeek-V3's shapes, and their types."""
+def moe_weights(E=None, types=None, aligned=False):
+    """Random stacked gate, up and down experts of DeepSeek-V3's shapes, and their types; ``aligned``: the Q6_K ones in
+    the aligned layout (as the model holds them on a GPU)."""
     E, types = E or MOE["E"], types or MOE["types"]
     I, D = MOE["I"], MOE["D"]
-    return (random_weight(types[0], E * I, D).view(E, I, -1), random_weight(types[1], E * I, D).view(E, I, -1),
-            random_weight(types[2], E * D, I).view(E, D, -1), types)
+    mats = (random_weight(types[0], E * I, D).view(E, I, -1), random_weight(types[1], E * I, D).view(E, I, -1),
+            random_weight(types[2], E * D, I).view(E, D, -1))
+    for m, t in zip(mats, types):
+        if aligned and t == GGMLType.Q6_K:
+            align_(m)
+    return (*mats, types)
 
 
-def moe_setup(T_, copies, cfg=None, E=None, weights=None):
-    """One-layer MoE calls on ``copies`` sets of expert ids (``weights``: from ``moe_weights``, else new)."""
-    gate, up, down, types = weights or moe_weights(E)
+def moe_setup(T_, copies, cfg=None, E=None, weights=None, aligned=False):
+    """One-layer MoE calls on ``copies`` sets of expert ids (``weights``: from ``moe_weights``, else new; ``aligned``:
+    their Q6_K ones are in the aligned layout)."""
+    gate, up, down, types = weights or moe_weights(E, aligned=aligned)
     E, D, K = gate.shape[0], MOE["D"], MOE["K"]
     g = torch.Generator(device="cuda").manual_seed(0)
     sets = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)]) for _ in range(copies)]
     x = torch.randn(T_, D, device="cuda").half()
     wts = torch.rand(T_, K, device="cuda")
-    calls = [lambda ids=ids: moe_quant(x, ids, wts, gate, up, down, *types, config=cfg) for ids in sets]
+    calls = [lambda ids=ids: moe_quant(x, ids, wts, gate, up, down, *types, config=cfg, aligned=aligned)
+             for ids in sets]
     per_expert = gate[0].numel() + up[0].numel() + down[0].numel()
     distinct = statistics.mean(len(set(ids.flatten().tolist())) for ids in sets)
 
     def check() -> float:  # relative error of the first call against the reference of the int8 path
-        ref = moe_mod.moe_quant_q8_ref(x, sets[0], wts, gate, up, down, *types)
+        gguf = [from_aligned(m) if aligned and t == GGMLType.Q6_K else m for m, t in zip((gate, up, down), types)]
+        ref = moe_mod.moe_quant_q8_ref(x, sets[0], wts, *gguf, *types)
         return ((calls[0]().float() - ref).norm() / ref.norm()).item()
 
     return calls, per_expert, distinct, check
@@ -297,14 +315,15 @@ def main() -> None:
         nbytes = tensor_nbytes(t, (N, K))
         copies = n_copies(nbytes)
         for M in DECODE_M:
-            calls = decode_calls(t, N, K, M, None, copies)
-            s = graph_time(calls)
-            row = dict(shape=name, type=t.name, N=N, K=K, M=M, bytes=nbytes, us=s * 1e6, GBps=nbytes / s / GB,
-                       pct=100 * nbytes / s / bw)
-            res["decode"].append(row)
-            print(f"decode {name:32s} {t.name:5s} M={M:2d} {s * 1e6:8.1f} us {row['GBps']:7.0f} GB/s "
-                  f"{row['pct']:5.1f}%", flush=True)
-            del calls
+            for aligned in layouts(t, K):
+                calls = decode_calls(t, N, K, M, None, copies, aligned)
+                s = graph_time(calls)
+                row = dict(shape=name, type=t.name, N=N, K=K, M=M, bytes=nbytes, us=s * 1e6, GBps=nbytes / s / GB,
+                           pct=100 * nbytes / s / bw, layout="aligned" if aligned else "gguf")
+                res["decode"].append(row)
+                print(f"decode {name:32s} {t.name:5s} M={M:2d} {row['layout']:7s} {s * 1e6:8.1f} us "
+                      f"{row['GBps']:7.0f} GB/s {row['pct']:5.1f}%", flush=True)
+                del calls
         torch.cuda.empty_cache()
         save()
     for name, N, K, t in SHAPES:
@@ -345,32 +364,34 @@ def main() -> None:
             copies = 2
             w = random_weight(t, N, K, copies)
             x = torch.randn(M, K, device="cuda").half()
-            ours = event_time([lambda i=i: quant_matmul(x, w[i], t, K) for i in range(copies)])
+            aligned = layouts(t, K)[0]  # as the model holds the weight
+            wa = align_(w.clone()) if aligned else w
+            ours = event_time([lambda i=i: quant_matmul(x, wa[i], t, K, aligned=aligned) for i in range(copies)])
             base = event_time([lambda i=i: x @ dequantize(w[i], t, (N, K), torch.float16).T for i in range(copies)])
             wd = torch.randn(N, K, device="cuda").half()
             mm_only = event_time([lambda: x @ wd.T])
             flop = 2 * M * N * K
             res["prefill"].append(dict(shape=name, type=t.name, M=M, us=ours * 1e6, baseline_us=base * 1e6,
                                        matmul_only_us=mm_only * 1e6, TFLOPs=flop / ours / 1e12,
-                                       speedup=base / ours))
+                                       speedup=base / ours, layout="aligned" if aligned else "gguf"))
             print(f"prefill {name:32s} {t.name:5s} M={M:4d} {ours * 1e6:9.1f} us ({flop / ours / 1e12:5.0f} TFLOP/s)"
                   f"  formats.dequantize+cuBLAS {base * 1e6:9.1f} us  cuBLAS alone {mm_only * 1e6:8.1f} us",
                   flush=True)
-            del w, wd
+            del w, wa, wd
             torch.cuda.empty_cache()
         save()
 
     # fused MoE
-    def moe_row(T_, cfg, label):
+    def moe_row(T_, cfg, label, aligned=True):
         copies = 16 if T_ < 64 else 2
-        calls, per_expert, distinct, check = moe_setup(T_, copies, cfg)
+        calls, per_expert, distinct, check = moe_setup(T_, copies, cfg, aligned=aligned)
         err = check() if T_ <= 16 and (cfg or moe_mod.DEFAULT).q8 else None
         timer = graph_time if T_ < 64 else event_time
         s = timer(calls)
         nbytes = per_expert * distinct
         row = dict(label=label, T=T_, config=(cfg or moe_mod.DEFAULT).__dict__, us=s * 1e6,
                    expert_bytes=nbytes, read_us=nbytes / bw * 1e6, ratio=s / (nbytes / bw),
-                   pct=100 * nbytes / s / bw, rel_err_vs_q8_ref=err)
+                   pct=100 * nbytes / s / bw, rel_err_vs_q8_ref=err, layout="aligned" if aligned else "gguf")
         res["moe"].append(row)
         print(f"moe {label:24s} T={T_:4d} {s * 1e6:9.1f} us; reading {distinct:.0f} experts' {nbytes / 1e6:.0f} MB at "
               f"copy bandwidth: {row['read_us']:.1f} us -> {row['ratio']:.2f}x", flush=True)
@@ -380,14 +401,15 @@ def main() -> None:
 
     for T_ in (1, 4, 16):
         moe_row(T_, None, "default")
-        moe_row(T_, MoEConfig(q8=False, num_warps=8), "float gemv")
+        moe_row(T_, None, "default, GGUF layout", aligned=False)
+        moe_row(T_, MoEConfig(q8=False, num_warps=8), "float gemv", aligned=False)
     moe_row(16, MoEConfig(sorted_min_pairs=1 << 30), "pairs (unsorted)")
     for cfg in moe_mod.DECODE_CONFIGS:
         if not over_budget():
             label = (f"int8 {cfg.num_warps}w n{cfg.mmvq_rows} b{cfg.mmvq_nblk}{' pf' if cfg.mmvq_pf else ''}" if cfg.q8 else
                      f"float {cfg.num_warps}w r{cfg.rows}{' blk' if cfg.q4k_block else ''}")
             try:
-                moe_row(1, cfg, label)
+                moe_row(1, cfg, label, aligned=False)
             except Exception as e:  # recorded, and the sweep goes on
                 res["notes"].append(f"moe {label}: {type(e).__name__}: {e}"[:500])
                 print(res["notes"][-1], flush=True)
@@ -404,10 +426,11 @@ def summary(res) -> None:
           f"(target >= 80%); default configs ===")
     by = {}
     for r in res["decode"]:
-        by.setdefault((r["shape"], r["type"]), {})[r["M"]] = r
-    print(f"{'shape':34s} {'type':5s} " + " ".join(f"{'M=' + str(m):>14s}" for m in DECODE_M))
-    for (name, t), rows in by.items():
-        print(f"{name:34s} {t:5s} " + " ".join(f"{rows[m]['us']:6.1f}us {rows[m]['pct']:4.0f}%" for m in DECODE_M))
+        by.setdefault((r["shape"], r["type"], r.get("layout", "gguf")), {})[r["M"]] = r
+    print(f"{'shape':34s} {'type':5s} {'layout':7s} " + " ".join(f"{'M=' + str(m):>14s}" for m in DECODE_M))
+    for (name, t, lay), rows in by.items():
+        print(f"{name:34s} {t:5s} {lay:7s} " + " ".join(f"{rows[m]['us']:6.1f}us {rows[m]['pct']:4.0f}%"
+                                                      for m in DECODE_M))
     if res["sweep"]:
         print("\nbest swept config per (shape, M) vs default:")
         best = {}
@@ -415,7 +438,7 @@ def summary(res) -> None:
             k = (r["shape"], r["M"])
             if k not in best or r["us"] < best[k]["us"]:
                 best[k] = r
-        dflt = {(r["shape"], r["M"]): r for r in res["decode"]}
+        dflt = {(r["shape"], r["M"]): r for r in res["decode"] if r.get("layout", "gguf") == "gguf"}  # the sweep's
         for k, r in best.items():
             print(f"  {k[0]:34s} M={k[1]:2d} best {r['pct']:4.0f}% {r['config']}  default {dflt[k]['pct']:4.0f}%")
     print("\nprefill: ours vs formats.dequantize + cuBLAS")

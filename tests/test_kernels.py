@@ -21,6 +21,7 @@ quantized bytes:
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import random
 import struct
 import subprocess
@@ -32,8 +33,10 @@ import torch
 
 from tierlm.kernels.moe import DECODE_CONFIGS as MOE_DECODE_CONFIGS
 from tierlm.kernels.moe import MoEConfig, moe_dense, moe_quant, moe_quant_q8_ref, moe_quant_ref
+from tierlm.kernels.q6k_layout import to_aligned
 from tierlm.kernels.quant_matmul import (
     DECODE_CONFIGS,
+    MMVQ_Q6K_ALIGNED_STEPS,
     FUSED_TYPES,
     KernelInputError,
     QMMConfig,
@@ -312,7 +315,7 @@ def test_pick_config_follows_the_measured_rules():
     assert pick_config(T.Q6_K, 4, 129280, 7168, torch.float32, h, 132).kind == "mmvq"
 
 
-@pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq"])
+@pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq", "aligned"])
 def test_triton_kernels_in_interpreter(group):
     """The kernels in Triton's CPU interpreter (this file run as a script, since TRITON_INTERPRET must
     be set before the kernels are defined); they take the Triton-op twins of their inline PTX."""
@@ -505,6 +508,97 @@ def test_moe_dense_matches_reference(dtype, T_):
     assert rel(out, ref) <= (1e-5 if T_ * K < MoEConfig().sorted_min_pairs else 1.5e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 3, 16, 64])
+def test_aligned_q6k_matches_gguf_layout(dtype, M):
+    """Q6_K in the aligned layout through the default paths (int8 decode with 4, 2 and 1 words a lane, tensor-core
+    tiles, prefill's dequantizer) against the references on GGUF's layout; rows 8 bytes off a 16-byte boundary
+    read 2 words a lane."""
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bfloat16 needs sm_80+")
+    cap = torch.cuda.get_device_capability()
+    for i, (N, K) in enumerate([(70, 2048), (300, 1024), (64, 512), (129, 7168)]):
+        w = random_weight(T.Q6_K, N, K, seed=50 + i, device="cuda")
+        wa = to_aligned(w)
+        x = (torch.randn(M, K, device="cuda") * 2).to(dtype)
+        _poison_cache()
+        out = quant_matmul(x, wa, T.Q6_K, K, aligned=True)
+        assert out.dtype == dtype and out.shape == (M, N) and torch.isfinite(out).all()
+        if M <= 16 and pick_config(T.Q6_K, M, N, K, dtype, cap, 1, aligned=True).kind == "mmvq":
+            assert rel(out, quant_matmul_q8_ref(x, w, T.Q6_K, K)) <= FMA_TOL[dtype], (dtype, M, N, K)
+        else:
+            assert rel(out, quant_matmul_ref(x, w, T.Q6_K, K)) <= TILE_TOL[dtype], (dtype, M, N, K)
+        assert torch.equal(dequantize_rows(wa, T.Q6_K, K, dtype, aligned=True), dequantize_rows(w, T.Q6_K, K, dtype))
+    buf = torch.zeros(wa.numel() + 8, dtype=torch.uint8, device="cuda")
+    off = buf[8:].view(wa.shape)
+    off.copy_(wa)
+    assert off.data_ptr() % 16 == 8
+    out = quant_matmul(x[:1], off, T.Q6_K, K, aligned=True)
+    assert rel(out, quant_matmul_q8_ref(x[:1], w, T.Q6_K, K)) <= FMA_TOL[dtype]
+    odd = to_aligned(random_weight(T.Q6_K, 8, 768, seed=59, device="cuda"))  # 3 blocks: rows on 2-byte boundaries
+    with pytest.raises(KernelInputError, match="2-byte boundaries"):
+        quant_matmul(torch.randn(1, 768, device="cuda").to(dtype), odd, T.Q6_K, 768, aligned=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q6_K, T.Q6_K, T.Q6_K)], ids=lambda t: t[0].name)
+@pytest.mark.parametrize("T_", [1, 4, 40])
+def test_aligned_moe_matches_gguf_layout(types, T_):
+    """The fused MoE on Q6_K experts in the aligned layout (gate/up rows of 8 blocks, down rows of 4): the int8
+    decode against its reference, the sorted tiles (40 tokens) against the float reference."""
+    E, I, D, K = 16, 1024, 2048, 8
+    gate, up, down = _moe_weights(types, E, I, D, seed=44, device="cuda")
+    al = [to_aligned(m) if t == T.Q6_K else m for m, t in zip((gate, up, down), types)]
+    g = torch.Generator(device="cuda").manual_seed(45)
+    x = torch.randn(T_, D, device="cuda", generator=g).half()
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
+    wts = torch.rand(T_, K, device="cuda", generator=g)
+    _poison_cache()
+    out = moe_quant(x, ids, wts, *al, *types, aligned=True)
+    if T_ * K < MoEConfig().sorted_min_pairs:
+        assert rel(out, moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)) <= 1e-4
+    else:
+        assert rel(out, moe_quant_ref(x, ids, wts, gate, up, down, *types)) <= 5e-3
+    with pytest.raises(KernelInputError, match="GGUF's layout only"):
+        moe_quant(x[:1], ids[:1], wts[:1], *al, *types, aligned=True, config=MoEConfig(q8=False))
+
+
+@pytest.mark.gpu
+def test_layers_hold_q6k_aligned_on_gpu():
+    """A Q6_K linear layer, a layer's routed experts and the tiered experts' device slots hold their Q6_K bytes
+    aligned on the GPU and compute what the GGUF-layout kernels compute; moved back, the bytes are GGUF's."""
+    from tierlm.model.quantized import QuantLinear, QuantRoutedExperts
+    from tierlm.runtime.experts import TieredExperts, TierStats
+
+    w = random_weight(T.Q6_K, 96, 1024, seed=60)
+    layer = QuantLinear(w.clone(), T.Q6_K, 1024, 96).cuda()
+    assert layer.aligned and torch.equal(layer.qweight.cpu(), to_aligned(w))
+    x = torch.randn(2, 1024, device="cuda").half()
+    assert rel(layer(x), quant_matmul_q8_ref(x, w.cuda(), T.Q6_K, 1024)) <= FMA_TOL[torch.float16]
+    assert torch.equal(layer.state_dict()["qweight"].cpu(), w)
+    layer.cpu()
+    assert not layer.aligned and torch.equal(layer.qweight, w)
+
+    E, I, D = 8, 1024, 2048
+    types = (T.Q4_K, T.Q4_K, T.Q6_K)
+    gate, up, down = _moe_weights(types, E, I, D, seed=61)
+    x = torch.randn(3, D, device="cuda").half()
+    ids = torch.tensor([[0, 5], [3, 7], [5, 5]], device="cuda")
+    wts = torch.rand(3, 2, device="cuda")
+    ref = moe_quant_q8_ref(x, ids, wts, gate.cuda(), up.cuda(), down.cuda(), *types)
+    experts = QuantRoutedExperts(gate.clone(), up.clone(), down.clone(), types, E, D, I).cuda()
+    assert experts.aligned and torch.equal(experts.down_q.cpu(), to_aligned(down))
+    assert rel(experts(x, ids, wts), ref) <= 1e-4
+    tiered = TieredExperts(0, types, E, D, I, torch.device("cuda"), E, TierStats(),
+                           (gate.shape[2], up.shape[2], down.shape[2]))
+    for e in range(E):
+        tiered.put_device(e, gate[e], up[e], down[e])
+    assert tiered.aligned and torch.equal(tiered.slot_down[3].cpu(), to_aligned(down[3]))
+    assert torch.equal(tiered.slot_gate[3].cpu(), gate[3])
+    assert rel(tiered(x, ids, wts), ref) <= 1e-4
+
+
 # ---------------------------------------------------------------- interpreter runs (script mode)
 
 
@@ -666,7 +760,68 @@ def _interp_mmvq(gen: torch.Generator) -> None:
             _interp_check(f"moe int8 up {c.up_step()} down {c.down_step()} {gt.name}/{dt.name}", got, ref)
 
 
+def _interp_aligned(gen: torch.Generator) -> None:
+    """Every kernel that reads Q6_K in the aligned layout, on rows of 2, 4 and 8 blocks (a lane reads 1, 2 or 4
+    words at once in the int8 decode), against the references on the same weights in GGUF's layout."""
+    from tierlm.kernels import moe
+    from tierlm.kernels import triton_mmq as tk
+    from tierlm.kernels import triton_q as tq
+    from tierlm.kernels.quant_matmul import _qmm_launch, aligned_step
+
+    t = T.Q6_K
+    for K, words in ((512, 1), (1024, 2), (2048, 4)):
+        N = 9
+        w = _interp_weight(t, N, K, gen)
+        wa = to_aligned(w)
+        assert aligned_step(K, wa)[3] == words, (K, aligned_step(K, wa))
+        x = torch.randn(2, K, generator=gen)
+        bn, nblk, warps = MMVQ_Q6K_ALIGNED_STEPS[words]  # the default step; a partial last step with split K
+        cfgs = [(QMMConfig("mmvq", warps, 1, block_n=bn, nblk=nblk), 1)]
+        cfgs += [(QMMConfig("mmvq", 1, 2, block_n=4, nblk=4), 2)] if K == 1024 else []
+        for cfg, m in cfgs:
+            out = _qmm_launch(x[:m], wa, t, K, cfg, aligned=True)
+            _interp_check(f"aligned mmvq K={K} n{cfg.block_n} b{cfg.nblk} x{cfg.split_k} M={m}", out,
+                          quant_matmul_q8_ref(x[:m], w, t, K))
+        if K != 1024:
+            continue  # the float kernels below read bytes one by one: one row length is enough
+        for cfg, m in [(QMMConfig("mmq", 1, 2, block_n=16, nblk=1), 5), (QMMConfig("tile", 1, 2, 4, 8, 512, False), 3)]:
+            xm = torch.randn(m, K, generator=gen)
+            xm = xm.half() if cfg.kind == "mmq" else xm
+            _interp_check(f"aligned {cfg.kind} K={K} M={m}", _qmm_launch(xm, wa, t, K, cfg, aligned=True),
+                          quant_matmul_ref(xm, w, t, K), TILE_TOL[torch.float16])
+        ref = dequantize(w, t, (N, K))
+        out = torch.full((N, K), float("nan"))
+        tk.q6k_dequant_kernel[(-(-N // 16), -(-(K // 256) // 2))](wa, out, N, K, wa.shape[1], BN=16, NB=2, ALIGNED=True)
+        _interp_check(f"aligned q6k dequant K={K}", out, ref)
+        out = torch.full((N, K), float("nan"))
+        tq.dequant_kernel[(1, K // 256)](wa, out, N, K, K // 256, wa.shape[1], QTYPE=14, BLOCK=256, BLOCK_N=16, NB=1,
+                                         ALIGNED=True)
+        _interp_check(f"aligned dequant K={K}", out, ref)
+    E, D, K, n = 5, 512, 2, 3
+    for gt, dt, I in [(T.Q6_K, T.Q6_K, 1024)]:  # gate/up rows of 2 blocks (one word per lane), down rows of 4
+        gate = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
+        up = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
+        down = _interp_weight(dt, E * D, I, gen).view(E, D, -1)
+        al = [to_aligned(m) if ty == T.Q6_K else m for m, ty in ((gate, gt), (up, gt), (down, dt))]
+        x = torch.randn(n, D, generator=gen)
+        ids = torch.randint(0, E, (n, K), generator=gen)
+        ids[1, 0] = -1
+        ids[2, 1] = ids[2, 0] = 3
+        wts = torch.rand(n, K, generator=gen)
+        args = (x, ids.reshape(-1), wts.reshape(-1), *al, [gt, gt, dt], (E, I, D, K))
+        big = replace(moe.DEFAULT, aligned_step=(64, 2, 4))  # the default's launches in fewer programs: the
+        # interpreter runs programs one by one
+        got = moe._moe_pairs_q8(*args, big, True).view(n, K, D).sum(1)
+        _interp_check(f"aligned moe int8 {gt.name}/{dt.name} I={I}", got,
+                      moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt))
+        ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
+        for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):
+            got = moe._moe_sorted(*args, c, True).view(n, K, D).sum(1)
+            _interp_check(f"aligned moe sorted mmq={c.sorted_mmq} {gt.name}/{dt.name} I={I}", got, ref)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    {"gemv": _interp_gemv, "tile": _interp_tile, "moe": _interp_moe, "mmvq": _interp_mmvq}[sys.argv[2]](torch.Generator().manual_seed(0))
+    {"gemv": _interp_gemv, "tile": _interp_tile, "moe": _interp_moe, "mmvq": _interp_mmvq,
+     "aligned": _interp_aligned}[sys.argv[2]](torch.Generator().manual_seed(0))
     print("ok")

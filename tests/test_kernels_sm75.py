@@ -28,7 +28,7 @@ def _representative(capability: int) -> list:
             continue
         key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"),
                v.constexprs.get("Q4K_BLOCK"), v.constexprs.get("LOADS"), v.constexprs.get("MR"),
-               v.constexprs.get("MMQ"))
+               v.constexprs.get("MMQ"), v.constexprs.get("ALIGNED"))
         if key not in seen:
             seen.add(key)
             out.append(v)
@@ -66,3 +66,18 @@ def test_turing_tiles_have_no_tensor_core_instructions():
     """Documents why prefill on Turing dequantizes and calls cuBLAS: Triton's tl.dot becomes FMAs there."""
     tile = next(v for v in aot.variants(75) if v.fn.__name__ == "qmm_kernel" and v.constexprs["USE_DOT"])
     assert "mma" not in aot.compile_variant(tile, 75).asm["ptx"]
+
+
+@pytest.mark.parametrize("words, wide", [(4, "ld.global.v4.b32"), (2, "ld.global.v2.b32")])
+def test_aligned_q6k_decode_reads_whole_words(words, wide):
+    """The point of the aligned Q6_K layout: the int8 decode reads the weight's ql and qh words W at a time, and
+    no 2-byte piece but each block's d (GGUF's layout reads every word as two 2-byte halves: 8 loads or more)."""
+    from tierlm.kernels.quant_matmul import MMVQ_Q6K_ALIGNED_STEPS, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP
+
+    new = aot.aligned_q6k(aot.mmvq_variant(14, *MMVQ_Q6K_ALIGNED_STEPS[words]), words)
+    old = aot.mmvq_variant(14, *MMVQ_Q6K_STEP, loads=MMVQ_Q6K_LOADS)
+    for cc in (75, 90):
+        ptx, ptx_old = aot.compile_variant(new, cc).asm["ptx"], aot.compile_variant(old, cc).asm["ptx"]
+        # d: one load in the whole steps' body, one in the masked last step
+        assert ptx.count("ld.global.b16") == 2 < ptx_old.count("ld.global.b16"), (cc, ptx_old.count("ld.global.b16"))
+        assert ptx.count(wide) >= 3, (cc, ptx.count(wide))  # ql of quarters 0 and 1, qh (the activations: more)

@@ -7,7 +7,8 @@ and activation dtype; ``compile_variant`` turns one into PTX/cubin for ``GPUTarg
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, replace
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -21,7 +22,8 @@ from tierlm.kernels import triton_q as tq
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import MoEConfig
 from tierlm.kernels.quant_matmul import (MMQ_TILES, MMVQ_Q4K_LOADS, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP,
-                                         MMVQ_Q4K_STEP, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP, MMVQ_TILES, mmvq_loads)
+                                         MMVQ_Q4K_STEP, MMVQ_Q6K_ALIGNED_STEPS, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP,
+                                         MMVQ_TILES, mmvq_loads)
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -153,22 +155,46 @@ def variants(capability: int) -> list[Variant]:
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
     if capability >= 80:
         out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec, mmq=True)
+    # Q6_K in the aligned layout (what the layers hold on a GPU): every kernel the wrappers launch on it
+    q6 = tq.Q6_K
+    out += [aligned_q6k(mmvq_variant(q6, *MMVQ_Q6K_ALIGNED_STEPS[w], out=act), w) for w in (4, 2, 1) for act in acts]
+    out += [aligned_q6k(v, 4 if "down" in v.name else 2) for v in moe_q8_variants(tq.Q4_K, q6, aligned=True)]
+    out += [aligned_q6k(v, 2) for v in moe_q8_variants(q6, q6, aligned=True) if "up" in v.name]
+    out += [aligned_q6k(mmq_variant(q6, act, MMQ_TILES[q6][0], 1, MMQ_TILES[q6][1], split)) for act in acts
+            if act != "fp32" for split in (False, True)]
+    out += [aligned_q6k(kquant_dequant_variant(q6, act)) for act in acts]
+    out += [aligned_q6k(qmm_variant(q6, act, 4, 8, False)) for act in acts]
+    out += [aligned_q6k(v) for v in moe_variants(tq.Q4_K, q6, "fp16", True, dot_prec)]
+    if capability >= 80:
+        out += [aligned_q6k(v) for v in moe_variants(tq.Q4_K, q6, "fp16", True, dot_prec, mmq=True)]
     for w in (tq.F16, tq.BF16, tq.F32):  # moe_dense (bf16 weights are widened by a shift everywhere)
         out += moe_variants(w, w, "fp16", False, dot_prec)
         out += moe_variants(w, w, "fp16", True, dot_prec)
     return out
 
 
+def aligned_q6k(v: Variant, words: int | bool = True) -> Variant:
+    """``v`` reading Q6_K in the aligned layout (``kernels.q6k_layout``): ALIGNED = words per lane for the int8
+    decode kernels, True for the others. With 4 words the wrappers launch only rows of 16-byte multiples, which
+    Triton sees (an integer argument divisible by 16 is specialized)."""
+    rows = {"row_bytes", "rb_g", "rb_u", "rb_d"} & set(v.types) if words == 4 else set()
+    return replace(v, name=f"{v.name}_a{int(words)}", constexprs={**v.constexprs, "ALIGNED": words},
+                   aligned=tuple(v.aligned) + tuple(sorted(rows)))
+
+
 def compile_variant(v: Variant, capability: int):
     """Compile one variant for ``GPUTarget("cuda", capability, 32)``; returns Triton's CompiledKernel."""
     fn = v.fn
     types = dict(v.types)
-    for k in v.constexprs:
+    # constexprs the variant leaves out take the kernel's defaults, as a launch that leaves them out does
+    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    consts.update(v.constexprs)
+    for k in consts:
         types[k] = "constexpr"
     order = {name: i for i, name in enumerate(fn.arg_names)}
     attrs = {(order[k],): [["tt.divisibility", 16]] for k, t in types.items() if t.startswith("*")}
     attrs.update({(order[k],): [["tt.divisibility", 16]] for k in v.aligned})
-    src = ASTSource(fn=fn, signature=types, constexprs=dict(v.constexprs), attrs=attrs)
+    src = ASTSource(fn=fn, signature=types, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
 
@@ -216,8 +242,10 @@ def quantize_q8_variant(act: str, pack: bool = False) -> Variant:
                    dict(G=8, ASM=True, PACK=pack), ("K", "stride_xm"), 1, tags=dict(act=act))
 
 
-def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT) -> list[Variant]:
-    """The up and down kernels of the int8-activation MoE decode path, as ``cfg`` launches them."""
+def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligned: bool = False) -> list[Variant]:
+    """The up and down kernels of the int8-activation MoE decode path, as ``cfg`` launches them (``aligned``: the
+    steps and load forms of Q6_K experts in the aligned layout, for DeepSeek-V3's rows; ALIGNED itself is set by
+    ``aligned_q6k``)."""
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")
@@ -228,6 +256,10 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT) -> lis
     ub, unb, uw, ul = cfg.up_step()
     db, dnb, dw, dl = cfg.down_step()
     ul, dl = mmvq_loads(q_up, ul), mmvq_loads(q_down, dl)  # the load forms moe._moe_pairs_q8 launches
+    if aligned and q_up == tq.Q6_K:
+        (ub, unb, uw), ul = MMVQ_Q6K_ALIGNED_STEPS[2], 0  # rows of 7168: 8-byte multiples
+    if aligned and q_down == tq.Q6_K:
+        (db, dnb, dw), dl = MMVQ_Q6K_ALIGNED_STEPS[4], 0  # rows of 2048: 16-byte multiples
     return [
         Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
                 dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,

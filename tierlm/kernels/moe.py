@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, _word_aligned,
                                          device_info, mmvq_loads)
+from tierlm.kernels.q6k_layout import from_aligned
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -57,6 +58,8 @@ class MoEConfig:
     mmvq_up: tuple = ()  # int8 decode: (rows, blocks, warps) of the gate/up launch, if not those above
     mmvq_down: tuple = ()  # int8 decode: (rows, blocks, warps, loads) of the down launch, if not those above
     sorted_mmq: bool = True  # sorted tiles on sm_80+: triton_mmq's decode for Q4_K/Q6_K/Q8_0/Q5_0 experts
+    aligned_step: tuple = ()  # int8 decode of Q6_K experts in the aligned layout: (rows, blocks, warps), if not
+    # quant_matmul.MMVQ_Q6K_ALIGNED_STEPS's for the rows' alignment
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -136,11 +139,15 @@ def moe_quant_ref(x, ids, weights, gate, up, down, gate_type, up_type, down_type
 
 
 def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
-              config: MoEConfig | None = None) -> torch.Tensor:
+              config: MoEConfig | None = None, aligned: bool = False) -> torch.Tensor:
     """Fused MoE layer: x (T, D), ids/weights (T, K), gate/up (E, I, row bytes of D), down (E, D, row
-    bytes of I) in GGUF types ``*_type`` -> (T, D) float32. An id outside [0, E) adds nothing."""
+    bytes of I) in GGUF types ``*_type`` -> (T, D) float32. An id outside [0, E) adds nothing. ``aligned``: the
+    Q6_K ones among the three are in the aligned layout (``kernels.q6k_layout``)."""
     types, (E, I, D) = _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type)
+    aligned = aligned and GGMLType.Q6_K in types
     if not x.is_cuda:
+        if aligned:
+            gate, up, down = (from_aligned(w) if t == GGMLType.Q6_K else w for w, t in zip((gate, up, down), types))
         return moe_quant_ref(x, ids, weights, gate, up, down, *types)
     T, K = ids.shape
     P = T * K
@@ -150,10 +157,15 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
     flat_ids = ids.reshape(P).to(torch.int64)
     flat_w = weights.reshape(P).contiguous()
     if P < cfg.sorted_min_pairs:
-        pairs = _moe_pairs_q8 if cfg.q8 and all(t in FUSED_TYPES for t in types) else _moe_pairs
-        y = pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
+        if cfg.q8 and all(t in FUSED_TYPES for t in types):
+            y = _moe_pairs_q8(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
+        elif aligned:
+            raise KernelInputError("moe: the float matrix-vector decode (MoEConfig.q8=False) reads Q6_K in GGUF's "
+                                   "layout only; use the int8 decode for aligned Q6_K experts")
+        else:
+            y = _moe_pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
     else:
-        y = _moe_sorted(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
+        y = _moe_sorted(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
     return y.view(T, K, D).sum(1)  # (T, D): the K slots added in a fixed order
 
 
@@ -199,53 +211,74 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
     return y
 
 
-def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
+def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, aligned: bool = False) -> torch.Tensor:
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D)."""
     from tierlm.kernels.quant_matmul import quantize_q8
 
-    loads = q8_loads(cfg, types, gate, up, down)
+    loads = q8_loads(cfg, types, gate, up, down, aligned)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
-    h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0])
+    h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
     hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2))
-    return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1])
+    return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned)
 
 
-def q8_loads(cfg: MoEConfig, types, gate, up, down) -> tuple[int, int]:
-    """The LOADS bits of the int8 gate/up and down launches (one for gate and up, as their launch is one)."""
+def q8_loads(cfg: MoEConfig, types, gate, up, down, aligned: bool = False) -> tuple[int, int]:
+    """The LOADS bits of the int8 gate/up and down launches (one for gate and up, as their launch is one); none
+    for a launch whose Q6_K weights are aligned (their step reads unpacked xd)."""
     gt, ut, dt = types
-    return (mmvq_loads(gt, cfg.up_step()[3], gate, up) if gt == ut else 0), mmvq_loads(dt, cfg.down_step()[3], down)
+    q6 = GGMLType.Q6_K
+    up_loads = mmvq_loads(gt, cfg.up_step()[3], gate, up) if gt == ut and not (aligned and q6 in (gt, ut)) else 0
+    return up_loads, (0 if aligned and dt == q6 else mmvq_loads(dt, cfg.down_step()[3], down))
 
 
-def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int) -> torch.Tensor:
+def _aligned_words(aligned: bool, K: int, weights) -> tuple[int, tuple | None]:
+    """(ALIGNED, the step's (rows, blocks, warps) or None) of an int8 launch over (type, weight) pairs."""
+    from tierlm.kernels.quant_matmul import aligned_step
+
+    q6 = [w for t, w in weights if t == GGMLType.Q6_K]
+    if not (aligned and q6):
+        return 0, None
+    *step, words = aligned_step(K, *q6)
+    return words, (tuple(step) if len(q6) == len(weights) else None)
+
+
+def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int,
+               aligned: bool = False) -> torch.Tensor:
     """The int8 gate/up launch on quantized x: h (P, I) float32."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
     ub, unb, uw, _ = cfg.up_step()
+    words, step = _aligned_words(aligned, D, ((gt, gate), (ut, up)))
+    if step:
+        ub, unb, uw = cfg.aligned_step or step
     nblk, warps = tv.fit_step(unb, uw, D)
     h = torch.empty(P, I, dtype=torch.float32, device=xq.device)
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
-        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf)
+        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words)
     return h
 
 
-def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int) -> torch.Tensor:
+def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int, aligned: bool = False) -> torch.Tensor:
     """The int8 down launch on quantized h: y (P, D) float32, each pair's row weighted."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
     bn, dnb, dw, _ = cfg.down_step()
+    words, step = _aligned_words(aligned, I, ((dt, down),))
+    if step:
+        bn, dnb, dw = cfg.aligned_step or step
     nblk, warps = tv.fit_step(dnb, dw, I)
     y = torch.empty(P, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_q8_kernel[(P, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        LOADS=loads, num_warps=warps)
+        LOADS=loads, ALIGNED=words, num_warps=warps)
     return y
 
 
@@ -295,7 +328,7 @@ def _route(ids: torch.Tensor, E: int, block_m: int):
             torch.where(real, hi, 0).to(i32))
 
 
-def _moe_sorted(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torch.Tensor:
+def _moe_sorted(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, aligned: bool = False) -> torch.Tensor:
     """Prefill: expert-sorted tiles through tl.dot (tf32 for float32 operands on sm_80+). Returns y (P, D)."""
     from tierlm.kernels import triton_moe as tm
     from tierlm.kernels import triton_q as tq
@@ -312,7 +345,7 @@ def _moe_sorted(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> tor
     if mmq:  # the Q4_K decode reads block headers as 32-bit words
         gate, up, down = (_word_aligned(w) if t == GGMLType.Q4_K else w for w, t in zip((gate, up, down), types))
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SORTED=True, USE_DOT=True, DOT_PREC=prec,
-                  W=1, R=1, ASM=mmq and not _interpreting(), MMQ=mmq, num_warps=cfg.tile_warps)
+                  W=1, R=1, ASM=mmq and not _interpreting(), MMQ=mmq, ALIGNED=aligned, num_warps=cfg.tile_warps)
 
     def geo(t):
         block = tq.BLOCK_ELEMS[int(t)]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tierlm.errors import TierlmError
 from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
 from tierlm.kernels.cpu_quant import cpu_quant_matmul
+from tierlm.kernels.q6k_layout import from_aligned
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
 
@@ -144,6 +145,11 @@ MMVQ_Q4K_SHORT_STEP = (4, 2, 2)
 # step of loads 4 before (bench/results/kernels-NVIDIA_H200-int8.md, "Two-warp steps")
 MMVQ_Q6K_STEP = (2, 2, 2)
 MMVQ_Q6K_LOADS = 12
+# Q6_K in the aligned layout (kernels.q6k_layout), at 1-2 rows: (rows, blocks, warps) per words read at once by a
+# lane (q6k_words: 4 where rows are 16-byte multiples, 2 where 8-byte), one warp of 4 W-byte loads per thread.
+# H200, product alone, same run as the GGUF-layout step above (bench/results/kernels-NVIDIA_H200-int8.md, "Aligned
+# Q6_K"): see there for the figures.
+MMVQ_Q6K_ALIGNED_STEPS = {4: (2, 4, 1), 2: (2, 2, 1), 1: (2, 2, 2)}
 MMQ_BM = 16  # activation rows per mmq program (the smallest tl.dot tile)
 # Tensor-core decode tiles (triton_mmq) per type: (weight rows per program, warps, programs per multiprocessor
 # that split-K aims at, fewest 256-element blocks per split), the best of the H200 sweep over DeepSeek-V3's shapes
@@ -170,8 +176,27 @@ def mmvq_loads(qtype: GGMLType, loads: int, *weights: torch.Tensor) -> int:
     return loads & 12 if qtype == GGMLType.Q6_K else 0
 
 
+def q6k_words(K: int, *weights: torch.Tensor) -> int:
+    """The 4-byte words a lane of the aligned-layout Q6_K product reads at once from rows of K elements (the
+    kernel's ALIGNED): 4 where every row starts on a 16-byte boundary, 2 on an 8-byte one, else 1."""
+    nb = K // 256
+    if nb % 2:
+        raise KernelInputError(f"aligned Q6_K: rows of K={K} elements ({nb} blocks) start on 2-byte boundaries only; "
+                               "keep such weights in GGUF's layout (q6k_layout.alignable)")
+    for w, align in ((4, 16), (2, 8)):
+        if nb % (2 * w) == 0 and not any(t.data_ptr() % align for t in weights):
+            return w
+    return 1
+
+
+def aligned_step(K: int, *weights: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, blocks per step, warps, words per load) of the aligned-layout Q6_K product on rows of K elements."""
+    words = q6k_words(K, *weights)
+    return (*MMVQ_Q6K_ALIGNED_STEPS[words], words)
+
+
 def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
-                capability: tuple[int, int], sms: int) -> QMMConfig:
+                capability: tuple[int, int], sms: int, aligned: bool = False) -> QMMConfig:
     """The decode configuration for an (M <= DECODE_MAX_M, N, K) product on a given card.
 
     Up to ``MMVQ_MAX_M`` rows (or on cards without tensor-core tiles for this dtype): the
@@ -180,7 +205,8 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     sixteen-thread step ``MMVQ_Q6K_STEP``). More
     rows with 16-bit activations on sm_80+ (from 3 rows on the types and sizes where that measured faster,
     from 2 on a matrix as tall as the output head): the tensor-core tiles ``MMQ_TILES``, which decode each
-    weight once for all rows, split along K to fill the card.
+    weight once for all rows, split along K to fill the card. ``aligned`` (Q6_K in the aligned layout): at 1-2
+    rows the step of ``MMVQ_Q6K_ALIGNED_STEPS`` for the row's alignment (the launch re-checks the pointers).
     """
     tiles_ok = capability >= (8, 0) and dtype != torch.float32
     wide = M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW) or (M > 2 and (
@@ -190,7 +216,9 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
         return QMMConfig("mmq", warps, mmq_splits(N, K, bn, sms, waves, min_steps), block_n=bn, nblk=1)
     bn, nb, w = MMVQ_TILES[qtype]
     loads, act_rows = 0, 1
-    if qtype == GGMLType.Q4_K:
+    if qtype == GGMLType.Q6_K and aligned:
+        bn, nb, w = MMVQ_Q6K_ALIGNED_STEPS[4 if K % 2048 == 0 else 2 if K % 1024 == 0 else 1]
+    elif qtype == GGMLType.Q4_K:
         (bn, nb, w), loads = q4k_row_step(N, K, sms), MMVQ_Q4K_LOADS
         act_rows = 1 if M == 1 else 2 if M == 2 else 4
     elif qtype == GGMLType.Q6_K and M == 1:
@@ -251,12 +279,14 @@ def quant_matmul_ref(x: torch.Tensor, w: torch.Tensor, qtype, K: int) -> torch.T
     return F.linear(x.to(torch.float32), wd)
 
 
-def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """(N, row_bytes) GGUF bytes -> (N, K) in ``dtype``: one Triton launch on CUDA for TRITON_TYPES."""
+def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype, aligned: bool = False) -> torch.Tensor:
+    """(N, row_bytes) GGUF bytes -> (N, K) in ``dtype``: one Triton launch on CUDA for TRITON_TYPES. ``aligned``: Q6_K
+    rows in the aligned layout (``kernels.q6k_layout``)."""
     qtype = ggml_type(qtype)
     N = w.shape[0]
+    aligned = aligned and qtype == GGMLType.Q6_K
     if not w.is_cuda or qtype not in TRITON_TYPES or N == 0:
-        return dequantize(w, qtype, (N, K), dtype)
+        return dequantize(from_aligned(w) if aligned else w, qtype, (N, K), dtype)
     from tierlm.kernels import triton_q as tq
 
     out = torch.empty((N, K), dtype=dtype, device=w.device)
@@ -269,7 +299,7 @@ def dequantize_rows(w: torch.Tensor, qtype, K: int, dtype: torch.dtype) -> torch
             tk.q4k_dequant_kernel[grid](_word_aligned(w), out, N, K, w.shape[1], BN=bn, NB=nb,
                                         OUT_KIND=_dot_kind(dtype), ASM=not _interpreting(), num_warps=warps)
         else:
-            tk.q6k_dequant_kernel[grid](w, out, N, K, w.shape[1], BN=bn, NB=nb, num_warps=warps)
+            tk.q6k_dequant_kernel[grid](w, out, N, K, w.shape[1], BN=bn, NB=nb, ALIGNED=aligned, num_warps=warps)
         return out
     bn, k_step, warps = DEQUANT_CONFIG
     block = tq.BLOCK_ELEMS[int(qtype)]
@@ -359,9 +389,14 @@ def quant_matmul_q8_ref(x: torch.Tensor, w: torch.Tensor, qtype, K: int) -> torc
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig) -> torch.Tensor:
-    """Fused decode product of x2 (M, K), stride 1 along K -> (M, N) in x2's dtype."""
+def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig,
+                aligned: bool = False) -> torch.Tensor:
+    """Fused decode product of x2 (M, K), stride 1 along K -> (M, N) in x2's dtype (``aligned``: Q6_K rows in the
+    aligned layout)."""
     M, N = x2.shape[0], w.shape[0]
+    if aligned and cfg.kind == "gemv":
+        raise KernelInputError("the gemv decode reads Q6_K in GGUF's layout only; use kind 'mmvq', 'mmq' or 'tile' "
+                               "for aligned Q6_K weights")
     if cfg.kind == "mmvq":
         from tierlm.kernels import triton_mmvq as tv
 
@@ -370,7 +405,8 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         if cfg.act_rows < 1:
             raise KernelInputError(f"QMMConfig.act_rows={cfg.act_rows}: give 1 (one activation row per program) "
                                    "to 4")
-        loads = mmvq_loads(qtype, cfg.loads, w)
+        words = q6k_words(K, w) if aligned else 0
+        loads = 0 if aligned else mmvq_loads(qtype, cfg.loads, w)
         xq, xd, xs = quantize_q8(x2, pack=bool(loads & 2))
         nblk, warps = tv.fit_step(cfg.nblk, cfg.num_warps, K)
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
@@ -382,10 +418,10 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         grid = (triton_cdiv(M, mr) * triton_cdiv(N, cfg.block_n), splits)
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N, M,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
-                             LOADS=loads, MR=mr,
+                             LOADS=loads, MR=mr, ALIGNED=words,
                              num_warps=warps, num_stages=cfg.num_stages)
     elif cfg.kind == "mmq":
-        return mmq_launch(x2, w, qtype, K, cfg)
+        return mmq_launch(x2, w, qtype, K, cfg, aligned=aligned)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 
@@ -412,7 +448,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         tq.qmm_kernel[grid](
             x2, w, out, M, N, nblocks, w.shape[1], x2.stride(0), N, M * N, per_split,
             QTYPE=int(qtype), BLOCK=block, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=nb,
-            USE_DOT=cfg.use_dot, DOT_KIND=_dot_kind(x2.dtype), DOT_PREC="ieee",
+            USE_DOT=cfg.use_dot, DOT_KIND=_dot_kind(x2.dtype), DOT_PREC="ieee", ALIGNED=aligned,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
@@ -425,9 +461,10 @@ def _splits(nblocks: int, split_k: int, step: int) -> tuple[int, int]:
 
 
 def mmq_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig,
-               asm: bool = True) -> torch.Tensor:
+               asm: bool = True, aligned: bool = False) -> torch.Tensor:
     """The tensor-core decode product (``triton_mmq.mmq_kernel``) of x2 (M, K) -> (M, N) in x2's dtype; ``asm=False``
-    takes the plain-Triton Q4_K decode instead of inline PTX (the benchmarks compare the two)."""
+    takes the plain-Triton Q4_K decode instead of inline PTX (the benchmarks compare the two); ``aligned``: Q6_K
+    rows in the aligned layout."""
     from tierlm.kernels import triton_mmq as tk
 
     if qtype not in FUSED_TYPES or x2.dtype == torch.float32:
@@ -442,7 +479,8 @@ def mmq_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: 
     grid = (triton_cdiv(N, cfg.block_n), splits, triton_cdiv(M, MMQ_BM))
     tk.mmq_kernel[grid](x2, w, out, M, N, nblocks, w.shape[1], x2.stride(0), N, M * N, per_split,
                         QTYPE=int(qtype), BM=MMQ_BM, BN=cfg.block_n, NB=nb, DOT_KIND=_dot_kind(x2.dtype),
-                        ASM=asm and not _interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        ASM=asm and not _interpreting(), ALIGNED=aligned and qtype == GGMLType.Q6_K,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
 
 
@@ -452,13 +490,16 @@ def _out_buffer(x2: torch.Tensor, M: int, N: int, splits: int) -> torch.Tensor:
     return torch.empty((splits, M, N), dtype=torch.float32, device=x2.device)  # partial sums
 
 
-def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMMConfig | None = None) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMMConfig | None = None,
+                 aligned: bool = False) -> torch.Tensor:
     """x (..., K) float16/bfloat16/float32 times the (N, K) GGUF weight in ``w`` -> (..., N) in x.dtype.
 
     ``config`` forces a decode launch configuration (used by benchmarks); by default ``pick_config``
-    chooses one for M <= DECODE_MAX_M, and prefill dequantizes and calls cuBLAS.
+    chooses one for M <= DECODE_MAX_M, and prefill dequantizes and calls cuBLAS. ``aligned``: a Q6_K weight's rows
+    are in the aligned layout (``kernels.q6k_layout``; ignored for the other types, which have one layout).
     """
     qtype = check_inputs(x, w, qtype, K)
+    aligned = aligned and qtype == GGMLType.Q6_K
     N = w.shape[0]
     lead = x.shape[:-1]
     if x.stride(-1) != 1:
@@ -468,6 +509,7 @@ def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMM
     if M == 0 or N == 0:
         return x.new_zeros((*lead, N))
     if not x.is_cuda:
+        w = from_aligned(w) if aligned else w
         if M <= DECODE_MAX_M and qtype in CPU_TYPES and w.is_contiguous():
             # the C++ kernel on the GGUF bytes, float32 arithmetic (the reference's numbers up to summation order)
             return cpu_quant_matmul(x2, w, qtype, K, mode="f32").to(x.dtype).reshape(*lead, N)
@@ -475,7 +517,7 @@ def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMM
     if qtype in FUSED_TYPES and (M <= DECODE_MAX_M or config is not None):
         if config is None:
             cap, sms = device_info(x.device)
-            config = pick_config(qtype, M, N, K, x.dtype, cap, sms)
-        return _qmm_launch(x2, w, qtype, K, config).reshape(*lead, N)
-    wd = dequantize_rows(w, qtype, K, x.dtype)  # (N, K)
+            config = pick_config(qtype, M, N, K, x.dtype, cap, sms, aligned)
+        return _qmm_launch(x2, w, qtype, K, config, aligned).reshape(*lead, N)
+    wd = dequantize_rows(w, qtype, K, x.dtype, aligned)  # (N, K)
     return torch.matmul(x2, wd.T).reshape(*lead, N)

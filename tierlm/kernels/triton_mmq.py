@@ -33,7 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tierlm.kernels.triton_q import BLOCK_ELEMS, Q4_K, _dequant_tile, _f, _f16_at, _to_dot, _x_tile, row_stride
+from tierlm.kernels.triton_q import (BLOCK_ELEMS, Q4_K, _dequant_tile, _f, _f16_at, _to_dot, _x_tile, q6k_block,
+                                     row_stride)
 
 
 def step_blocks(qtype: int, nblk: int) -> int:
@@ -53,19 +54,21 @@ def _q6k_plane(acc, xp, xmask, qv, qh, sp, d, wmask, R: tl.constexpr, S: tl.cons
 
 
 @triton.jit
-def _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB: tl.constexpr, DOT_KIND: tl.constexpr):
-    """Blocks kb .. kb+NB-1: low-nibble bytes (two loads), high bytes (one), then four dots of K = 64 NB."""
+def _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB: tl.constexpr, DOT_KIND: tl.constexpr,
+              ALIGNED: tl.constexpr, dof):
+    """Blocks kb .. kb+NB-1: low-nibble bytes (two loads), high bytes (one), then four dots of K = 64 NB
+    (ALIGNED, dof: rows in the aligned layout, ``triton_q.q6k_block``)."""
     b = kb + tl.arange(0, NB)[None, :, None, None, None]  # (1, NB, 1, 1, 1)
     h = tl.arange(0, 2)[None, None, :, None, None]  # 128-element half
     g = tl.arange(0, 2)[None, None, None, :, None]  # 16-element group: its own scale
     l = g * 16 + tl.arange(0, 16)[None, None, None, None, :]  # (1, 1, 1, 2, 16): 0..31
     bmask = b < kend
     wmask = nmask[:, None, None, None, None] & bmask
-    blk = wrow[:, None, None, None, None] + b * 210
+    blk, dp = q6k_block(wrow[:, None, None, None, None], b, dof, ALIGNED)
     qa = tl.load(blk + h * 64 + l, mask=wmask, other=0).to(tl.int32)  # low nibbles: planes 0 and 2
     qb = tl.load(blk + h * 64 + 32 + l, mask=wmask, other=0).to(tl.int32)  # planes 1 and 3
     qh = tl.load(blk + 128 + h * 32 + l, mask=wmask, other=0).to(tl.int32)  # 2 high bits of each plane
-    d = 64.0 * _f16_at(blk + 208, wmask)  # (BN, NB, 1, 1, 1)
+    d = 64.0 * _f16_at(dp, wmask)  # (BN, NB, 1, 1, 1)
     sp = (blk + 192 + h * 8 + g).to(tl.pointer_type(tl.int8))  # (BN, NB, 2, 2, 1): plane R adds 2R
     xp = xrow[:, None, None, None, None] + b * 256 + h * 128 + l  # (BM, NB, 2, 2, 16): plane R adds 32R
     xmask = mmask[:, None, None, None, None] & bmask
@@ -80,7 +83,7 @@ def _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB: tl.constexpr, DOT_KIN
 def _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE: tl.constexpr, NB: tl.constexpr,
               DOT_KIND: tl.constexpr):
     """Q8_0 or Q5_0: NB blocks of 32 in natural order (``triton_q``'s decode and activation tiles), one dot."""
-    w, _ = _dequant_tile(wrow, kb, kend, nmask, QTYPE, NB, 32)  # (BN, 32 NB)
+    w, _ = _dequant_tile(wrow, kb, kend, nmask, QTYPE, NB, 32, True, False, 0)  # (BN, 32 NB)
     x = _x_tile(xrow, mmask, kb, kend, QTYPE, NB, 32)  # (BM, 32 NB)
     return tl.dot(_to_dot(x, DOT_KIND), tl.trans(_to_dot(w, DOT_KIND)), acc)
 
@@ -189,10 +192,11 @@ def _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND: tl.constexpr, ASM: tl
 
 
 @triton.jit
-def q6k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl.constexpr):
+def q6k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl.constexpr,
+                       ALIGNED: tl.constexpr = False):
     """out[n, k] = dequant(w)[n, k] for Q6_K in out's dtype, NB blocks of BN rows per program as (32, BN) tiles
-    with the elements of each weight row down the columns (as ``q4k_dequant_kernel``). Grid: (cdiv(N, BN),
-    cdiv(K / 256, NB))."""
+    with the elements of each weight row down the columns (as ``q4k_dequant_kernel``); ALIGNED: rows in the
+    aligned layout. Grid: (cdiv(N, BN), cdiv(K / 256, NB))."""
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = offs_n < N
     wrow = w_ptr + offs_n.to(tl.int64) * ((row_bytes // 2) * 2)  # whole 2-byte words: pairs of byte loads
@@ -201,8 +205,8 @@ def q6k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl
     for i in tl.static_range(NB):
         kb = tl.program_id(1) * NB + i
         wmask = (nmask & (offs_n * 0 + kb < K // 256))[None, :]  # (1, BN)
-        blk = wrow[None, :] + kb * 210
-        d = _f16_at(blk + 208, wmask)
+        blk, dp = q6k_block(wrow[None, :], kb, (K // 256) * 208, ALIGNED)
+        d = _f16_at(dp, wmask)
         for h in tl.static_range(2):
             qa = tl.load(blk + h * 64 + l, mask=wmask, other=0).to(tl.int32)  # (32, BN): planes 0 and 2
             qb = tl.load(blk + h * 64 + 32 + l, mask=wmask, other=0).to(tl.int32)  # planes 1 and 3
@@ -240,11 +244,11 @@ def q4k_dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, BN: tl.constexpr, NB: tl
 
 @triton.jit
 def mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr,
-            BN: tl.constexpr, DOT_KIND: tl.constexpr, ASM: tl.constexpr):
+            BN: tl.constexpr, DOT_KIND: tl.constexpr, ASM: tl.constexpr, ALIGNED: tl.constexpr, dof):
     """Sum over GGUF blocks kb0 .. kend-1 of x[m] . w[n] -> (BM, BN) float32, BM >= 16 (``triton_q._mac``'s
     contract, with this module's decode). xrow: (BM,) activation row pointers, mmask their validity; wrow:
     (BN,) weight row pointers, nmask their validity. float32 activations (DOT_KIND 0) multiply in tl.dot's
-    default precision (tf32 on sm_80+)."""
+    default precision (tf32 on sm_80+). ALIGNED, dof: Q6_K rows in the aligned layout (``triton_q.q6k_block``)."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     if QTYPE == 12:
         for kb in range(kb0, kend):  # one block per step, whatever NB says
@@ -252,7 +256,7 @@ def mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE: tl.constexpr, NB: tl.con
     else:
         for kb in range(kb0, kend, NB):
             if QTYPE == 14:
-                acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND)
+                acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND, ALIGNED, dof)
             else:
                 acc = _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE, NB, DOT_KIND)
     return acc
@@ -261,8 +265,9 @@ def mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE: tl.constexpr, NB: tl.con
 @triton.jit
 def mmq_kernel(x_ptr, w_ptr, out_ptr, M, N, nblocks, row_bytes, stride_xm, stride_om, stride_os, blocks_per_split,
                QTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, DOT_KIND: tl.constexpr,
-               ASM: tl.constexpr = False):
-    """out[pid_k, m, n] = sum over split pid_k's GGUF blocks of x[m, :] . dequant(w[n, :]).
+               ASM: tl.constexpr = False, ALIGNED: tl.constexpr = False):
+    """out[pid_k, m, n] = sum over split pid_k's GGUF blocks of x[m, :] . dequant(w[n, :]) (ALIGNED: Q6_K rows in
+    the aligned layout).
 
     Grid: (cdiv(N, BN), splits, cdiv(M, BM)). Split s covers blocks [s * blocks_per_split,
     (s + 1) * blocks_per_split), a whole number of NB-block steps; its sums go to out + s * stride_os.
@@ -277,6 +282,6 @@ def mmq_kernel(x_ptr, w_ptr, out_ptr, M, N, nblocks, row_bytes, stride_xm, strid
     wrow = w_ptr + offs_n.to(tl.int64) * row_stride(row_bytes, QTYPE)  # (BN,)
     kb0 = pid_k * blocks_per_split
     kend = tl.minimum(kb0 + blocks_per_split, nblocks)
-    acc = mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE, NB, BM, BN, DOT_KIND, ASM)
+    acc = mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE, NB, BM, BN, DOT_KIND, ASM, ALIGNED, nblocks * 208)
     optr = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

@@ -19,7 +19,8 @@ aligned. Which of the other dimensions neighbouring threads take is the compiler
 weight load in Nsight Compute on an H200). The one-row defaults leave it no choice (``LOADS & 4``):
 Q4_K steps are (lines, 32 words), so eight threads read a block's 128 nibble bytes as one run
 (``_q4k_rows32``); Q6_K steps are one flat tensor of sixteen lanes per block (``_q6k_rows16``).
-The activation words are the same for every row: they come from L1.
+The activation words are the same for every row: they come from L1. Q6_K rows in the aligned layout
+(``kernels.q6k_layout``, what the model keeps on a GPU) are read 4-16 bytes per load (``_q6k_rows_a``).
 
 ``ASM`` selects the ``dp4a`` instruction; without it (Triton's CPU interpreter) a Triton-op twin
 computes the same integer sums.
@@ -568,6 +569,69 @@ def _q6k_rows16p(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constex
 
 
 @triton.jit
+def _q6k_lane_a(pa, ph, ps, pdd, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr):
+    """One step of ``_q6k_rows_a``: each lane's partial sum for its W words (``_q6k_lane`` with (lanes, W) int32
+    pointers ``pa`` (ql, quarter 0; quarter 1 is 8 words on), ``ph`` (qh) and ``px`` (activations))."""
+    j4 = tl.arange(0, 4)[None, :]
+    if MASK:
+        lw = live[:, None]
+        A, B, H = tl.load(pa, mask=lw, other=0), tl.load(pa + 8, mask=lw, other=0), tl.load(ph, mask=lw, other=0)
+        d = _f16(tl.load(pdd, mask=live, other=0).to(tl.int32))
+        xd4 = tl.load(pd[:, None] + j4, mask=lw, other=0.0)
+    else:
+        A, B, H = tl.load(pa), tl.load(pa + 8), tl.load(ph)
+        d = _f16(tl.load(pdd).to(tl.int32))
+        xd4 = tl.load(pd[:, None] + j4)  # xd of the four groups of the half: one 16-byte load
+    xi = xd4.to(tl.int32, bitcast=True)
+    part = tl.zeros([pdd.shape[0]], dtype=tl.float32)
+    for i in tl.static_range(4):
+        if MASK:
+            sc = tl.load(ps + 2 * i, mask=live, other=0).to(tl.int32)
+            xw = tl.load(px + 8 * i, mask=lw, other=0)
+        else:
+            sc, xw = tl.load(ps + 2 * i).to(tl.int32), tl.load(px + 8 * i)
+        s = tl.sum(_dp4a(_q6k_quad(A, B, H, i), xw, True, ASM), axis=1)
+        xdi = tl.sum(tl.where(j4 == i, xi, 0), axis=1).to(tl.float32, bitcast=True)
+        part += (sc * s).to(tl.float32) * xdi
+    return d * part
+
+
+@triton.jit
+def _q6k_rows_a(xq32, xd_ptr, w_ptr, row0, N, row_bytes, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr,
+                W: tl.constexpr, ASM: tl.constexpr):
+    """Q6_K rows in the aligned layout (``kernels.q6k_layout``): 16 / W lanes per block, each reading W words
+    (4 W bytes) of ql at once, of the quarter-1 ql and of qh, with the math of ``_q6k_rows16p``. Rows start on
+    4 W-byte boundaries (the caller's choice of W), and so do the bodies (208 bytes) and every lane's words.
+    Whole steps unmasked, the last partial one masked."""
+    LPB: tl.constexpr = 16 // W  # lanes per block
+    t = tl.arange(0, NBLK * BN * LPB)
+    line = t // LPB  # lane t: block kb0 + line // BN of row line % BN; half h, first word wq
+    h = (t % LPB) // (LPB // 2)
+    wq = (t % (LPB // 2)) * W
+    rows = tl.minimum(row0 + line % BN, N - 1)
+    kb = kb0 + line // BN
+    wr = w_ptr + rows.to(tl.int64) * ((row_bytes // (4 * W)) * (4 * W))
+    body = wr + kb * 208
+    wv = tl.arange(0, W)[None, :]
+    pa = (body + 64 * h + 4 * wq).to(tl.pointer_type(tl.int32))[:, None] + wv  # ql bytes 64h + 4w (i = 0, 2)
+    ph = (body + 128 + 32 * h + 4 * wq).to(tl.pointer_type(tl.int32))[:, None] + wv  # qh bytes 128 + 32h + 4w
+    ps = (body + 192 + 8 * h + (wq >> 2)).to(tl.pointer_type(tl.int8))
+    pdd = (wr + (row_bytes // 210) * 208).to(tl.pointer_type(tl.uint16)) + kb
+    px = xq32 + (kb * 64 + 32 * h + wq)[:, None] + wv
+    pd = tl.multiple_of(xd_ptr + kb * 8 + 4 * h, 16)
+    acc = tl.zeros([NBLK * BN * LPB], dtype=tl.float32)
+    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+    for k in range(kb0, kfull, NBLK):
+        o = k - kb0
+        acc += _q6k_lane_a(pa + o * 52, ph + o * 52, ps + o * 208, pdd + o, px + o * 64, pd + o * 8, None, ASM, False)
+    if kfull < kb1:
+        o = kfull - kb0
+        acc += _q6k_lane_a(pa + o * 52, ph + o * 52, ps + o * 208, pdd + o, px + o * 64, pd + o * 8,
+                           kfull + line // BN < kb1, ASM, True)
+    return tl.sum(tl.sum(tl.reshape(acc, [NBLK, BN, LPB]), axis=2), axis=0)
+
+
+@triton.jit
 def _q80_fetch(wrow, kb, w):
     """One Q8_0 step: the quant words (BN, NB, 8) and d (BN, NB, 1)."""
     b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
@@ -645,14 +709,18 @@ def _q50_rows(xq32, xd_ptr, xs_ptr, wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.c
 @triton.jit
 def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
               QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr = False,
-              LOADS: tl.constexpr = 0):
+              LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0):
     """Rows row0 .. row0 + BN - 1 of the weight at w_ptr dotted with one quantized activation row
     (xq int8, xd/xs per 32 values) over blocks kb0..kb1-1: (BN,) float32. Rows past N are clamped
-    (their values are garbage for the caller to mask); an empty block range gives zeros."""
+    (their values are garbage for the caller to mask); an empty block range gives zeros. ALIGNED (Q6_K): 0 for
+    GGUF's layout, else the rows are in the aligned layout and each lane reads ALIGNED words (``_q6k_rows_a``;
+    LOADS is then unused)."""
     rows = tl.minimum(row0 + tl.arange(0, BN), N - 1)
     wrow = w_ptr + rows.to(tl.int64) * row_stride(row_bytes, QTYPE)
     xq32 = xq_ptr.to(tl.pointer_type(tl.int32))
-    if QTYPE == 12 and LOADS & 8:
+    if QTYPE == 14 and ALIGNED:
+        return _q6k_rows_a(xq32, xd_ptr, w_ptr, row0, N, row_bytes, kb0, kb1, BN, NBLK, ALIGNED, ASM)
+    elif QTYPE == 12 and LOADS & 8:
         tl.static_assert(LOADS & 2 != 0, "the lean Q4_K step (LOADS & 8) reads (xd, xs) pairs (LOADS & 2)")
         return _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, 1, 0, BN, NBLK, ASM, PF)[0]
     elif QTYPE == 12 and LOADS & 4:
@@ -675,14 +743,15 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os, M,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1):
+                PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1, ALIGNED: tl.constexpr = 0):
     """out[s, m, n] = weight row n . activation row m over split s's blocks, for M activation rows.
 
     Grid: (cdiv(M, MR) * cdiv(N, BN), splits); program i is row block i // G of activation rows
     MR * (i % G) .. + MR - 1, G = cdiv(M, MR). With MR = 1 the M programs of one row block run side
     by side and the rows after the first find the weights in L2 (and the first axis, unlike the
     second, has room for 129280 one-row blocks); MR > 1 (Q4_K with LOADS & 8 only): one program
-    reads the weights once for MR activation rows (without PF: its loads are those of one step).
+    reads the weights once for MR activation rows (without PF: its loads are those of one step). ALIGNED: see
+    ``mmvq_rows``.
     """
     pid = tl.program_id(0)
     G = tl.cdiv(M, MR)
@@ -711,7 +780,7 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
             tl.store(po + 3 * stride_om, a3.to(ty), mask=(rows < N) & (r > 3))
     else:
         acc = mmvq_rows(xq_ptr + m * K, xd_ptr + m * ng, xs_ptr + m * (K // 32), w_ptr, row0, N, row_bytes,
-                        kb0, kb1, QTYPE, BN, NBLK, ASM, PF, LOADS)
+                        kb0, kb1, QTYPE, BN, NBLK, ASM, PF, LOADS, ALIGNED)
         tl.store(po, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
@@ -719,10 +788,10 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
+                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
-    [0, E) reads nothing and gives zeros."""
+    [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
     e = tl.load(ids_ptr + t)
@@ -731,9 +800,9 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     tok = (t // TOPK).to(tl.int64)
     xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * ((2 if LOADS & 2 else 1) * (D // 32)), xs_ptr + tok * (D // 32)
     g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM, PF,
-                  LOADS)
+                  LOADS, ALIGNED)
     u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
-                  LOADS)
+                  LOADS, ALIGNED)
     rows = row0 + tl.arange(0, BN)
     tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
@@ -741,8 +810,8 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0):
-    """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D)."""
+                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0):
+    """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D). ALIGNED: see ``mmvq_rows``."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
     e = tl.load(ids_ptr + t)
@@ -750,7 +819,7 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
     e = tl.where(valid, e, 0).to(tl.int64)
     p = t.to(tl.int64)
     acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS)
+                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
 

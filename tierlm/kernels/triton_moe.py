@@ -54,11 +54,12 @@ def moe_up_kernel(x_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, order_ptr, tile_e_ptr
                   UP_T: tl.constexpr, BLOCK_U: tl.constexpr, NB_U: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SORTED: tl.constexpr, USE_DOT: tl.constexpr,
                   DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                  ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False, MMQ: tl.constexpr = False):
+                  ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False, MMQ: tl.constexpr = False,
+                  ALIGNED: tl.constexpr = False):
     """h[row, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]), float32 (P, I).
 
     Grid: (tiles, cdiv(I, BLOCK_N)). nb_*: blocks per row for tiles, units per row for decode;
-    es_*: bytes of one expert's matrix.
+    es_*: bytes of one expert's matrix. ALIGNED (tiles only): Q6_K experts in the aligned layout.
     """
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -72,15 +73,16 @@ def moe_up_kernel(x_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, order_ptr, tile_e_ptr
         uw = up_ptr + e * es_u + offs_n.to(tl.int64) * row_stride(rb_u, UP_T)
         if MMQ:
             g = mmq_mac(xrow, rmask, gw, nmask, 0, tl.where(valid, nb_g, 0), GATE_T, NB_G, BLOCK_M, BLOCK_N,
-                        DOT_KIND, ASM)
+                        DOT_KIND, ASM, ALIGNED, nb_g * 208)
             u = mmq_mac(xrow, rmask, uw, nmask, 0, tl.where(valid, nb_u, 0), UP_T, NB_U, BLOCK_M, BLOCK_N,
-                        DOT_KIND, ASM)
+                        DOT_KIND, ASM, ALIGNED, nb_u * 208)
         else:
             g = _mac(xrow, rmask, gw, nmask, 0, tl.where(valid, nb_g, 0), GATE_T, NB_G, BLOCK_G,
-                     BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
+                     BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC, ALIGNED, nb_g * 208)
             u = _mac(xrow, rmask, uw, nmask, 0, tl.where(valid, nb_u, 0), UP_T, NB_U, BLOCK_U,
-                     BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
+                     BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC, ALIGNED, nb_u * 208)
     else:
+        tl.static_assert(not ALIGNED, "the float matrix-vector decode reads GGUF's Q6_K layout only")
         xr = x_ptr + (t // TOPK).to(tl.int64) * stride_xt  # pair t's token row, as a scalar pointer
         g = _gemv(xr, gate_ptr + e * es_g, pid_n * BLOCK_N, I, rb_g, 0, tl.where(valid, nb_g, 0),
                   GATE_T, W, R, ASM, Q4K_BLOCK)[None, :]
@@ -97,8 +99,10 @@ def moe_down_kernel(h_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, order_ptr, tile_e_
                     DOWN_T: tl.constexpr, BLOCK_D: tl.constexpr, NB_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SORTED: tl.constexpr, USE_DOT: tl.constexpr,
                     DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                    ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False, MMQ: tl.constexpr = False):
-    """y[pair, n] = wts[pair] * (down_e[n] . h[row]), float32 (P, D). Grid: (tiles, cdiv(D, BLOCK_N))."""
+                    ASM: tl.constexpr, Q4K_BLOCK: tl.constexpr = False, MMQ: tl.constexpr = False,
+                    ALIGNED: tl.constexpr = False):
+    """y[pair, n] = wts[pair] * (down_e[n] . h[row]), float32 (P, D) (ALIGNED, tiles only: Q6_K experts in the
+    aligned layout). Grid: (tiles, cdiv(D, BLOCK_N))."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows, pair, rmask, e, valid = _tile_rows(t, E, ids_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
@@ -110,11 +114,12 @@ def moe_down_kernel(h_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, order_ptr, tile_e_
         dw = down_ptr + e * es_d + offs_n.to(tl.int64) * row_stride(rb_d, DOWN_T)
         if MMQ:  # h is float32: tf32 tiles
             acc = mmq_mac(hrow, rmask, dw, nmask, 0, tl.where(valid, nb_d, 0), DOWN_T, NB_D, BLOCK_M, BLOCK_N,
-                          DOT_KIND, ASM)
+                          DOT_KIND, ASM, ALIGNED, nb_d * 208)
         else:
             acc = _mac(hrow, rmask, dw, nmask, 0, tl.where(valid, nb_d, 0), DOWN_T, NB_D, BLOCK_D,
-                       BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
+                       BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC, ALIGNED, nb_d * 208)
     else:
+        tl.static_assert(not ALIGNED, "the float matrix-vector decode reads GGUF's Q6_K layout only")
         acc = _gemv(h_ptr + t.to(tl.int64) * I, down_ptr + e * es_d, pid_n * BLOCK_N, D, rb_d, 0,
                     tl.where(valid, nb_d, 0), DOWN_T, W, R, ASM, Q4K_BLOCK)[None, :]
     wt = tl.load(wts_ptr + pair, mask=rmask, other=0.0)

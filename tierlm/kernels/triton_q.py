@@ -41,6 +41,16 @@ def row_stride(row_bytes, QTYPE: tl.constexpr):
 
 
 @triton.jit
+def q6k_block(wrow, b, dof, ALIGNED: tl.constexpr):
+    """Block b of Q6_K rows starting at ``wrow``: (pointer to its 208-byte body of ql, qh and scales, pointer to
+    its 2-byte d), in GGUF's layout or, with ALIGNED, in ``kernels.q6k_layout``'s (dof: 208 * blocks per row)."""
+    if ALIGNED:
+        return wrow + b * 208, wrow + dof + b * 2
+    else:
+        return wrow + b * 210, wrow + b * 210 + 208
+
+
+@triton.jit
 def _f(bits):
     """int32 bit pattern -> float32."""
     return bits.to(tl.float32, bitcast=True)
@@ -67,11 +77,11 @@ def _q4k_scale_min(blk, s, mask):
 
 @triton.jit
 def _dequant_tile(wrow, kb, kend, nmask, QTYPE: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr,
-                  FLAT: tl.constexpr = True):
+                  FLAT: tl.constexpr, ALIGNED: tl.constexpr, dof):
     """Blocks kb .. kb+NB-1 of BN weight rows -> (w (BN, NB*BLOCK) float32, kidx (NB*BLOCK,) int32).
 
     wrow: (BN,) uint8 pointers to the rows' first byte; nmask: (BN,) valid rows; blocks >= kend
-    read as 0. FLAT=False skips the final reshape: w keeps the rank its type decodes in (rows
+    read as 0. ALIGNED, dof: Q6_K rows in the aligned layout (``q6k_block``). FLAT=False skips the final reshape: w keeps the rank its type decodes in (rows
     first), and kidx has the same rank with a leading 1, which is all a store needs. Nibbles and 6-bit values become floats as ``(q << s) & m | 1.0f`` = 1 + q/2**b, so a
     weight is one FMA ``A * f - B`` with A, B folded from the block's scales.
     """
@@ -98,12 +108,12 @@ def _dequant_tile(wrow, kb, kend, nmask, QTYPE: tl.constexpr, NB: tl.constexpr, 
         b = kb + hh // 2
         h = hh % 2
         mask = nmask[:, None, None, None] & (b < kend)
-        blk = wrow[:, None, None, None] + b * 210
+        blk, dp = q6k_block(wrow[:, None, None, None], b, dof, ALIGNED)
         lane = t * 16 + i
         qa = tl.load(blk + h * 64 + lane, mask=mask, other=0).to(tl.int32)  # rows 0 (low), 2 (high)
         qb = tl.load(blk + h * 64 + 32 + lane, mask=mask, other=0).to(tl.int32)  # rows 1, 3
         qh = tl.load(blk + 128 + h * 32 + lane, mask=mask, other=0).to(tl.int32)
-        d = 64.0 * _f16_at(blk + 208, mask)
+        d = 64.0 * _f16_at(dp, mask)
         sp = (blk + 192 + h * 8 + t).to(tl.pointer_type(tl.int8))
         a0 = d * tl.load(sp, mask=mask, other=0).to(tl.float32)
         a1 = d * tl.load(sp + 2, mask=mask, other=0).to(tl.float32)
@@ -189,15 +199,16 @@ def _to_dot(t, DOT_KIND: tl.constexpr):
 def _mac(xrow, xmask, wrow, nmask, kb0, kend,
          QTYPE: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
-         DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+         DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr, ALIGNED: tl.constexpr, dof):
     """Sum over GGUF blocks kb0..kend-1 of x[m] . w[n] -> (BLOCK_M, BLOCK_N) float32, BLOCK_M >= 2.
 
     xrow: (BLOCK_M,) pointers to activation rows, xmask their validity; wrow: (BLOCK_N,) uint8
     pointers to weight rows, nmask their validity. FMAs over a (BM, BN, S) product, or tl.dot.
+    ALIGNED, dof: Q6_K rows in the aligned layout (``q6k_block``).
     """
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(kb0, kend, NB):
-        w, kidx = _dequant_tile(wrow, kb, kend, nmask, QTYPE, NB, BLOCK)  # (BN, S), (S,)
+        w, kidx = _dequant_tile(wrow, kb, kend, nmask, QTYPE, NB, BLOCK, True, ALIGNED, dof)  # (BN, S), (S,)
         xv = _x_tile(xrow, xmask, kb, kend, QTYPE, NB, BLOCK)  # (BM, S), same column order
         if USE_DOT:
             acc = tl.dot(_to_dot(xv, DOT_KIND), tl.trans(_to_dot(w, DOT_KIND)), acc, input_precision=DOT_PREC)
@@ -209,8 +220,10 @@ def _mac(xrow, xmask, wrow, nmask, kb0, kend,
 @triton.jit
 def qmm_kernel(x_ptr, w_ptr, out_ptr, M, N, nblocks, row_bytes, stride_xm, stride_om, stride_os, blocks_per_split,
                QTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               NB: tl.constexpr, USE_DOT: tl.constexpr, DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr):
-    """out[pid_k, m, n] = sum over this split's blocks of x[m, :] . dequant(w[n, :]).
+               NB: tl.constexpr, USE_DOT: tl.constexpr, DOT_KIND: tl.constexpr, DOT_PREC: tl.constexpr,
+               ALIGNED: tl.constexpr = False):
+    """out[pid_k, m, n] = sum over this split's blocks of x[m, :] . dequant(w[n, :]) (ALIGNED: Q6_K rows in the
+    aligned layout).
 
     Grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), splits). Split s covers blocks
     [s * blocks_per_split, (s + 1) * blocks_per_split); its partial sums go to out + s * stride_os.
@@ -226,21 +239,24 @@ def qmm_kernel(x_ptr, w_ptr, out_ptr, M, N, nblocks, row_bytes, stride_xm, strid
     wrow = w_ptr + offs_n.to(tl.int64) * row_stride(row_bytes, QTYPE)
     kb0 = pid_k * blocks_per_split
     kend = tl.minimum(kb0 + blocks_per_split, nblocks)
-    acc = _mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE, NB, BLOCK, BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC)
+    acc = _mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE, NB, BLOCK, BLOCK_M, BLOCK_N, USE_DOT, DOT_KIND, DOT_PREC,
+               ALIGNED, nblocks * 208)
     optr = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def dequant_kernel(w_ptr, out_ptr, N, K, nblocks, row_bytes,
-                   QTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
-    """out[n, k] = dequant(w)[n, k] in out's dtype. Grid: (cdiv(N, BLOCK_N), cdiv(nblocks, NB))."""
+                   QTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                   ALIGNED: tl.constexpr = False):
+    """out[n, k] = dequant(w)[n, k] in out's dtype (ALIGNED: Q6_K rows in the aligned layout). Grid:
+    (cdiv(N, BLOCK_N), cdiv(nblocks, NB))."""
     kb = tl.program_id(1) * NB
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     # stored in the rank the type decodes in: a reshape to (BN, S) would cost a layout change
     wrow = w_ptr + offs_n.to(tl.int64) * row_stride(row_bytes, QTYPE)
-    w, kidx = _dequant_tile(wrow, kb, nblocks, nmask, QTYPE, NB, BLOCK, False)
+    w, kidx = _dequant_tile(wrow, kb, nblocks, nmask, QTYPE, NB, BLOCK, False, ALIGNED, nblocks * 208)
     k = kb * BLOCK + kidx
     if QTYPE == 12:
         rows = offs_n[:, None, None, None]

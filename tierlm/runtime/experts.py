@@ -45,6 +45,7 @@ from tierlm.kernels.cpu_quant import TYPES as CPU_TYPES
 from tierlm.kernels.cpu_quant import cpu_quant_matmul
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import moe_quant
+from tierlm.kernels.q6k_layout import align_, aligns
 from tierlm.kernels.quant_matmul import FUSED_TYPES, quant_matmul
 from tierlm.plan.memory import STAGING_EXPERTS_PER_TOPK
 from tierlm.runtime.placement import CPU_ROWS
@@ -156,6 +157,9 @@ class TieredExperts(nn.Module):
         self.expert_in = [-1] * slots  # slot → expert, or -1
         self.slot_map = torch.full((n_experts,), -1, dtype=torch.int64, device=device)  # slot_of, on the device
         self.fused = self.device.type == "cuda" and all(t in FUSED_TYPES for t in types)
+        # Q6_K experts in the slots of a GPU are held in the aligned layout (kernels.q6k_layout), converted there
+        # as they are copied in; RAM and disk keep GGUF's
+        self.aligned = self.device.type == "cuda" and aligns(types, (dim, dim, inter))
         # hot host experts are copied into the slots: on a GPU only; with no GPU the slots are host memory too
         self.promotes = self.device.type == "cuda"
         self.host: dict[int, HostExpert] = {}
@@ -183,6 +187,10 @@ class TieredExperts(nn.Module):
         self.slot_gate[slot].copy_(gate, non_blocking=True)  # host → device copy (or a device move)
         self.slot_up[slot].copy_(up, non_blocking=True)
         self.slot_down[slot].copy_(down, non_blocking=True)
+        if self.aligned:  # in place, on the device, after the copies (same stream)
+            for t, m in zip(self.types, (self.slot_gate, self.slot_up, self.slot_down)):
+                if t == GGMLType.Q6_K:
+                    align_(m[slot])
         self.slot_of[e], self.expert_in[slot] = slot, e
         self._sync_slot_map()
 
@@ -196,10 +204,11 @@ class TieredExperts(nn.Module):
             if self.slot_gate.shape[0] else sum(h.nbytes for h in self.host.values()) // max(len(self.host), 1)
 
     # ---- compute ------------------------------------------------------------------------------------------
-    def _run(self, x: torch.Tensor, gate, up, down) -> torch.Tensor:
-        g = quant_matmul(x, gate, self.types[0], self.dim)
-        u = quant_matmul(x, up, self.types[1], self.dim)
-        return quant_matmul(F.silu(g) * u, down, self.types[2], self.inter)
+    def _run(self, x: torch.Tensor, gate, up, down, aligned: bool = False) -> torch.Tensor:
+        """One expert; ``aligned``: its Q6_K matrices are a device slot's, in the aligned layout."""
+        g = quant_matmul(x, gate, self.types[0], self.dim, aligned=aligned)
+        u = quant_matmul(x, up, self.types[1], self.dim, aligned=aligned)
+        return quant_matmul(F.silu(g) * u, down, self.types[2], self.inter, aligned=aligned)
 
     def _run_host(self, x: torch.Tensor, gate, up, down) -> torch.Tensor:
         """An expert in RAM or on disk, on the CPU. With a GPU model the CPU kernel takes int8 activations
@@ -269,14 +278,15 @@ class TieredExperts(nn.Module):
             if slot >= 0:
                 self._count(e, "device", n)
                 if not fused:
-                    y = self._run(x[sel], self.slot_gate[slot], self.slot_up[slot], self.slot_down[slot])
+                    y = self._run(x[sel], self.slot_gate[slot], self.slot_up[slot], self.slot_down[slot],
+                                  self.aligned)
                     add(e, sel, y.float() * we)
             else:
                 host_work.append((e, sel, we))
         if fused and len(host_work) < len(used):  # some experts are on the device
             # one launch pair for every device expert; an id whose expert is elsewhere maps to slot -1: no work
             out += moe_quant(x, self.slot_map[ids], weights.float(), self.slot_gate, self.slot_up, self.slot_down,
-                             *self.types)
+                             *self.types, aligned=self.aligned)
         host_work.sort(key=lambda w: w[0] in is_read)  # RAM first: the disk reads get time
         for e, sel, we in host_work:
             h = self.host[e]
