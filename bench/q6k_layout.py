@@ -9,7 +9,9 @@ shipped step (activations quantized beforehand, weights rotated past the L2, CUD
 
 - on the dense Q6_K shapes (dense down, head) and one expert's down;
 - as the MoE's down launch at one token (8 experts of 256, one program row per pair);
-- as a bare read (the same loads xored, no arithmetic): the ceiling of each layout's walk.
+- as a bare read (the same loads xored, no arithmetic): the ceiling of each layout's walk;
+- with ``--rows``, at 2-16 activation rows: the tensor-core tiles on either layout against the aligned int8 step;
+- with ``--moe``, the fused MoE on aligned Q6_K experts, its down launch with and without the slots' sum in it.
 
 Usage: PYTHONPATH=. python bench/q6k_layout.py --out DIR
 """
@@ -117,17 +119,116 @@ def launch(xq, xd, w, out, ids, N, nblocks, es, step, pl, bare=False, asm=True):
                                                   num_warps=warps)
 
 
+def rows_sweep(res, bw, row) -> None:
+    """2-16 activation rows on Q6_K: the tensor-core tiles (pick_config's choice there) on GGUF's layout and on the
+    aligned one, against the aligned int8 step run once per activation row (its weights then come from L2)."""
+    from tierlm.kernels.quant_matmul import MMVQ_Q6K_ALIGNED_STEPS, QMMConfig, pick_config, quant_matmul
+    from tierlm.kernels.quant_matmul import quant_matmul_ref
+    from tierlm.kernels.q6k_layout import align_
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cap = torch.cuda.get_device_capability()
+    for name, N, Kd in SHAPES:
+        copies = n_copies(N * Kd // 256 * 210)
+        w = random_weight(T.Q6_K, N, Kd, copies)
+        wa = align_(w.clone())
+        nbytes = w[0].numel()
+        words = 4 if Kd % 2048 == 0 else 2
+        bn, nb, warps = MMVQ_Q6K_ALIGNED_STEPS[words]
+        for M in (2, 3, 4, 6, 8, 12, 16):
+            x = torch.randn(M, Kd, device="cuda").half()
+            ref = quant_matmul_ref(x, w[0], T.Q6_K, Kd)
+            tiles = pick_config(T.Q6_K, M, N, Kd, torch.float16, cap, sms)
+            cands = [("tiles gguf", tiles, w, False), ("tiles aligned", tiles, wa, True),
+                     ("int8 aligned", QMMConfig("mmvq", warps, 1, block_n=bn, nblk=nb), wa, True)]
+            for label, cfg, ws, al in cands:
+                err = ((quant_matmul(x, ws[0], T.Q6_K, Kd, config=cfg, aligned=al).float() - ref).norm()
+                       / ref.norm()).item()
+                s = graph_time([lambda i=i: quant_matmul(x, ws[i], T.Q6_K, Kd, config=cfg, aligned=al)
+                                for i in range(copies)])
+                row(f"M={M} {label}", name, s, nbytes, err)
+        del w, wa
+        torch.cuda.empty_cache()
+
+
+def moe_sweep(res, bw) -> None:
+    """The fused MoE with aligned Q6_K down experts at 1, 4 and 16 tokens: the default against the down launch that
+    adds each token's slots itself (MoEConfig.down_sum), and at one token launch by launch."""
+    import statistics
+    from dataclasses import replace
+
+    from kernels import MOE, moe_setup, moe_weights
+
+    from tierlm.kernels import moe as moe_mod
+
+    for down_type in (T.Q6_K, T.Q4_K):
+        types = (T.Q4_K, T.Q4_K, down_type)
+        weights = moe_weights(types=types, aligned=True)
+        for T_ in (1, 4, 16):
+            for label, cfg in (("default", moe_mod.DEFAULT), ("down sums slots", replace(moe_mod.DEFAULT, down_sum=True))):
+                calls, per_expert, distinct, check = moe_setup(T_, 16, cfg, weights=weights, aligned=True)
+                err = check()
+                s = graph_time(calls)
+                read = distinct * per_expert / bw
+                what = f"moe T={T_}, down {down_type.name}, {label}"
+                res["rows"].append(dict(what=what, us=s * 1e6, ratio=s / read, err=err))
+                print(f"{what:<48} {s * 1e6:8.2f} us  {s / read:.3f}x read time  rel err {err:.1e}", flush=True)
+                del calls
+        gate, up, down, _ = weights
+        E, I, D, K = gate.shape[0], gate.shape[1], MOE["D"], MOE["K"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        sets = [torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(32)]
+        x = torch.randn(1, D, device="cuda").half()
+        wts = torch.rand(K, device="cuda")
+        dims, cfg = (E, I, D, K), moe_mod.DEFAULT
+        distinct = statistics.mean(len(set(ids.tolist())) for ids in sets)
+        up_bytes, down_bytes = distinct * (gate[0].numel() + up[0].numel()), distinct * down[0].numel()
+        lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down, True)
+        xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
+        h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu, True)
+        hq, hd, hs = quantize_q8(h, pack=bool(ld & 2))
+        y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, True)
+        parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
+                 ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu, True)
+                              for ids in sets], up_bytes),
+                 ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
+                 ("down", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld, True)
+                           for ids in sets], down_bytes),
+                 ("down, slots summed in it", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims,
+                                                                              cfg, ld, True, True) for ids in sets],
+                  down_bytes),
+                 ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0)]
+        for what, calls, nbytes in parts:
+            s = graph_time(calls)
+            kw = f"{nbytes / s / bw * 100:5.1f}%" if nbytes else ""
+            res["rows"].append(dict(what=f"moe part, down {down_type.name}: {what}", us=s * 1e6,
+                                    pct=nbytes / s / bw * 100 if nbytes else None))
+            print(f"moe part, down {down_type.name}: {what:<28} {s * 1e6:8.2f} us {kw}", flush=True)
+        del weights, gate, up, down
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--rows", action="store_true", help="only time 2-16 activation rows (rows_sweep)")
+    ap.add_argument("--moe", action="store_true", help="only time the MoE with aligned Q6_K experts (moe_sweep)")
     args = ap.parse_args()
     res, bw = start_run()
+    if args.moe:
+        moe_sweep(res, bw)
+        print("wrote", write_run(res, args.out, "q6k-layout-moe"))
+        return
 
     def row(what, shape, s, nbytes, err=None):
         res["rows"].append(dict(what=what, shape=shape, us=s * 1e6, pct=nbytes / s / bw * 100, err=err))
         e = f"rel err {err:.1e}" if err is not None else ""
         print(f"{what:<40} {shape:<26} {s * 1e6:8.2f} us {nbytes / s / bw * 100:5.1f}% {e}", flush=True)
 
+    if args.rows:
+        rows_sweep(res, bw, row)
+        print("wrote", write_run(res, args.out, "q6k-layout-rows"))
+        return
     zero = torch.zeros(1, dtype=torch.int32, device="cuda")
     for name, N, Kd in SHAPES:
         nb = Kd // 256

@@ -811,9 +811,11 @@ def _interp_aligned(gen: torch.Generator) -> None:
         args = (x, ids.reshape(-1), wts.reshape(-1), *al, [gt, gt, dt], (E, I, D, K))
         big = replace(moe.DEFAULT, aligned_step=(64, 2, 4))  # the default's launches in fewer programs: the
         # interpreter runs programs one by one
+        q8_ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         got = moe._moe_pairs_q8(*args, big, True).view(n, K, D).sum(1)
-        _interp_check(f"aligned moe int8 {gt.name}/{dt.name} I={I}", got,
-                      moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt))
+        _interp_check(f"aligned moe int8 {gt.name}/{dt.name} I={I}", got, q8_ref)
+        got = moe._moe_pairs_q8(*args, replace(big, down_sum=True), True)  # (n, D): the slots added in the launch
+        _interp_check(f"aligned moe int8, down adds the slots {gt.name}/{dt.name} I={I}", got, q8_ref)
         ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):
             got = moe._moe_sorted(*args, c, True).view(n, K, D).sum(1)

@@ -250,7 +250,7 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")
     down = dict(hq_ptr="*i8", hd_ptr="*fp32", hs_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32",
-                ids_ptr="*i64", E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64")
+                ids_ptr="*i64", E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32")
     a_up = ("D",) + (("rb_g", "rb_u") if tq.BLOCK_BYTES[q_up] % 16 == 0 else ())
     a_down = ("I",) + (("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ())
     ub, unb, uw, ul = cfg.up_step()
@@ -265,6 +265,6 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
                 dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,
                 tags=dict(act="fp32", qtype=q_up)),
         Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}", tv.moe_down_q8_kernel, down,
-                dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl), a_down, dw,
+                dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=cfg.down_sum), a_down, dw,
                 tags=dict(act="fp32", qtype=q_down)),
     ]

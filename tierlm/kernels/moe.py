@@ -60,6 +60,7 @@ class MoEConfig:
     sorted_mmq: bool = True  # sorted tiles on sm_80+: triton_mmq's decode for Q4_K/Q6_K/Q8_0/Q5_0 experts
     aligned_step: tuple = ()  # int8 decode of Q6_K experts in the aligned layout: (rows, blocks, warps), if not
     # quant_matmul.MMVQ_Q6K_ALIGNED_STEPS's for the rows' alignment
+    down_sum: bool = False  # int8 decode: the down launch adds each token's K slots in registers (no sum launch)
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -80,7 +81,8 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 12)),
     MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 1), mmvq_down=(2, 2, 1, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(8, 2, 2, 14)),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True))
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True),
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_sum=True))
 # the lean eight-thread Q4_K step for gate/up and the lean Q6_K / Q4_K step for down, 4 rows x 2 blocks each:
 # 1.48-1.50x the read time at one token with Q6_K down experts and 1.40-1.42x with Q4_K ones, against 1.58-1.61x
 # and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
@@ -159,6 +161,8 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
     if P < cfg.sorted_min_pairs:
         if cfg.q8 and all(t in FUSED_TYPES for t in types):
             y = _moe_pairs_q8(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
+            if cfg.down_sum:
+                return y  # (T, D) already
         elif aligned:
             raise KernelInputError("moe: the float matrix-vector decode (MoEConfig.q8=False) reads Q6_K in GGUF's "
                                    "layout only; use the int8 decode for aligned Q6_K experts")
@@ -213,14 +217,15 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
 
 def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, aligned: bool = False) -> torch.Tensor:
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
-    one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D)."""
+    one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
+    ``cfg.down_sum``."""
     from tierlm.kernels.quant_matmul import quantize_q8
 
     loads = q8_loads(cfg, types, gate, up, down, aligned)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
     hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2))
-    return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned)
+    return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned, cfg.down_sum)
 
 
 def q8_loads(cfg: MoEConfig, types, gate, up, down, aligned: bool = False) -> tuple[int, int]:
@@ -263,8 +268,10 @@ def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: in
     return h
 
 
-def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int, aligned: bool = False) -> torch.Tensor:
-    """The int8 down launch on quantized h: y (P, D) float32, each pair's row weighted."""
+def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int, aligned: bool = False,
+            sum_slots: bool = False) -> torch.Tensor:
+    """The int8 down launch on quantized h: y (P, D) float32, each pair's row weighted; ``sum_slots``: each token's K
+    rows added, y (T, D)."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
@@ -274,11 +281,12 @@ def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int,
     if step:
         bn, dnb, dw = cfg.aligned_step or step
     nblk, warps = tv.fit_step(dnb, dw, I)
-    y = torch.empty(P, D, dtype=torch.float32, device=hq.device)
-    tv.moe_down_q8_kernel[(P, -(-D // bn))](
-        hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(),
+    rows = P // K if sum_slots else P
+    y = torch.empty(rows, D, dtype=torch.float32, device=hq.device)
+    tv.moe_down_q8_kernel[(rows, -(-D // bn))](
+        hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(), K,
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        LOADS=loads, ALIGNED=words, num_warps=warps)
+        LOADS=loads, ALIGNED=words, SUM=sum_slots, num_warps=warps)
     return y
 
 

@@ -808,18 +808,23 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 
 
 @triton.jit
-def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d,
+def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0):
-    """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D). ALIGNED: see ``mmvq_rows``."""
-    t = tl.program_id(0)
+                       PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
+                       SUM: tl.constexpr = False):
+    """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D). SUM: program row 0 is a token
+    t, and y[t, n] (T, D) is the sum of its TOPK pairs' rows, added in slot order in registers (the slots' sum
+    without a launch of its own). ALIGNED: see ``mmvq_rows``."""
     row0 = tl.program_id(1) * BN
-    e = tl.load(ids_ptr + t)
-    valid = (e >= 0) & (e < E)
-    e = tl.where(valid, e, 0).to(tl.int64)
-    p = t.to(tl.int64)
-    acc = mmvq_rows(hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32), down_ptr + e * es_d, row0, D,
-                    rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
     rows = row0 + tl.arange(0, BN)
-    tl.store(y_ptr + p * D + rows, acc * tl.load(wts_ptr + t), mask=rows < D)
+    lo = tl.program_id(0).to(tl.int64) * (TOPK if SUM else 1)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for p in range(lo, lo + (TOPK if SUM else 1)):
+        e = tl.load(ids_ptr + p)
+        valid = (e >= 0) & (e < E)
+        e = tl.where(valid, e, 0).to(tl.int64)
+        acc += tl.load(wts_ptr + p) * mmvq_rows(
+            hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32),
+            down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
+    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * D + rows, acc, mask=rows < D)
 
