@@ -211,12 +211,14 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     tiles_ok = capability >= (8, 0) and dtype != torch.float32
     wide = M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW) or (M > 2 and (
         qtype in (GGMLType.Q6_K, GGMLType.Q8_0) or (qtype == GGMLType.Q4_K and N * K >= MMQ_MIN_WEIGHTS)))
+    if qtype == GGMLType.Q6_K and aligned:  # the aligned int8 step, once per row, beats the tiles up to 4 rows
+        wide = M > MMVQ_MAX_M
     if tiles_ok and wide:
         bn, warps, waves, min_steps = MMQ_TILES[qtype]
         return QMMConfig("mmq", warps, mmq_splits(N, K, bn, sms, waves, min_steps), block_n=bn, nblk=1)
     bn, nb, w = MMVQ_TILES[qtype]
     loads, act_rows = 0, 1
-    if qtype == GGMLType.Q6_K and aligned:
+    if qtype == GGMLType.Q6_K and aligned:  # up to 4 rows (on cards without tiles: up to 16), as at one
         bn, nb, w = MMVQ_Q6K_ALIGNED_STEPS[4 if K % 2048 == 0 else 2 if K % 1024 == 0 else 1]
     elif qtype == GGMLType.Q4_K:
         (bn, nb, w), loads = q4k_row_step(N, K, sms), MMVQ_Q4K_LOADS
