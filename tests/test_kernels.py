@@ -313,12 +313,15 @@ def test_pick_config_follows_the_measured_rules():
     assert pick_config(T.Q5_0, 4, 2048, 7168, f16, h, 132).kind == "mmvq"
     assert pick_config(T.Q4_K, 16, 2048, 7168, f16, (7, 5), 68).kind == "mmvq"  # Turing: no tiles
     assert pick_config(T.Q6_K, 4, 129280, 7168, torch.float32, h, 132).kind == "mmvq"
-    # Q6_K in the aligned layout: its int8 step up to 4 rows, shaped by the rows' alignment, then the tiles
+    # Q6_K in the aligned layout: its int8 step up to 8 rows (4 on the head), shaped by the rows' alignment, then
+    # the tiles
     assert pick_config(T.Q6_K, 1, 7168, 2048, f16, h, 132, aligned=True) == QMMConfig("mmvq", 1, 1, block_n=2, nblk=4)
     assert pick_config(T.Q6_K, 4, 129280, 7168, f16, h, 132, aligned=True) == QMMConfig("mmvq", 1, 1, block_n=2,
                                                                                       nblk=2)
     assert pick_config(T.Q6_K, 1, 64, 512, f16, h, 132, aligned=True) == QMMConfig("mmvq", 2, 1, block_n=2, nblk=2)
-    assert pick_config(T.Q6_K, 5, 7168, 18432, f16, h, 132, aligned=True).kind == "mmq"
+    assert pick_config(T.Q6_K, 8, 7168, 18432, f16, h, 132, aligned=True).kind == "mmvq"
+    assert pick_config(T.Q6_K, 9, 7168, 18432, f16, h, 132, aligned=True).kind == "mmq"
+    assert pick_config(T.Q6_K, 5, 129280, 7168, f16, h, 132, aligned=True).kind == "mmq"
 
 
 @pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq", "aligned"])

@@ -150,6 +150,13 @@ MMVQ_Q6K_LOADS = 12
 # H200, product alone, same run as the GGUF-layout step above (bench/results/kernels-NVIDIA_H200-int8.md, "Aligned
 # Q6_K"): see there for the figures.
 MMVQ_Q6K_ALIGNED_STEPS = {4: (2, 4, 1), 2: (2, 2, 1), 1: (2, 2, 2)}
+# ... run once per activation row (the rows after the first find the weights in L2) up to these many rows, where it
+# beat the tensor-core tiles on aligned rows (H200, bench/results/q6k-layout-rows-NVIDIA_H200.json): up to 8 rows on
+# the experts' and dense down (at 8: 24.4 / 173 us against 29.8 / 195), up to 4 on the 129280-row head (at 6 rows the
+# two tie). The tiles read aligned rows 1.2-1.45x slower than GGUF's at 8-16 rows (Triton 3.6 gives the aligned
+# form 240 registers against 168): a regression there, against 1.2-2x faster products at 1-4 rows.
+MMVQ_Q6K_ALIGNED_MAX_M = 8
+MMVQ_Q6K_ALIGNED_MAX_M_TALL = 4
 MMQ_BM = 16  # activation rows per mmq program (the smallest tl.dot tile)
 # Tensor-core decode tiles (triton_mmq) per type: (weight rows per program, warps, programs per multiprocessor
 # that split-K aims at, fewest 256-element blocks per split), the best of the H200 sweep over DeepSeek-V3's shapes
@@ -211,14 +218,14 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     tiles_ok = capability >= (8, 0) and dtype != torch.float32
     wide = M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW) or (M > 2 and (
         qtype in (GGMLType.Q6_K, GGMLType.Q8_0) or (qtype == GGMLType.Q4_K and N * K >= MMQ_MIN_WEIGHTS)))
-    if qtype == GGMLType.Q6_K and aligned:  # the aligned int8 step, once per row, beats the tiles up to 4 rows
-        wide = M > MMVQ_MAX_M
+    if qtype == GGMLType.Q6_K and aligned:  # the aligned int8 step, once per row, beats the tiles on these rows
+        wide = M > (MMVQ_Q6K_ALIGNED_MAX_M_TALL if N >= TILE_MIN_N_MULTI_ROW else MMVQ_Q6K_ALIGNED_MAX_M)
     if tiles_ok and wide:
         bn, warps, waves, min_steps = MMQ_TILES[qtype]
         return QMMConfig("mmq", warps, mmq_splits(N, K, bn, sms, waves, min_steps), block_n=bn, nblk=1)
     bn, nb, w = MMVQ_TILES[qtype]
     loads, act_rows = 0, 1
-    if qtype == GGMLType.Q6_K and aligned:  # up to 4 rows (on cards without tiles: up to 16), as at one
+    if qtype == GGMLType.Q6_K and aligned:  # as at one row (on cards without tiles: up to 16 rows)
         bn, nb, w = MMVQ_Q6K_ALIGNED_STEPS[4 if K % 2048 == 0 else 2 if K % 1024 == 0 else 1]
     elif qtype == GGMLType.Q4_K:
         (bn, nb, w), loads = q4k_row_step(N, K, sms), MMVQ_Q4K_LOADS

@@ -54,18 +54,10 @@ def _q6k_plane(acc, xp, xmask, qv, qh, sp, d, wmask, R: tl.constexpr, S: tl.cons
 
 
 @triton.jit
-def _q6k_d(wrow, nmask, kb, kend, NB: tl.constexpr, dof):
-    """64 d of blocks kb .. kb+NB-1 of aligned-layout rows: (BN, NB, 1, 1, 1)."""
-    b = kb + tl.arange(0, NB)[None, :, None, None, None]
-    _, dp = q6k_block(wrow[:, None, None, None, None], b, dof, True)
-    return 64.0 * _f16_at(dp, nmask[:, None, None, None, None] & (b < kend))
-
-
-@triton.jit
 def _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB: tl.constexpr, DOT_KIND: tl.constexpr,
-              ALIGNED: tl.constexpr, dof, dv):
+              ALIGNED: tl.constexpr, dof):
     """Blocks kb .. kb+NB-1: low-nibble bytes (two loads), high bytes (one), then four dots of K = 64 NB
-    (ALIGNED, dof: rows in the aligned layout, ``triton_q.q6k_block``, whose d ``dv`` the caller loaded)."""
+    (ALIGNED, dof: rows in the aligned layout, ``triton_q.q6k_block``)."""
     b = kb + tl.arange(0, NB)[None, :, None, None, None]  # (1, NB, 1, 1, 1)
     h = tl.arange(0, 2)[None, None, :, None, None]  # 128-element half
     g = tl.arange(0, 2)[None, None, None, :, None]  # 16-element group: its own scale
@@ -76,10 +68,7 @@ def _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB: tl.constexpr, DOT_KIN
     qa = tl.load(blk + h * 64 + l, mask=wmask, other=0).to(tl.int32)  # low nibbles: planes 0 and 2
     qb = tl.load(blk + h * 64 + 32 + l, mask=wmask, other=0).to(tl.int32)  # planes 1 and 3
     qh = tl.load(blk + 128 + h * 32 + l, mask=wmask, other=0).to(tl.int32)  # 2 high bits of each plane
-    if ALIGNED:
-        d = dv
-    else:
-        d = 64.0 * _f16_at(dp, wmask)  # (BN, NB, 1, 1, 1)
+    d = 64.0 * _f16_at(dp, wmask)  # (BN, NB, 1, 1, 1)
     sp = (blk + 192 + h * 8 + g).to(tl.pointer_type(tl.int8))  # (BN, NB, 2, 2, 1): plane R adds 2R
     xp = xrow[:, None, None, None, None] + b * 256 + h * 128 + l  # (BM, NB, 2, 2, 16): plane R adds 32R
     xmask = mmask[:, None, None, None, None] & bmask
@@ -264,16 +253,10 @@ def mmq_mac(xrow, mmask, wrow, nmask, kb0, kend, QTYPE: tl.constexpr, NB: tl.con
     if QTYPE == 12:
         for kb in range(kb0, kend):  # one block per step, whatever NB says
             acc = _q4k_step(acc, xrow, mmask, wrow, nmask, kb, DOT_KIND, ASM)
-    elif QTYPE == 14 and ALIGNED:  # d sits apart from its block: loaded a step ahead
-        dn = _q6k_d(wrow, nmask, kb0, kend, NB, dof)
-        for kb in range(kb0, kend, NB):
-            dv = dn
-            dn = _q6k_d(wrow, nmask, kb + NB, kend, NB, dof)
-            acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND, ALIGNED, dof, dv)
     else:
         for kb in range(kb0, kend, NB):
             if QTYPE == 14:
-                acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND, ALIGNED, dof, 0.0)
+                acc = _q6k_step(acc, xrow, mmask, wrow, nmask, kb, kend, NB, DOT_KIND, ALIGNED, dof)
             else:
                 acc = _q32_step(acc, xrow, mmask, wrow, nmask, kb, kend, QTYPE, NB, DOT_KIND)
     return acc
