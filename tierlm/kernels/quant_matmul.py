@@ -145,10 +145,10 @@ MMVQ_Q4K_SHORT_STEP = (4, 2, 2)
 # step of loads 4 before (bench/results/kernels-NVIDIA_H200-int8.md, "Two-warp steps")
 MMVQ_Q6K_STEP = (2, 2, 2)
 MMVQ_Q6K_LOADS = 12
-# Q6_K in the aligned layout (kernels.q6k_layout), at 1-2 rows: (rows, blocks, warps) per words read at once by a
-# lane (q6k_words: 4 where rows are 16-byte multiples, 2 where 8-byte), one warp of 4 W-byte loads per thread.
-# H200, product alone, same run as the GGUF-layout step above (bench/results/kernels-NVIDIA_H200-int8.md, "Aligned
-# Q6_K"): see there for the figures.
+# Q6_K in the aligned layout (kernels.q6k_layout): (rows, blocks, warps) per words read at once by a lane
+# (q6k_words: 4 where rows are 16-byte multiples, 2 where 8-byte), one lane per thread. H200, one row, quantizer
+# included, beside the GGUF-layout step above in the same run: 84 / 92 / 39% of copy bandwidth on the dense down /
+# head / an expert's down against 53 / 63 / 31% (bench/results/kernels-NVIDIA_H200-int8.md, "Ninth round")
 MMVQ_Q6K_ALIGNED_STEPS = {4: (2, 4, 1), 2: (2, 2, 1), 1: (2, 2, 2)}
 # ... run once per activation row (the rows after the first find the weights in L2) up to these many rows, where it
 # beat the tensor-core tiles on aligned rows (H200, bench/results/q6k-layout-rows-NVIDIA_H200.json): up to 8 rows on
