@@ -11,8 +11,7 @@ shipped step (activations quantized beforehand, weights rotated past the L2, CUD
 - as the MoE's down launch at one token (8 experts of 256, one program row per pair);
 - as a bare read (the same loads xored, no arithmetic): the ceiling of each layout's walk;
 - with ``--rows``, at 2-16 activation rows: the tensor-core tiles on either layout against the aligned int8 step;
-- with ``--moe``, the fused MoE on aligned Q6_K experts, its down launch with and without the slots' sum in it, and
-  with the h quantizer and the slots' sum folded into the two launches (``MoEConfig.fold``).
+- with ``--moe``, the fused MoE on aligned Q6_K experts, its down launch with and without the slots' sum in it.
 
 Usage: PYTHONPATH=. python bench/q6k_layout.py --out DIR
 """
@@ -166,8 +165,7 @@ def moe_sweep(res, bw) -> None:
         types = (T.Q4_K, T.Q4_K, down_type)
         weights = moe_weights(types=types, aligned=True)
         for T_ in (1, 4, 16):
-            for label, cfg in (("default", moe_mod.DEFAULT), ("down sums slots", replace(moe_mod.DEFAULT, down_sum=True)),
-                               ("folded", replace(moe_mod.DEFAULT, fold=True))):
+            for label, cfg in (("default", moe_mod.DEFAULT), ("down sums slots", replace(moe_mod.DEFAULT, down_sum=True))):
                 calls, per_expert, distinct, check = moe_setup(T_, 16, cfg, weights=weights, aligned=True)
                 err = check()
                 s = graph_time(calls)

@@ -760,13 +760,12 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         # the four-thread steps with prefetch, and the default (lean steps in both launches; with Q4_K down
         # experts, as Q4_K_M has outside its more-bits layers, only the default: the interpreter is slow)
         cfgs = [MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True), moe.DEFAULT]
-        if dt == T.Q4_K:  # and folded (h quantized in the gate/up launch, packed (hd, hs) pairs for the down)
-            cfgs = [moe.DEFAULT, replace(moe.DEFAULT, fold=True)]
+        if dt == T.Q4_K:
+            cfgs = [moe.DEFAULT]
         elif dt == T.Q5_0:
             cfgs = cfgs[:1]
         for c in cfgs:
-            got = moe._moe_pairs_q8(*args, c)
-            got = got if c.fold else got.view(n, K, D).sum(1)
+            got = moe._moe_pairs_q8(*args, c).view(n, K, D).sum(1)
             _interp_check(f"moe int8 up {c.up_step()} down {c.down_step()} {gt.name}/{dt.name}", got, ref)
 
 
@@ -826,14 +825,6 @@ def _interp_aligned(gen: torch.Generator) -> None:
         _interp_check(f"aligned moe int8 {gt.name}/{dt.name} I={I}", got, q8_ref)
         got = moe._moe_pairs_q8(*args, replace(big, down_sum=True), True)  # (n, D): the slots added in the launch
         _interp_check(f"aligned moe int8, down adds the slots {gt.name}/{dt.name} I={I}", got, q8_ref)
-        # h quantized by the last gate/up program of each group of 32 rows, the slots added by the last down program
-        # of each token and block of rows; twice, as the counters must be back at zero after each call
-        folded = replace(moe.DEFAULT, aligned_step=(32, 2, 4), fold=True)
-        for i in range(2):
-            got = moe._moe_pairs_q8(*args, folded, True)
-            _interp_check(f"aligned moe int8 folded, call {i} {gt.name}/{dt.name} I={I}", got, q8_ref)
-        if moe._COUNTERS[x.device].any():
-            raise SystemExit("FAIL the folded launches left their counters above zero")
         ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):
             got = moe._moe_sorted(*args, c, True).view(n, K, D).sum(1)

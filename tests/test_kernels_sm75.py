@@ -28,8 +28,7 @@ def _representative(capability: int) -> list:
             continue
         key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"),
                v.constexprs.get("Q4K_BLOCK"), v.constexprs.get("LOADS"), v.constexprs.get("MR"),
-               v.constexprs.get("MMQ"), v.constexprs.get("ALIGNED"), v.constexprs.get("QH"), v.constexprs.get("FOLD"),
-               v.constexprs.get("SUM"))
+               v.constexprs.get("MMQ"), v.constexprs.get("ALIGNED"))
         if key not in seen:
             seen.add(key)
             out.append(v)

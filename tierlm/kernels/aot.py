@@ -150,8 +150,6 @@ def variants(capability: int) -> list[Variant]:
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
     out += moe_q8_variants(tq.Q4_K, tq.Q4_K)  # the default with Q4_K down (Q4_K_M outside its more-bits layers)
-    for c in (replace(MOE_DEFAULT, fold=True), replace(MOE_DEFAULT, down_sum=True)):  # the small launches folded in
-        out += moe_q8_variants(tq.Q4_K, tq.Q6_K, c) + moe_q8_variants(tq.Q4_K, tq.Q4_K, c)
     out += moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
@@ -250,10 +248,9 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
     ``aligned_q6k``)."""
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
-              es_g="i64", es_u="i64", TOPK="i32", hq_ptr="*i8", hd_ptr="*fp32", hs_ptr="*fp32", cnt_ptr="*i32")
+              es_g="i64", es_u="i64", TOPK="i32")
     down = dict(hq_ptr="*i8", hd_ptr="*fp32", hs_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32",
-                ids_ptr="*i64", E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32",
-                out_ptr="*fp32", cnt_ptr="*i32")
+                ids_ptr="*i64", E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32")
     a_up = ("D",) + (("rb_g", "rb_u") if tq.BLOCK_BYTES[q_up] % 16 == 0 else ())
     a_down = ("I",) + (("rb_d",) if tq.BLOCK_BYTES[q_down] % 16 == 0 else ())
     ub, unb, uw, ul = cfg.up_step()
@@ -263,13 +260,11 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
         (ub, unb, uw), ul = MMVQ_Q6K_ALIGNED_STEPS[2], 0  # rows of 7168: 8-byte multiples
     if aligned and q_down == tq.Q6_K:
         (db, dnb, dw), dl = MMVQ_Q6K_ALIGNED_STEPS[4], 0  # rows of 2048: 16-byte multiples
-    fold = cfg.fold and not cfg.down_sum
-    tag = "_fold" if fold else "_sum" if cfg.down_sum else ""
     return [
-        Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}{tag}", tv.moe_up_q8_kernel, up,
-                dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul, QH=fold,
-                     PACK_H=fold and bool(dl & 2)), a_up, uw, tags=dict(act="fp32", qtype=q_up)),
-        Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}{tag}", tv.moe_down_q8_kernel, down,
-                dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=cfg.down_sum, FOLD=fold),
-                a_down, dw, tags=dict(act="fp32", qtype=q_down)),
+        Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
+                dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,
+                tags=dict(act="fp32", qtype=q_up)),
+        Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}", tv.moe_down_q8_kernel, down,
+                dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=cfg.down_sum), a_down, dw,
+                tags=dict(act="fp32", qtype=q_down)),
     ]

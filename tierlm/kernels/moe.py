@@ -61,8 +61,6 @@ class MoEConfig:
     aligned_step: tuple = ()  # int8 decode of Q6_K experts in the aligned layout: (rows, blocks, warps), if not
     # quant_matmul.MMVQ_Q6K_ALIGNED_STEPS's for the rows' alignment
     down_sum: bool = False  # int8 decode: the down launch adds each token's K slots in registers (no sum launch)
-    fold: bool = False  # int8 decode: h quantized by the last gate/up program of each group of 32, the slots added
-    # by the last down program of each token and block of rows (no launches of their own; see _counters)
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -84,8 +82,7 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 1), mmvq_down=(2, 2, 1, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(8, 2, 2, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_sum=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), fold=True))
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_sum=True))
 # the lean eight-thread Q4_K step for gate/up and the lean Q6_K / Q4_K step for down, 4 rows x 2 blocks each:
 # 1.48-1.50x the read time at one token with Q6_K down experts and 1.40-1.42x with Q4_K ones, against 1.58-1.61x
 # and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
@@ -164,7 +161,7 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
     if P < cfg.sorted_min_pairs:
         if cfg.q8 and all(t in FUSED_TYPES for t in types):
             y = _moe_pairs_q8(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
-            if cfg.down_sum or folds(cfg, x.device):
+            if cfg.down_sum:
                 return y  # (T, D) already
         elif aligned:
             raise KernelInputError("moe: the float matrix-vector decode (MoEConfig.q8=False) reads Q6_K in GGUF's "
@@ -221,42 +218,14 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
 def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, aligned: bool = False) -> torch.Tensor:
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
-    ``cfg.down_sum`` or ``cfg.fold``."""
+    ``cfg.down_sum``."""
     from tierlm.kernels.quant_matmul import quantize_q8
 
     loads = q8_loads(cfg, types, gate, up, down, aligned)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
-    if folds(cfg, x.device):
-        (E, I, D, K), P = dims, ids.numel()
-        cnt = _counters(x.device, max(P * I // 32, P // K * D))  # gate/up's groups, down's token row blocks
-        hq = torch.empty(P, I, dtype=torch.int8, device=x.device)
-        hd = torch.empty((P, I // 32, 2) if loads[1] & 2 else (P, I // 32), dtype=torch.float32, device=x.device)
-        hs = hd if loads[1] & 2 else torch.empty_like(hd)
-        q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned, (hq, hd, hs, cnt, loads[1] & 2))
-        return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned, fold=cnt)
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
     hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2))
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned, cfg.down_sum)
-
-
-_COUNTERS: dict = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 counters at zero for the launches' last-program steps (``MoEConfig.fold``), one buffer per device. Each
-    launch leaves them at zero again, so launches on one stream can share them."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
-
-
-def folds(cfg: MoEConfig, device: torch.device) -> bool:
-    """Whether the int8 decode folds the h quantizer and the slots' sum into its two launches: as ``cfg`` asks, except
-    while a CUDA graph is being captured before the counters exist (they are made outside any capture)."""
-    if not cfg.fold or cfg.down_sum:
-        return False
-    return device in _COUNTERS or not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def q8_loads(cfg: MoEConfig, types, gate, up, down, aligned: bool = False) -> tuple[int, int]:
@@ -280,9 +249,8 @@ def _aligned_words(aligned: bool, K: int, weights) -> tuple[int, tuple | None]:
 
 
 def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int,
-               aligned: bool = False, quant=None) -> torch.Tensor:
-    """The int8 gate/up launch on quantized x: h (P, I) float32. ``quant`` = (hq, hd, hs, counters, packed): h also
-    quantized into hq, hd, hs by the launch (``cfg.fold``)."""
+               aligned: bool = False) -> torch.Tensor:
+    """The int8 gate/up launch on quantized x: h (P, I) float32."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
@@ -293,21 +261,17 @@ def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: in
         ub, unb, uw = cfg.aligned_step or step
     nblk, warps = tv.fit_step(unb, uw, D)
     h = torch.empty(P, I, dtype=torch.float32, device=xq.device)
-    hq, hd, hs, cnt, packed = quant or (h, h, h, h, False)
-    if quant and 32 % ub:
-        raise KernelInputError(f"moe: h quantized in the gate/up launch needs programs of rows that divide 32, not {ub}")
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
-        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, hq, hd, hs, cnt, GATE_T=int(gt), UP_T=int(ut),
-        BN=ub, NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words,
-        QH=quant is not None, PACK_H=bool(packed))
+        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
+        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words)
     return h
 
 
 def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int, aligned: bool = False,
-            sum_slots: bool = False, fold: torch.Tensor | None = None) -> torch.Tensor:
+            sum_slots: bool = False) -> torch.Tensor:
     """The int8 down launch on quantized h: y (P, D) float32, each pair's row weighted; ``sum_slots``: each token's K
-    rows added in the programs, y (T, D); ``fold`` (counters): added by each row block's last program, (T, D)."""
+    rows added, y (T, D)."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
@@ -319,12 +283,11 @@ def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int,
     nblk, warps = tv.fit_step(dnb, dw, I)
     rows = P // K if sum_slots else P
     y = torch.empty(rows, D, dtype=torch.float32, device=hq.device)
-    out = torch.empty(P // K, D, dtype=torch.float32, device=hq.device) if fold is not None else y
     tv.moe_down_q8_kernel[(rows, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(), K,
-        out, y if fold is None else fold, DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        LOADS=loads, ALIGNED=words, SUM=sum_slots, FOLD=fold is not None, num_warps=warps)
-    return out
+        DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
+        LOADS=loads, ALIGNED=words, SUM=sum_slots, num_warps=warps)
+    return y
 
 
 def moe_quant_q8_ref(x, ids, weights, gate, up, down, gate_type, up_type, down_type) -> torch.Tensor:

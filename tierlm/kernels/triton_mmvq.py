@@ -71,19 +71,14 @@ def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.conste
     gmask = g < K // 32
     offs = g[:, None] * 32 + tl.arange(0, 32)[None, :]
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=gmask[:, None], other=0.0).to(tl.float32)
-    _q8_store(x, xq_ptr + m.to(tl.int64) * K + offs, xd_ptr, xs_ptr, m.to(tl.int64) * (K // 32) + g, gmask, ASM, PACK)
-
-
-@triton.jit
-def _q8_store(x, pq, xd_ptr, xs_ptr, i, gmask, ASM: tl.constexpr, PACK: tl.constexpr):
-    """Groups of 32 float32 values x (G, 32) as ``quantize_q8_kernel`` stores them: xq at pq (G, 32), xd and xs
-    at group index i (G,) (PACK: (xd, xs) pairs at xd_ptr)."""
     amax = tl.max(tl.abs(x), axis=1)
     inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
     q = _rint(x * inv[:, None], ASM)  # no add after the product: nothing to fuse it into
     q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
     d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
-    tl.store(pq, q.to(tl.int8), mask=gmask[:, None])
+    tl.store(xq_ptr + m.to(tl.int64) * K + offs, q.to(tl.int8), mask=gmask[:, None])
+    ng = K // 32
+    i = m.to(tl.int64) * ng + g
     s = d * tl.sum(q, axis=1).to(tl.float32)
     if PACK:  # (xd, xs) pairs at xd_ptr
         tl.store(xd_ptr + 2 * i, d, mask=gmask)
@@ -91,17 +86,6 @@ def _q8_store(x, pq, xd_ptr, xs_ptr, i, gmask, ASM: tl.constexpr, PACK: tl.const
     else:
         tl.store(xd_ptr + i, d, mask=gmask)
         tl.store(xs_ptr + i, s, mask=gmask)
-
-
-@triton.jit
-def _last_of(cnt, n):
-    """Whether this program is the last of the ``n`` that count at ``cnt`` (an int32 left 0 by the launch before):
-    the programs' stores so far are then visible to it, and the count is reset for the next launch."""
-    tl.debug_barrier()  # every thread's stores before the count
-    last = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == n - 1
-    if last:
-        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-    return last
 
 
 @triton.jit
@@ -802,15 +786,12 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 
 @triton.jit
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
-                     es_g, es_u, TOPK, hq_ptr, hd_ptr, hs_ptr, cnt_ptr,
+                     es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                     QH: tl.constexpr = False, PACK_H: tl.constexpr = False):
+                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
-    [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``). QH: the last
-    program of each 32-row group of h (counted at cnt_ptr, P * I / 32 int32 zeros) also stores it quantized as
-    ``quantize_q8_kernel`` would (hq, hd, hs; PACK_H: (hd, hs) pairs), which saves the down launch a launch."""
+    [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``)."""
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
     e = tl.load(ids_ptr + t)
@@ -823,29 +804,17 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
                   LOADS, ALIGNED)
     rows = row0 + tl.arange(0, BN)
-    hrow = h_ptr + t.to(tl.int64) * I
-    tl.store(hrow + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
-    if QH:
-        tl.static_assert(32 % BN == 0, "h quantized in the launch: programs of rows that tile a group of 32")
-        gi = t.to(tl.int64) * (I // 32) + row0 // 32  # this program's group of h
-        if _last_of(cnt_ptr + gi, 32 // BN):
-            go = (row0 // 32) * 32 + tl.arange(0, 32)[None, :]
-            v = tl.load(hrow + go, cache_modifier=".cg")  # (1, 32), from L2: other programs' stores
-            _q8_store(v, hq_ptr + t.to(tl.int64) * I + go, hd_ptr, hs_ptr, gi + tl.arange(0, 1), gi + tl.arange(0, 1) >= 0,
-                      ASM, PACK_H)
+    tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
 
 @triton.jit
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
-                       out_ptr, cnt_ptr,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                        PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                       SUM: tl.constexpr = False, FOLD: tl.constexpr = False):
+                       SUM: tl.constexpr = False):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D). SUM: program row 0 is a token
     t, and y[t, n] (T, D) is the sum of its TOPK pairs' rows, added in slot order in registers (the slots' sum
-    without a launch of its own). FOLD: as without SUM, and the last of a token's TOPK programs for a block of rows
-    (counted at cnt_ptr, T * cdiv(D, BN) int32 zeros) adds their rows in slot order into out (T, D). ALIGNED: see
-    ``mmvq_rows``."""
+    without a launch of its own). ALIGNED: see ``mmvq_rows``."""
     row0 = tl.program_id(1) * BN
     rows = row0 + tl.arange(0, BN)
     lo = tl.program_id(0).to(tl.int64) * (TOPK if SUM else 1)
@@ -858,12 +827,4 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
             hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32),
             down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * D + rows, acc, mask=rows < D)
-    if FOLD:
-        tl.static_assert(not SUM, "FOLD adds the slots after the launch's programs, SUM inside each")
-        tok = tl.program_id(0).to(tl.int64) // TOPK
-        if _last_of(cnt_ptr + tok * tl.cdiv(D, BN) + tl.program_id(1), TOPK):
-            tot = tl.zeros([BN], dtype=tl.float32)
-            for k in range(TOPK):
-                tot += tl.load(y_ptr + (tok * TOPK + k) * D + rows, mask=rows < D, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + tok * D + rows, tot, mask=rows < D)
 
