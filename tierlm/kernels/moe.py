@@ -61,6 +61,13 @@ class MoEConfig:
     aligned_step: tuple = ()  # int8 decode of Q6_K experts in the aligned layout: (rows, blocks, warps), if not
     # quant_matmul.MMVQ_Q6K_ALIGNED_STEPS's for the rows' alignment
     down_sum: bool = False  # int8 decode: the down launch adds each token's K slots in registers (no sum launch)
+    down_sum_aligned: bool = True  # ... at one token where the down experts are Q6_K in the aligned layout: H200,
+    # 71.4 us (1.32x the read time) against 73.5 us; with Q4_K down experts it was slower, 70.5 against 66.9 us, as at
+    # 4 tokens (bench/results/q6k-layout-moe-NVIDIA_H200-fold.json)
+
+    def sums_slots(self, types, aligned: bool, tokens: int) -> bool:
+        """Whether the int8 down launch adds each token's slots itself (see down_sum, down_sum_aligned)."""
+        return self.down_sum or (self.down_sum_aligned and aligned and types[2] == GGMLType.Q6_K and tokens == 1)
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -161,7 +168,7 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
     if P < cfg.sorted_min_pairs:
         if cfg.q8 and all(t in FUSED_TYPES for t in types):
             y = _moe_pairs_q8(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
-            if cfg.down_sum:
+            if cfg.sums_slots(types, aligned, T):
                 return y  # (T, D) already
         elif aligned:
             raise KernelInputError("moe: the float matrix-vector decode (MoEConfig.q8=False) reads Q6_K in GGUF's "
@@ -218,14 +225,15 @@ def _moe_pairs(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig) -> torc
 def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, aligned: bool = False) -> torch.Tensor:
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
-    ``cfg.down_sum``."""
+    ``cfg.sums_slots``."""
     from tierlm.kernels.quant_matmul import quantize_q8
 
     loads = q8_loads(cfg, types, gate, up, down, aligned)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
     hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2))
-    return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned, cfg.down_sum)
+    return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
+                   cfg.sums_slots(types, aligned, ids.numel() // dims[3]))
 
 
 def q8_loads(cfg: MoEConfig, types, gate, up, down, aligned: bool = False) -> tuple[int, int]:
