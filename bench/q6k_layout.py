@@ -165,7 +165,8 @@ def moe_sweep(res, bw) -> None:
         types = (T.Q4_K, T.Q4_K, down_type)
         weights = moe_weights(types=types, aligned=True)
         for T_ in (1, 4, 16):
-            for label, cfg in (("default", moe_mod.DEFAULT), ("down sums slots", replace(moe_mod.DEFAULT, down_sum=True))):
+            for label, cfg in (("default", moe_mod.DEFAULT),
+                               ("down sums slots", replace(moe_mod.DEFAULT, down_sum=True))):
                 calls, per_expert, distinct, check = moe_setup(T_, 16, cfg, weights=weights, aligned=True)
                 err = check()
                 s = graph_time(calls)

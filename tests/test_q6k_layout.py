@@ -8,7 +8,7 @@ import torch
 
 from tierlm.kernels import q6k_layout
 from tierlm.kernels.q6k_layout import LayoutError, align_, alignable, aligns, from_aligned, to_aligned, unalign_
-from tierlm.kernels.quant_matmul import quant_matmul
+from tierlm.kernels.quant_matmul import KernelInputError, q6k_words, quant_matmul
 from tierlm.model.quantized import AlignsQ6K, QuantLinear, QuantRoutedExperts
 from tierlm.weights.formats import GGMLType, quantize
 
@@ -114,3 +114,17 @@ def test_routed_experts_keep_q6k_aligned(aligned_on_cpu):
     assert not plain.aligned
     assert torch.equal(moe(x, ids, wts), plain(x, ids, wts))
     assert torch.equal(moe.state_dict()["down_q"], plain.state_dict()["down_q"])
+
+
+def test_words_per_load_follow_the_rows_alignment():
+    """The aligned int8 step reads 4 words at once where rows are 16-byte multiples (and the bytes start on one), 2
+    on 8-byte ones, 1 on 4-byte ones; bytes off a 4-byte boundary are refused with the fix."""
+    buf = torch.zeros(4 * 210 * 8 + 16, dtype=torch.uint8)
+    assert buf.data_ptr() % 16 == 0
+    rows = buf[:4 * 210 * 8].view(4, -1)
+    assert q6k_words(2048, rows) == 4 and q6k_words(1024, rows) == 2 and q6k_words(512, rows) == 1
+    assert q6k_words(2048, buf[8:8 + 4 * 210 * 8]) == 2  # 8 bytes off a 16-byte boundary
+    with pytest.raises(KernelInputError, match="2-byte boundaries"):
+        q6k_words(768, rows)
+    with pytest.raises(KernelInputError, match=r"\.clone\(\)"):
+        q6k_words(2048, buf[2:2 + 4 * 210 * 8])

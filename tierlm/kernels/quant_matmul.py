@@ -190,6 +190,9 @@ def q6k_words(K: int, *weights: torch.Tensor) -> int:
     if nb % 2:
         raise KernelInputError(f"aligned Q6_K: rows of K={K} elements ({nb} blocks) start on 2-byte boundaries only; "
                                "keep such weights in GGUF's layout (q6k_layout.alignable)")
+    if any(t.data_ptr() % 4 for t in weights):
+        raise KernelInputError("aligned Q6_K: the weight's bytes start off a 4-byte boundary (a view at an odd "
+                               "offset?); pass a copy (.clone()), whose storage is aligned")
     for w, align in ((4, 16), (2, 8)):
         if nb % (2 * w) == 0 and not any(t.data_ptr() % align for t in weights):
             return w
@@ -212,8 +215,9 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     sixteen-thread step ``MMVQ_Q6K_STEP``). More
     rows with 16-bit activations on sm_80+ (from 3 rows on the types and sizes where that measured faster,
     from 2 on a matrix as tall as the output head): the tensor-core tiles ``MMQ_TILES``, which decode each
-    weight once for all rows, split along K to fill the card. ``aligned`` (Q6_K in the aligned layout): at 1-2
-    rows the step of ``MMVQ_Q6K_ALIGNED_STEPS`` for the row's alignment (the launch re-checks the pointers).
+    weight once for all rows, split along K to fill the card. ``aligned`` (Q6_K in the aligned layout): the step
+    of ``MMVQ_Q6K_ALIGNED_STEPS`` for the rows' alignment (the launch re-checks the pointers) up to
+    ``MMVQ_Q6K_ALIGNED_MAX_M`` rows (``MMVQ_Q6K_ALIGNED_MAX_M_TALL`` on a matrix as tall as the head), then the tiles.
     """
     tiles_ok = capability >= (8, 0) and dtype != torch.float32
     wide = M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW) or (M > 2 and (

@@ -81,8 +81,9 @@ def _dequant_tile(wrow, kb, kend, nmask, QTYPE: tl.constexpr, NB: tl.constexpr, 
     """Blocks kb .. kb+NB-1 of BN weight rows -> (w (BN, NB*BLOCK) float32, kidx (NB*BLOCK,) int32).
 
     wrow: (BN,) uint8 pointers to the rows' first byte; nmask: (BN,) valid rows; blocks >= kend
-    read as 0. ALIGNED, dof: Q6_K rows in the aligned layout (``q6k_block``). FLAT=False skips the final reshape: w keeps the rank its type decodes in (rows
-    first), and kidx has the same rank with a leading 1, which is all a store needs. Nibbles and 6-bit values become floats as ``(q << s) & m | 1.0f`` = 1 + q/2**b, so a
+    read as 0. ALIGNED, dof: Q6_K rows in the aligned layout (``q6k_block``). FLAT=False skips the final
+    reshape: w keeps the rank its type decodes in (rows first), and kidx has the same rank with a leading 1, which
+    is all a store needs. Nibbles and 6-bit values become floats as ``(q << s) & m | 1.0f`` = 1 + q/2**b, so a
     weight is one FMA ``A * f - B`` with A, B folded from the block's scales.
     """
     wr = wrow[:, None, None]

@@ -31,8 +31,9 @@ class AlignsQ6K(nn.Module):
     _q6k: tuple[str, ...] = ()
     aligned = False
 
-    def _init_layout(self, names: tuple[str, ...], alignable: bool) -> None:
-        self._q6k = names if alignable else ()
+    def _init_layout(self, names: tuple[str, ...], rows_align: bool) -> None:
+        """names: the Q6_K buffers; rows_align: whether their rows gain from the layout (``q6k_layout.alignable``)."""
+        self._q6k = names if rows_align else ()
         self._register_state_dict_hook(AlignsQ6K._gguf_state)
         self._register_load_state_dict_pre_hook(self._align_state)
         self._set_layout()
