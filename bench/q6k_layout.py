@@ -10,7 +10,8 @@ shipped step (activations quantized beforehand, weights rotated past the L2, CUD
 - on the dense Q6_K shapes (dense down, head) and one expert's down;
 - as the MoE's down launch at one token (8 experts of 256, one program row per pair);
 - as a bare read (the same loads xored, no arithmetic): the ceiling of each layout's walk;
-- with ``--rows``, at 2-16 activation rows: the tensor-core tiles on either layout against the aligned int8 step;
+- with ``--rows``, at 2-16 activation rows: the tensor-core tiles on either layout (on the aligned one also with a
+  single pipeline stage) against the aligned int8 step;
 - with ``--moe``, the fused MoE on aligned Q6_K experts, its down launch with and without the slots' sum in it.
 
 Usage: PYTHONPATH=. python bench/q6k_layout.py --out DIR
@@ -122,6 +123,8 @@ def launch(xq, xd, w, out, ids, N, nblocks, es, step, pl, bare=False, asm=True):
 def rows_sweep(res, bw, row) -> None:
     """2-16 activation rows on Q6_K: the tensor-core tiles (pick_config's choice there) on GGUF's layout and on the
     aligned one, against the aligned int8 step run once per activation row (its weights then come from L2)."""
+    from dataclasses import replace
+
     from tierlm.kernels.quant_matmul import MMVQ_Q6K_ALIGNED_STEPS, QMMConfig, pick_config, quant_matmul
     from tierlm.kernels.quant_matmul import quant_matmul_ref
     from tierlm.kernels.q6k_layout import align_
@@ -139,7 +142,9 @@ def rows_sweep(res, bw, row) -> None:
             x = torch.randn(M, Kd, device="cuda").half()
             ref = quant_matmul_ref(x, w[0], T.Q6_K, Kd)
             tiles = pick_config(T.Q6_K, M, N, Kd, torch.float16, cap, sms)
+            # one stage: no cp.async pipelining of the aligned weight loads (see the ninth round's notes)
             cands = [("tiles gguf", tiles, w, False), ("tiles aligned", tiles, wa, True),
+                     ("tiles aligned, 1 stage", replace(tiles, num_stages=1), wa, True),
                      ("int8 aligned", QMMConfig("mmvq", warps, 1, block_n=bn, nblk=nb), wa, True)]
             for label, cfg, ws, al in cands:
                 err = ((quant_matmul(x, ws[0], T.Q6_K, Kd, config=cfg, aligned=al).float() - ref).norm()
