@@ -825,6 +825,11 @@ def _interp_aligned(gen: torch.Generator) -> None:
         _interp_check(f"aligned moe int8 {gt.name}/{dt.name} I={I}", got, q8_ref)
         got = moe._moe_pairs_q8(*args, replace(big, down_sum=True), True)  # (n, D): the slots added in the launch
         _interp_check(f"aligned moe int8, down adds the slots {gt.name}/{dt.name} I={I}", got, q8_ref)
+        one = (x[:1], ids[0], wts[0], *al, [gt, gt, dt], (E, I, D, K))  # one token: the default adds them too
+        assert moe.DEFAULT.sums_slots([gt, gt, dt], True, 1) and not moe.DEFAULT.sums_slots([gt, gt, dt], True, 2)
+        got = moe._moe_pairs_q8(*one, big, True)
+        _interp_check(f"aligned moe int8, one token {gt.name}/{dt.name} I={I}", got,
+                      moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
         ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):
             got = moe._moe_sorted(*args, c, True).view(n, K, D).sum(1)
