@@ -515,28 +515,42 @@ def _q6k_lane(pa, ph, ps, pdd, px, pd, live, ASM: tl.constexpr, MASK: tl.constex
     quarter 0 (``ps``), the block's d (``pdd``), the activation word of quarter 0 (``px``) and the
     half's four xd (``pd``). MASK: lanes past the block range (``live`` false) read nothing and give
     zeros (the last step)."""
-    j4 = tl.arange(0, 4)[None, :]
     if MASK:
         A = tl.load(pa, mask=live, other=0).to(tl.int32) | (tl.load(pa + 1, mask=live, other=0).to(tl.int32) << 16)
         B = tl.load(pa + 16, mask=live, other=0).to(tl.int32) \
             | (tl.load(pa + 17, mask=live, other=0).to(tl.int32) << 16)
         H = tl.load(ph, mask=live, other=0).to(tl.int32) | (tl.load(ph + 1, mask=live, other=0).to(tl.int32) << 16)
+    else:
+        A, B, H = _u32(pa), _u32(pa + 16), _u32(ph)  # ql bytes 64h + 4w (i = 0, 2), + 32 (i = 1, 3); qh bytes
+    return _q6k_words_dot(A, B, H, ps, pdd, px, pd, live, ASM, MASK, False)
+
+
+@triton.jit
+def _q6k_words_dot(A, B, H, ps, pdd, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr, WIDE: tl.constexpr):
+    """The rest of a Q6_K lane step once its weight words are loaded (``_q6k_lane``: one word a lane, A (lanes,);
+    WIDE, ``_q6k_lane_a``: W words, A (lanes, W) summed over W): d, the half's four xd (one 16-byte load), then the
+    four quarters' dp4a sums times scale and xd, times d."""
+    j4 = tl.arange(0, 4)[None, :]
+    if MASK:
+        xlive = live[:, None] if WIDE else live  # over the activation words' shape
         d = _f16(tl.load(pdd, mask=live, other=0).to(tl.int32))
         xd4 = tl.load(pd[:, None] + j4, mask=live[:, None], other=0.0)
     else:
-        A, B, H = _u32(pa), _u32(pa + 16), _u32(ph)  # ql bytes 64h + 4w (i = 0, 2), + 32 (i = 1, 3); qh bytes
         d = _f16(tl.load(pdd).to(tl.int32))
-        xd4 = tl.load(pd[:, None] + j4)  # xd of the four groups of the half: one 16-byte load
+        xd4 = tl.load(pd[:, None] + j4)
     xi = xd4.to(tl.int32, bitcast=True)
-    part = tl.zeros(A.shape, dtype=tl.float32)
+    part = tl.zeros([pdd.shape[0]], dtype=tl.float32)
     for i in tl.static_range(4):
         if MASK:
             sc = tl.load(ps + 2 * i, mask=live, other=0).to(tl.int32)
-            xw = tl.load(px + 8 * i, mask=live, other=0)
+            xw = tl.load(px + 8 * i, mask=xlive, other=0)
         else:
             sc, xw = tl.load(ps + 2 * i).to(tl.int32), tl.load(px + 8 * i)
+        s = _dp4a(_q6k_quad(A, B, H, i), xw, True, ASM)
+        if WIDE:
+            s = tl.sum(s, axis=1)
         xdi = tl.sum(tl.where(j4 == i, xi, 0), axis=1).to(tl.float32, bitcast=True)
-        part += (sc * _dp4a(_q6k_quad(A, B, H, i), xw, True, ASM)).to(tl.float32) * xdi
+        part += (sc * s).to(tl.float32) * xdi
     return d * part
 
 
@@ -572,28 +586,12 @@ def _q6k_rows16p(xq32, xd_ptr, w_ptr, row0, N, rstride, kb0, kb1, BN: tl.constex
 def _q6k_lane_a(pa, ph, ps, pdd, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr):
     """One step of ``_q6k_rows_a``: each lane's partial sum for its W words (``_q6k_lane`` with (lanes, W) int32
     pointers ``pa`` (ql, quarter 0; quarter 1 is 8 words on), ``ph`` (qh) and ``px`` (activations))."""
-    j4 = tl.arange(0, 4)[None, :]
     if MASK:
         lw = live[:, None]
         A, B, H = tl.load(pa, mask=lw, other=0), tl.load(pa + 8, mask=lw, other=0), tl.load(ph, mask=lw, other=0)
-        d = _f16(tl.load(pdd, mask=live, other=0).to(tl.int32))
-        xd4 = tl.load(pd[:, None] + j4, mask=lw, other=0.0)
     else:
         A, B, H = tl.load(pa), tl.load(pa + 8), tl.load(ph)
-        d = _f16(tl.load(pdd).to(tl.int32))
-        xd4 = tl.load(pd[:, None] + j4)  # xd of the four groups of the half: one 16-byte load
-    xi = xd4.to(tl.int32, bitcast=True)
-    part = tl.zeros([pdd.shape[0]], dtype=tl.float32)
-    for i in tl.static_range(4):
-        if MASK:
-            sc = tl.load(ps + 2 * i, mask=live, other=0).to(tl.int32)
-            xw = tl.load(px + 8 * i, mask=lw, other=0)
-        else:
-            sc, xw = tl.load(ps + 2 * i).to(tl.int32), tl.load(px + 8 * i)
-        s = tl.sum(_dp4a(_q6k_quad(A, B, H, i), xw, True, ASM), axis=1)
-        xdi = tl.sum(tl.where(j4 == i, xi, 0), axis=1).to(tl.float32, bitcast=True)
-        part += (sc * s).to(tl.float32) * xdi
-    return d * part
+    return _q6k_words_dot(A, B, H, ps, pdd, px, pd, live, ASM, MASK, True)
 
 
 @triton.jit
