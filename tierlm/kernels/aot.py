@@ -23,7 +23,7 @@ from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
 from tierlm.kernels.moe import MoEConfig
 from tierlm.kernels.quant_matmul import (MMQ_TILES, MMVQ_Q4K_LOADS, MMVQ_Q4K_PAIR_STEP, MMVQ_Q4K_SHORT_STEP,
                                          MMVQ_Q4K_STEP, MMVQ_Q6K_ALIGNED_STEPS, MMVQ_Q6K_LOADS, MMVQ_Q6K_STEP,
-                                         MMVQ_TILES, mmvq_loads)
+                                         MMVQ_TILES, mmvq_loads, q6k_row_words)
 
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 QUANT = (tq.Q4_K, tq.Q6_K, tq.Q8_0, tq.Q5_0)
@@ -158,8 +158,7 @@ def variants(capability: int) -> list[Variant]:
     # Q6_K in the aligned layout (what the layers hold on a GPU): every kernel the wrappers launch on it
     q6 = tq.Q6_K
     out += [aligned_q6k(mmvq_variant(q6, *MMVQ_Q6K_ALIGNED_STEPS[w], out=act), w) for w in (4, 2, 1) for act in acts]
-    out += [aligned_q6k(v, 4 if "down" in v.name else 2) for v in moe_q8_variants(tq.Q4_K, q6, aligned=True)]
-    out += [aligned_q6k(v, 2) for v in moe_q8_variants(q6, q6, aligned=True) if "up" in v.name]
+    out += moe_q8_variants(tq.Q4_K, q6, aligned=True) + moe_q8_variants(q6, q6, aligned=True)[:1]
     out += [aligned_q6k(mmq_variant(q6, act, MMQ_TILES[q6][0], 1, MMQ_TILES[q6][1], split)) for act in acts
             if act != "fp32" for split in (False, True)]
     out += [aligned_q6k(kquant_dequant_variant(q6, act)) for act in acts]
@@ -243,9 +242,8 @@ def quantize_q8_variant(act: str, pack: bool = False) -> Variant:
 
 
 def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligned: bool = False) -> list[Variant]:
-    """The up and down kernels of the int8-activation MoE decode path, as ``cfg`` launches them (``aligned``: the
-    steps and load forms of Q6_K experts in the aligned layout, for DeepSeek-V3's rows; ALIGNED itself is set by
-    ``aligned_q6k``)."""
+    """The up and down kernels of the int8-activation MoE decode path, as ``cfg`` launches them (``aligned``: with Q6_K
+    experts in the aligned layout, for DeepSeek-V3's rows)."""
     up = dict(xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", gate_ptr="*u8", up_ptr="*u8", h_ptr="*fp32",
               ids_ptr="*i64", E="i32", I="i32", D="i32", nb_g="i32", nb_u="i32", rb_g="i32", rb_u="i32",
               es_g="i64", es_u="i64", TOPK="i32")
@@ -256,11 +254,12 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
     ub, unb, uw, ul = cfg.up_step()
     db, dnb, dw, dl = cfg.down_step()
     ul, dl = mmvq_loads(q_up, ul), mmvq_loads(q_down, dl)  # the load forms moe._moe_pairs_q8 launches
+    w_up, w_down = q6k_row_words(7168), q6k_row_words(2048)  # DeepSeek-V3's rows: gate/up of D, down of I
     if aligned and q_up == tq.Q6_K:
-        (ub, unb, uw), ul = MMVQ_Q6K_ALIGNED_STEPS[2], 0  # rows of 7168: 8-byte multiples
+        (ub, unb, uw), ul = MMVQ_Q6K_ALIGNED_STEPS[w_up], 0
     if aligned and q_down == tq.Q6_K:
-        (db, dnb, dw), dl = MMVQ_Q6K_ALIGNED_STEPS[4], 0  # rows of 2048: 16-byte multiples
-    return [
+        (db, dnb, dw), dl = MMVQ_Q6K_ALIGNED_STEPS[w_down], 0
+    out = [
         Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
                 dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,
                 tags=dict(act="fp32", qtype=q_up)),
@@ -268,3 +267,6 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
                 dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=cfg.down_sum), a_down, dw,
                 tags=dict(act="fp32", qtype=q_down)),
     ]
+    if aligned:  # ALIGNED on the launches of Q6_K weights
+        out = [aligned_q6k(v, w) if q == tq.Q6_K else v for v, q, w in zip(out, (q_up, q_down), (w_up, w_down))]
+    return out

@@ -183,20 +183,26 @@ def mmvq_loads(qtype: GGMLType, loads: int, *weights: torch.Tensor) -> int:
     return loads & 12 if qtype == GGMLType.Q6_K else 0
 
 
-def q6k_words(K: int, *weights: torch.Tensor) -> int:
-    """The 4-byte words a lane of the aligned-layout Q6_K product reads at once from rows of K elements (the
-    kernel's ALIGNED): 4 where every row starts on a 16-byte boundary, 2 on an 8-byte one, else 1."""
+def q6k_row_words(K: int) -> int:
+    """The 4-byte words a lane of the aligned-layout Q6_K product can read at once on rows of K elements, as far as
+    the rows go: 4 where each row is a 16-byte multiple (8 blocks), 2 where an 8-byte one (4 blocks), else 1."""
     nb = K // 256
     if nb % 2:
         raise KernelInputError(f"aligned Q6_K: rows of K={K} elements ({nb} blocks) start on 2-byte boundaries only; "
                                "keep such weights in GGUF's layout (q6k_layout.alignable)")
+    return 4 if nb % 8 == 0 else 2 if nb % 4 == 0 else 1
+
+
+def q6k_words(K: int, *weights: torch.Tensor) -> int:
+    """The words a lane reads at once (the kernel's ALIGNED): ``q6k_row_words``, fewer where the weights' bytes start
+    on a narrower boundary than 4 W bytes."""
+    words = q6k_row_words(K)
     if any(t.data_ptr() % 4 for t in weights):
         raise KernelInputError("aligned Q6_K: the weight's bytes start off a 4-byte boundary (a view at an odd "
                                "offset?); pass a copy (.clone()), whose storage is aligned")
-    for w, align in ((4, 16), (2, 8)):
-        if nb % (2 * w) == 0 and not any(t.data_ptr() % align for t in weights):
-            return w
-    return 1
+    while any(t.data_ptr() % (4 * words) for t in weights):
+        words //= 2
+    return words
 
 
 def aligned_step(K: int, *weights: torch.Tensor) -> tuple[int, int, int, int]:
@@ -230,7 +236,7 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     bn, nb, w = MMVQ_TILES[qtype]
     loads, act_rows = 0, 1
     if qtype == GGMLType.Q6_K and aligned:  # as at one row (on cards without tiles: up to 16 rows)
-        bn, nb, w = MMVQ_Q6K_ALIGNED_STEPS[4 if K % 2048 == 0 else 2 if K % 1024 == 0 else 1]
+        bn, nb, w = MMVQ_Q6K_ALIGNED_STEPS[q6k_row_words(K)]
     elif qtype == GGMLType.Q4_K:
         (bn, nb, w), loads = q4k_row_step(N, K, sms), MMVQ_Q4K_LOADS
         act_rows = 1 if M == 1 else 2 if M == 2 else 4
