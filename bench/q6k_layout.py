@@ -158,60 +158,28 @@ def rows_sweep(res, bw, row) -> None:
 
 def moe_sweep(res, bw) -> None:
     """The fused MoE with aligned Q6_K down experts at 1, 4 and 16 tokens: the default against the down launch that
-    adds each token's slots itself (MoEConfig.down_sum), and at one token launch by launch."""
-    import statistics
+    adds each token's slots itself (MoEConfig.down_sum), and at one token launch by launch
+    (``read_ceiling.moe_rows`` and ``moe_parts`` on aligned weights)."""
     from dataclasses import replace
 
-    from kernels import MOE, moe_setup, moe_weights
+    from kernels import moe_weights
+    from read_ceiling import moe_parts, moe_rows
 
     from tierlm.kernels import moe as moe_mod
 
+    cfgs = [("default", moe_mod.DEFAULT), ("down sums slots", replace(moe_mod.DEFAULT, down_sum=True))]
     for down_type in (T.Q6_K, T.Q4_K):
-        types = (T.Q4_K, T.Q4_K, down_type)
-        weights = moe_weights(types=types, aligned=True)
-        for T_ in (1, 4, 16):
-            for label, cfg in (("default", moe_mod.DEFAULT),
-                               ("down sums slots", replace(moe_mod.DEFAULT, down_sum=True))):
-                calls, per_expert, distinct, check = moe_setup(T_, 16, cfg, weights=weights, aligned=True)
-                err = check()
-                s = graph_time(calls)
-                read = distinct * per_expert / bw
-                what = f"moe T={T_}, down {down_type.name}, {label}"
-                res["rows"].append(dict(what=what, us=s * 1e6, ratio=s / read, err=err))
-                print(f"{what:<48} {s * 1e6:8.2f} us  {s / read:.3f}x read time  rel err {err:.1e}", flush=True)
-                del calls
-        gate, up, down, _ = weights
-        E, I, D, K = gate.shape[0], gate.shape[1], MOE["D"], MOE["K"]
-        g = torch.Generator(device="cuda").manual_seed(0)
-        sets = [torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(32)]
-        x = torch.randn(1, D, device="cuda").half()
-        wts = torch.rand(K, device="cuda")
-        dims, cfg = (E, I, D, K), moe_mod.DEFAULT
-        distinct = statistics.mean(len(set(ids.tolist())) for ids in sets)
-        up_bytes, down_bytes = distinct * (gate[0].numel() + up[0].numel()), distinct * down[0].numel()
-        lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down, True)
-        xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
-        h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu, True)
-        hq, hd, hs = quantize_q8(h, pack=bool(ld & 2))
-        y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, True)
-        parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
-                 ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu, True)
-                              for ids in sets], up_bytes),
-                 ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
-                 ("down", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld, True)
-                           for ids in sets], down_bytes),
-                 ("down, slots summed in it", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims,
-                                                                              cfg, ld, True, True) for ids in sets],
-                  down_bytes),
-                 ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0)]
-        for what, calls, nbytes in parts:
-            s = graph_time(calls)
-            kw = f"{nbytes / s / bw * 100:5.1f}%" if nbytes else ""
-            res["rows"].append(dict(what=f"moe part, down {down_type.name}: {what}", us=s * 1e6,
-                                    pct=nbytes / s / bw * 100 if nbytes else None))
-            print(f"moe part, down {down_type.name}: {what:<28} {s * 1e6:8.2f} us {kw}", flush=True)
-        del weights, gate, up, down
+        weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type), aligned=True)
+        moe_rows(res, bw, weights, cfgs, tokens=(1, 4, 16), copies=16, aligned=True)
+        del weights
         torch.cuda.empty_cache()
+
+    def row(**kw):
+        res["rows"].append(kw)
+        pct = f"{kw['pct']:5.1f}%" if "pct" in kw else ""
+        print(f"{kw['what']:<56} {kw['us']:8.2f} us {pct}", flush=True)
+
+    moe_parts(bw, row, aligned=True)
 
 
 def main() -> None:

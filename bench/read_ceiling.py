@@ -299,15 +299,7 @@ def main() -> None:
         moe_cfgs += [(f"up {u} down {d}", replace(MOE_DEFAULT, mmvq_up=u, mmvq_down=d)) for u, d in MOE_CANDIDATES]
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
-        for label, cfg in moe_cfgs:
-            calls, per_expert, distinct, check = moe_setup(1, 32, cfg, weights=weights)
-            err = check()
-            s = graph_time(calls)
-            read = distinct * per_expert / bw
-            what = f"moe T=1, down {down_type.name}, {label}"
-            res["rows"].append(dict(what=what, us=s * 1e6, ratio=s / read, err=err))
-            print(f"{what:<56} {s * 1e6:8.2f} us  {s / read:.2f}x read time  rel err {err:.1e}", flush=True)
-            del calls
+        moe_rows(res, bw, weights, moe_cfgs)
         del weights
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -316,15 +308,32 @@ def main() -> None:
     print("wrote", path)
 
 
-def moe_parts(bw: float, row) -> None:
-    """The default int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, the
-    slots summed) beside the whole call, each launch's weight bytes against copy bandwidth."""
+def moe_rows(res: dict, bw: float, weights, cfgs, tokens=(1,), copies: int = 32, aligned: bool = False) -> None:
+    """The MoE layer on ``weights`` (``moe_weights``) with each (label, MoEConfig) of ``cfgs`` at each number of
+    tokens, against the time to read its experts at copy bandwidth, checked against the int8 reference; ``aligned``:
+    the weights' Q6_K experts are in the aligned layout."""
+    for T_ in tokens:
+        for label, cfg in cfgs:
+            calls, per_expert, distinct, check = moe_setup(T_, copies, cfg, weights=weights, aligned=aligned)
+            err = check()
+            s = graph_time(calls)
+            read = distinct * per_expert / bw
+            what = f"moe T={T_}, down {weights[3][2].name}, {label}"
+            res["rows"].append(dict(what=what, us=s * 1e6, ratio=s / read, err=err))
+            print(f"{what:<56} {s * 1e6:8.2f} us  {s / read:.3f}x read time  rel err {err:.1e}", flush=True)
+            del calls
+
+
+def moe_parts(bw: float, row, aligned: bool = False) -> None:
+    """The default int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, down with
+    the slots summed in it, the slots summed) beside the whole call, each launch's weight bytes against copy
+    bandwidth; ``aligned``: Q6_K experts in the aligned layout, as the layers hold them on a GPU."""
     import statistics
 
     from tierlm.kernels import moe as moe_mod
 
     for down_type in (T.Q6_K, T.Q4_K):
-        gate, up, down, types = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
+        gate, up, down, types = moe_weights(types=(T.Q4_K, T.Q4_K, down_type), aligned=aligned)
         E, I, D, K = gate.shape[0], gate.shape[1], MOE["D"], MOE["K"]
         g = torch.Generator(device="cuda").manual_seed(0)
         sets = [torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(32)]
@@ -333,20 +342,25 @@ def moe_parts(bw: float, row) -> None:
         dims, cfg = (E, I, D, K), MOE_DEFAULT
         distinct = statistics.mean(len(set(ids.tolist())) for ids in sets)
         up_bytes, down_bytes = distinct * (gate[0].numel() + up[0].numel()), distinct * down[0].numel()
-        lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down)
+        lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down, aligned)
         xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
-        h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu)
+        h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu, aligned)
         hq, hd, hs = quantize_q8(h, pack=bool(ld & 2))
-        y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld)
+        y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, aligned)
+
+        def down_calls(sums: bool):
+            return [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld, aligned, sums)
+                    for ids in sets]
+
         parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
-                 ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu)
-                              for ids in sets], up_bytes),
+                 ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,
+                                                                 aligned) for ids in sets], up_bytes),
                  ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
-                 ("down", [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld)
-                           for ids in sets], down_bytes),
+                 ("down", down_calls(False), down_bytes),
+                 ("down, slots summed in it", down_calls(True), down_bytes),
                  ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0),
                  ("whole layer", [lambda ids=ids: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types,
-                                                                    config=cfg) for ids in sets],
+                                                                    config=cfg, aligned=aligned) for ids in sets],
                   up_bytes + down_bytes)]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
