@@ -10,6 +10,7 @@ type (the MoE kernels for Q4_K/Q6_K and one float type), which covers every code
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -28,7 +29,7 @@ def _representative(capability: int) -> list:
             continue
         key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"),
                v.constexprs.get("Q4K_BLOCK"), v.constexprs.get("LOADS"), v.constexprs.get("MR"),
-               v.constexprs.get("MMQ"), v.constexprs.get("ALIGNED"))
+               v.constexprs.get("MMQ"), v.constexprs.get("ALIGNED"), v.constexprs.get("PDL"))
         if key not in seen:
             seen.add(key)
             out.append(v)
@@ -60,6 +61,29 @@ def test_compiles_for_hopper(v):
     assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0
     if (v.constexprs.get("USE_DOT") or v.fn.__name__ == "mmq_kernel") and v.tags.get("act") != "fp32":
         assert "mma" in ptx, f"{v.name}: a tensor-core tile without mma"
+
+
+PDL90 = [v for v in _representative(90) if v.constexprs.get("PDL")]
+
+
+def test_only_hopper_forms_use_pdl():
+    assert PDL90 and {v.fn for v in PDL90} == set(aot.PDL_KERNELS)
+    assert not any(v.constexprs.get("PDL") for v in aot.variants(75))  # griddepcontrol is sm_90's
+
+
+@pytest.mark.parametrize("v", PDL90, ids=_ids(PDL90))
+def test_pdl_kernels_wait_before_touching_memory(v):
+    """A kernel launched with programmatic dependent launch may start while the launch before it still runs: it must
+    wait (griddepcontrol.wait) before its first global load, store or atomic, or it reads what that launch has not
+    written yet, or overwrites what it still reads (a freed buffer the allocator handed on)."""
+    ptx = aot.compile_variant(v, 90).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    first = min(m.start() for m in re.finditer(r"\b(ld|st|atom|red|cp\.async)\.global", body))
+    assert wait < first, v.name
+    assert "griddepcontrol.launch_dependents" in body
+    plain = aot.compile_variant(replace(v, constexprs={**v.constexprs, "PDL": False}), 90).asm["ptx"]
+    assert "griddepcontrol" not in plain
 
 
 def test_turing_tiles_have_no_tensor_core_instructions():

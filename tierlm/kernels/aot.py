@@ -169,7 +169,17 @@ def variants(capability: int) -> list[Variant]:
     for w in (tq.F16, tq.BF16, tq.F32):  # moe_dense (bf16 weights are widened by a shift everywhere)
         out += moe_variants(w, w, "fp16", False, dot_prec)
         out += moe_variants(w, w, "fp16", True, dot_prec)
+    if capability >= 90:  # at one row the int8 launches are programmatic dependent launches (quant_matmul.pdl_launch)
+        out += [with_pdl(v) for v in out if v.fn in PDL_KERNELS and v.constexprs.get("MR", 1) == 1]
     return out
+
+
+PDL_KERNELS = (tv.quantize_q8_kernel, tv.mmvq_kernel, tv.moe_up_q8_kernel, tv.moe_down_q8_kernel)
+
+
+def with_pdl(v: Variant) -> Variant:
+    """``v`` as launched with programmatic dependent launch (sm_90+; ``triton_q.pdl_enter``)."""
+    return replace(v, name=f"{v.name}_pdl", constexprs={**v.constexprs, "PDL": True})
 
 
 def aligned_q6k(v: Variant, words: int | bool = True) -> Variant:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, _word_aligned,
-                                         device_info, mmvq_loads)
+                                         device_info, mmvq_loads, pdl_launch)
 from tierlm.kernels.q6k_layout import from_aligned
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
@@ -233,7 +233,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     loads = q8_loads(cfg, types, gate, up, down, aligned)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
-    hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2))
+    hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2), pdl_rows=x.shape[0])
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
                    cfg.sums_slots(types, aligned, ids.numel() // dims[3]))
 
@@ -274,7 +274,8 @@ def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: in
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
-        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words)
+        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words,
+        **pdl_launch(xq.device, P // K))
     return h
 
 
@@ -296,7 +297,8 @@ def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int,
     tv.moe_down_q8_kernel[(rows, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(), K,
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        LOADS=loads, ALIGNED=words, SUM=sum_slots, num_warps=warps)
+        LOADS=loads, ALIGNED=words, SUM=sum_slots, num_warps=warps,
+        **pdl_launch(hq.device, P // K))
     return y
 
 

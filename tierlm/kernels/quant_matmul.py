@@ -118,6 +118,27 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
     return _device_info(device.index if device.index is not None else torch.cuda.current_device())
 
 
+PDL = os.environ.get("TIERLM_PDL", "1") != "0"  # TIERLM_PDL=0 turns programmatic dependent launch off
+# PDL only at one activation row (one token in the MoE): H200, bench/results/pdl-NVIDIA_H200.json, against launches
+# without it in the same run: 1.03-1.20x faster at one row on every DeepSeek-V3 shape, the MoE layer 1.035x (1.32 ->
+# 1.28x its read time); at 4 rows 0.75-1.15x (the aligned Q6_K expert down and the 4-token MoE slower), at 16 even
+PDL_MAX_ROWS = 1
+
+
+def pdl_launch(device: torch.device, rows: int) -> dict:
+    """Launch options of the int8 decode kernels (the quantizer, the products, the MoE's launches) for ``rows``
+    activation rows (tokens, in the MoE): on sm_90+ up to ``PDL_MAX_ROWS``, programmatic dependent launch
+    (``triton_q.pdl_enter``), so that each launch is scheduled while the one before it runs; nothing elsewhere (the
+    instructions are sm_90's), in Triton's interpreter, with ``PDL`` off or on a Triton without grid dependency
+    control."""
+    from tierlm.kernels.triton_q import HAS_PDL
+
+    if (rows > PDL_MAX_ROWS or not (PDL and HAS_PDL) or device.type != "cuda" or _interpreting()
+            or device_info(device)[0] < (9, 0)):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
 # Default int8 decode tiles (rows per program, 256-element blocks per step, warps) per weight type at
 # one activation row, the best geometric mean over DeepSeek-V3's shapes in the H200 sweep
 # (bench/results/kernels-NVIDIA_H200-int8.md); Q4_K at 1-4 rows and Q6_K at one: the steps below.
@@ -370,10 +391,12 @@ def quantize_q8_ref(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.to(torch.int8).reshape(M, K).to(x2.device), xd.to(x2.device), xs.to(x2.device)
 
 
-def quantize_q8(x2: torch.Tensor, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_q8(x2: torch.Tensor, pack: bool = False,
+                pdl_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``quantize_q8_ref`` as one Triton launch (on CUDA, or in Triton's interpreter). ``pack``: xd and
     xs interleaved in one (M, K/32, 2) tensor, returned in both places (the layout of
-    ``QMMConfig.loads & 2``)."""
+    ``QMMConfig.loads & 2``). ``pdl_rows``: the activation rows of the launch it feeds (``pdl_launch``; x2's rows
+    by default)."""
     M, K = x2.shape
     if K % 32:
         raise KernelInputError(f"quantize_q8: K={K} is not a multiple of 32")
@@ -392,7 +415,8 @@ def quantize_q8(x2: torch.Tensor, pack: bool = False) -> tuple[torch.Tensor, tor
         xs = torch.empty_like(xd)
     G = 8
     tv.quantize_q8_kernel[(M, triton_cdiv(K // 32, G))](x2, xq, xd, xs, K, x2.stride(0), G=G, ASM=not _interpreting(),
-                                                         PACK=pack, num_warps=1)
+                                                         PACK=pack, num_warps=1,
+                                                         **pdl_launch(x2.device, M if pdl_rows is None else pdl_rows))
     return xq, xd, xs
 
 
@@ -438,7 +462,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N, M,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
                              LOADS=loads, MR=mr, ALIGNED=words,
-                             num_warps=warps, num_stages=cfg.num_stages)
+                             num_warps=warps, num_stages=cfg.num_stages, **pdl_launch(x2.device, M))
     elif cfg.kind == "mmq":
         return mmq_launch(x2, w, qtype, K, cfg, aligned=aligned)
     elif cfg.kind == "gemv":

@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tierlm.kernels.triton_q import row_stride
+from tierlm.kernels.triton_q import pdl_enter, row_stride
 
 Q4_K, Q6_K, Q8_0, Q5_0 = 12, 14, 8, 6
 BLOCK_ELEMS = {Q4_K: 256, Q6_K: 256, Q8_0: 32, Q5_0: 32}
@@ -62,10 +62,11 @@ def _rint(v, ASM: tl.constexpr):
 
 @triton.jit
 def quantize_q8_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, K, stride_xm, G: tl.constexpr, ASM: tl.constexpr,
-                       PACK: tl.constexpr = False):
+                       PACK: tl.constexpr = False, PDL: tl.constexpr = False):
     """Row m, groups g0..g0+G-1 of x: xq = round(x * (127 / max|x|)) as int8 (the product rounded to
     float32, then to the nearest integer, ties to even), xd = max|x| / 127, xs = xd * sum(xq).
-    Grid: (M, cdiv(K / 32, G))."""
+    Grid: (M, cdiv(K / 32, G)). PDL: launched with programmatic dependent launch (``pdl_enter``)."""
+    pdl_enter(PDL)
     m = tl.program_id(0)
     g = tl.program_id(1) * G + tl.arange(0, G)
     gmask = g < K // 32
@@ -741,7 +742,8 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os, M,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1, ALIGNED: tl.constexpr = 0):
+                PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1, ALIGNED: tl.constexpr = 0,
+                PDL: tl.constexpr = False):
     """out[s, m, n] = weight row n . activation row m over split s's blocks, for M activation rows.
 
     Grid: (cdiv(M, MR) * cdiv(N, BN), splits); program i is row block i // G of activation rows
@@ -749,8 +751,9 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
     by side and the rows after the first find the weights in L2 (and the first axis, unlike the
     second, has room for 129280 one-row blocks); MR > 1 (Q4_K with LOADS & 8 only): one program
     reads the weights once for MR activation rows (without PF: its loads are those of one step). ALIGNED: see
-    ``mmvq_rows``.
+    ``mmvq_rows``. PDL: launched with programmatic dependent launch (``pdl_enter``).
     """
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     G = tl.cdiv(M, MR)
     m = (pid % G).to(tl.int64) * MR
@@ -786,10 +789,13 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
 def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E, I, D, nb_g, nb_u, rb_g, rb_u,
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0):
+                     ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
+                     PDL: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
-    [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``)."""
+    [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``). PDL: see
+    ``pdl_enter``."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
     e = tl.load(ids_ptr + t)
@@ -809,10 +815,11 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                        PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                       SUM: tl.constexpr = False):
+                       SUM: tl.constexpr = False, PDL: tl.constexpr = False):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D). SUM: program row 0 is a token
     t, and y[t, n] (T, D) is the sum of its TOPK pairs' rows, added in slot order in registers (the slots' sum
-    without a launch of its own). ALIGNED: see ``mmvq_rows``."""
+    without a launch of its own). ALIGNED: see ``mmvq_rows``. PDL: see ``pdl_enter``."""
+    pdl_enter(PDL)
     row0 = tl.program_id(1) * BN
     rows = row0 + tl.arange(0, BN)
     lo = tl.program_id(0).to(tl.int64) * (TOPK if SUM else 1)

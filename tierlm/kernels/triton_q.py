@@ -20,6 +20,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # grid dependency control: Triton 3.3+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_PDL = True
+except ImportError:  # pragma: no cover - older Triton
+    HAS_PDL = False
+
+import os
+_Q6K_TILE_WIDE = tl.constexpr(os.environ.get("TIERLM_Q6K_TILE_WIDE") == "1")  # experiment
+
 # GGML type ids (gguf.GGMLQuantizationType values) as plain ints, so they can be constexprs.
 F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 6, 8, 12, 14, 30
 
@@ -28,6 +37,17 @@ BLOCK_BYTES = {Q4_K: 144, Q6_K: 210, Q8_0: 34, Q5_0: 22, F16: 64, BF16: 64, F32:
 
 # DOT_KIND: the operand type of tl.dot tiles (accumulation is always float32).
 DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """The start of a kernel launched with programmatic dependent launch (sm_90+, ``quant_matmul.pdl_launch``): wait
+    until the launch before it has finished and its writes are visible (nothing may be read or written before this),
+    then let the launch after it be scheduled, its programs waiting the same way. The launch gap is then spent while
+    this kernel runs instead of between kernels."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -45,7 +65,10 @@ def q6k_block(wrow, b, dof, ALIGNED: tl.constexpr):
     """Block b of Q6_K rows starting at ``wrow``: (pointer to its 208-byte body of ql, qh and scales, pointer to
     its 2-byte d), in GGUF's layout or, with ALIGNED, in ``kernels.q6k_layout``'s (dof: 208 * blocks per row)."""
     if ALIGNED:
-        return wrow + b * 208, wrow + dof + b * 2
+        if _Q6K_TILE_WIDE:
+            return wrow + b * 208, wrow + dof + b * 2
+        # the same offsets, known only as even (as GGUF's b * 210): the tiles then load the bodies two bytes at a time
+        return wrow + tl.where(b >= 0, b * 208, b * 210), wrow + dof + b * 2
     else:
         return wrow + b * 210, wrow + b * 210 + 208
 
