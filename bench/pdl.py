@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.all_rows:
         qm.PDL_MAX_ROWS = 1 << 30
-    res, bw = start_run(pdl_available=bool(qm.pdl_launch(torch.device("cuda", 0))))
+    res, bw = start_run(pdl_available=bool(qm.pdl_launch(torch.device("cuda", 0), 1)))
     rows_m = [int(m) for m in args.rows.split(",")]
 
     def timed(calls, check) -> dict:

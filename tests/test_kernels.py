@@ -342,8 +342,10 @@ def test_pick_config_follows_the_measured_rules():
     assert pick_config(T.Q6_K, 4, 129280, 7168, f16, h, 132, aligned=True) == QMMConfig("mmvq", 1, 1, block_n=2,
                                                                                       nblk=2)
     assert pick_config(T.Q6_K, 1, 64, 512, f16, h, 132, aligned=True) == QMMConfig("mmvq", 2, 1, block_n=2, nblk=2)
-    assert pick_config(T.Q6_K, 8, 7168, 18432, f16, h, 132, aligned=True).kind == "mmvq"
-    assert pick_config(T.Q6_K, 9, 7168, 18432, f16, h, 132, aligned=True).kind == "mmq"
+    assert pick_config(T.Q6_K, 8, 7168, 2048, f16, h, 132, aligned=True).kind == "mmvq"
+    assert pick_config(T.Q6_K, 9, 7168, 2048, f16, h, 132, aligned=True).kind == "mmq"
+    assert pick_config(T.Q6_K, 4, 7168, 18432, f16, h, 132, aligned=True).kind == "mmvq"
+    assert pick_config(T.Q6_K, 5, 7168, 18432, f16, h, 132, aligned=True).kind == "mmq"
     assert pick_config(T.Q6_K, 5, 129280, 7168, f16, h, 132, aligned=True).kind == "mmq"
 
 

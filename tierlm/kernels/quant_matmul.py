@@ -172,12 +172,12 @@ MMVQ_Q6K_LOADS = 12
 # head / an expert's down against 53 / 63 / 31% (bench/results/kernels-NVIDIA_H200-int8.md, "Ninth round")
 MMVQ_Q6K_ALIGNED_STEPS = {4: (2, 4, 1), 2: (2, 2, 1), 1: (2, 2, 2)}
 # ... run once per activation row (the rows after the first find the weights in L2) up to these many rows, where it
-# beat the tensor-core tiles on aligned rows (H200, bench/results/q6k-layout-rows-NVIDIA_H200.json): up to 8 rows on
-# the experts' and dense down (at 8: 24.4 / 173 us against 29.8 / 195), up to 4 on the 129280-row head (at 6 rows the
-# two tie). The tiles read aligned rows 1.2-1.45x slower than GGUF's at 8-16 rows (Triton 3.6 gives the aligned
-# form 240 registers against 168): a regression there, against 1.2-2x faster products at 1-4 rows.
+# beat the tensor-core tiles on aligned rows (H200, bench/results/q6k-layout-rows-NVIDIA_H200-narrow.json): up to 8
+# rows on matrices under MMQ_MIN_WEIGHTS weights (an expert's down: 24.4 against 25.0 us at 8 rows, 33.9 against
+# 25.8 at 12), up to 4 on larger ones (dense down: 98 against 141 us at 4 rows, 143 against 139 at 6; the head: 691
+# against 843 at 4, 1015 against 830 at 6)
 MMVQ_Q6K_ALIGNED_MAX_M = 8
-MMVQ_Q6K_ALIGNED_MAX_M_TALL = 4
+MMVQ_Q6K_ALIGNED_MAX_M_LARGE = 4
 MMQ_BM = 16  # activation rows per mmq program (the smallest tl.dot tile)
 # Tensor-core decode tiles (triton_mmq) per type: (weight rows per program, warps, programs per multiprocessor
 # that split-K aims at, fewest 256-element blocks per split), the best of the H200 sweep over DeepSeek-V3's shapes
@@ -244,13 +244,14 @@ def pick_config(qtype: GGMLType, M: int, N: int, K: int, dtype: torch.dtype,
     from 2 on a matrix as tall as the output head): the tensor-core tiles ``MMQ_TILES``, which decode each
     weight once for all rows, split along K to fill the card. ``aligned`` (Q6_K in the aligned layout): the step
     of ``MMVQ_Q6K_ALIGNED_STEPS`` for the rows' alignment (the launch re-checks the pointers) up to
-    ``MMVQ_Q6K_ALIGNED_MAX_M`` rows (``MMVQ_Q6K_ALIGNED_MAX_M_TALL`` on a matrix as tall as the head), then the tiles.
+    ``MMVQ_Q6K_ALIGNED_MAX_M`` rows (``MMVQ_Q6K_ALIGNED_MAX_M_LARGE`` on a matrix of ``MMQ_MIN_WEIGHTS`` weights or
+    more), then the tiles.
     """
     tiles_ok = capability >= (8, 0) and dtype != torch.float32
     wide = M > MMVQ_MAX_M or (M > 1 and N >= TILE_MIN_N_MULTI_ROW) or (M > 2 and (
         qtype in (GGMLType.Q6_K, GGMLType.Q8_0) or (qtype == GGMLType.Q4_K and N * K >= MMQ_MIN_WEIGHTS)))
     if qtype == GGMLType.Q6_K and aligned:  # the aligned int8 step, once per row, beats the tiles on these rows
-        wide = M > (MMVQ_Q6K_ALIGNED_MAX_M_TALL if N >= TILE_MIN_N_MULTI_ROW else MMVQ_Q6K_ALIGNED_MAX_M)
+        wide = M > (MMVQ_Q6K_ALIGNED_MAX_M_LARGE if N * K >= MMQ_MIN_WEIGHTS else MMVQ_Q6K_ALIGNED_MAX_M)
     if tiles_ok and wide:
         bn, warps, waves, min_steps = MMQ_TILES[qtype]
         return QMMConfig("mmq", warps, mmq_splits(N, K, bn, sms, waves, min_steps), block_n=bn, nblk=1)

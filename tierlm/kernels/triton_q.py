@@ -26,9 +26,6 @@ try:  # grid dependency control: Triton 3.3+
 except ImportError:  # pragma: no cover - older Triton
     HAS_PDL = False
 
-import os
-_Q6K_TILE_WIDE = tl.constexpr(os.environ.get("TIERLM_Q6K_TILE_WIDE") == "1")  # experiment
-
 # GGML type ids (gguf.GGMLQuantizationType values) as plain ints, so they can be constexprs.
 F32, F16, Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 6, 8, 12, 14, 30
 
@@ -65,9 +62,11 @@ def q6k_block(wrow, b, dof, ALIGNED: tl.constexpr):
     """Block b of Q6_K rows starting at ``wrow``: (pointer to its 208-byte body of ql, qh and scales, pointer to
     its 2-byte d), in GGUF's layout or, with ALIGNED, in ``kernels.q6k_layout``'s (dof: 208 * blocks per row)."""
     if ALIGNED:
-        if _Q6K_TILE_WIDE:
-            return wrow + b * 208, wrow + dof + b * 2
-        # the same offsets, known only as even (as GGUF's b * 210): the tiles then load the bodies two bytes at a time
+        # b * 208, but known to the compiler only as even, as GGUF's b * 210 is: the tiles then load the bodies two
+        # bytes at a time, as they do GGUF's. On rows of 16-byte multiples a plain b * 208 lets Triton load them in
+        # 16-byte pieces and pipeline those through shared memory (sm_90 PTX of Triton 3.9: 28 cp.async against 16),
+        # which measured 1.2-1.4x slower in the tiles at 3-16 rows and 1.1-1.2x in prefill's dequantizer (H200;
+        # bench/results/q6k-layout-rows-NVIDIA_H200-{narrow,wide}.json, q6k-layout-prefill-NVIDIA_H200-narrow.txt)
         return wrow + tl.where(b >= 0, b * 208, b * 210), wrow + dof + b * 2
     else:
         return wrow + b * 210, wrow + b * 210 + 208
