@@ -36,26 +36,22 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16", help="activation rows of the products")
     ap.add_argument("--tokens", default="1,4", help="tokens of the MoE layer")
     ap.add_argument("--all-rows", action="store_true", help="PDL on at every row count (pdl_launch's rule lifted)")
-    ap.add_argument("--prefetch", default="", help="at one row, also PDL with these counts of 128-byte weight lines "
-                    "per program asked of L2 before the wait (quant_matmul.MMVQ_PDL_PREFETCH), e.g. 32,64")
     args = ap.parse_args()
     if args.all_rows:
         qm.PDL_MAX_ROWS = 1 << 30
     res, bw = start_run(pdl_available=bool(qm.pdl_launch(torch.device("cuda", 0), 1)))
     rows_m = [int(m) for m in args.rows.split(",")]
 
-    prefetch = [int(p) for p in args.prefetch.split(",")] if args.prefetch else []
-
-    def timed(calls, check, lines=()) -> dict:
-        """PDL off, then on (then on with each count of L2 prefetch lines), all twice: [(us, err)] of each setting."""
+    def timed(calls, check) -> dict:
+        """PDL off, then on, then off and on again: (us, err) of each, the medians' ratio."""
         out = {}
         for rep in range(2):
-            for setting in (False, True, *lines):
-                qm.PDL, qm.MMVQ_PDL_PREFETCH = setting is not False, 0 if isinstance(setting, bool) else setting
+            for pdl in (False, True):
+                qm.PDL = pdl
                 err = check()
                 s = graph_time(calls)
-                out.setdefault(setting, []).append((s, err))
-        qm.PDL, qm.MMVQ_PDL_PREFETCH = True, 0
+                out.setdefault(pdl, []).append((s, err))
+        qm.PDL = True
         return out
 
     for name, N, K, t in SHAPES:
@@ -74,17 +70,14 @@ def main() -> None:
             def check():
                 return ((calls[0]().float() - ref).norm() / ref.norm()).item()
 
-            out = timed(calls, check, prefetch if M == 1 else ())
-            for setting, runs in out.items():
+            out = timed(calls, check)
+            for pdl, runs in out.items():
                 for s, err in runs:
-                    res["rows"].append(dict(what=f"M={M}", shape=name, pdl=setting is not False,
-                                            l2_prefetch=0 if isinstance(setting, bool) else setting, us=s * 1e6,
-                                            pct=nbytes / s / bw * 100, err=err))
+                    res["rows"].append(dict(what=f"M={M}", shape=name, pdl=pdl, us=s * 1e6, pct=nbytes / s / bw * 100,
+                                            err=err))
             off, on = (min(s for s, _ in out[p]) for p in (False, True))
-            more = "".join(f"  L2PF={p} {nbytes / min(s for s, _ in out[p]) / bw * 100:5.1f}% err {out[p][0][1]:.1e}"
-                           for p in out if not isinstance(p, bool))
             print(f"{name:<32} M={M:<3} off {off * 1e6:8.2f} us {nbytes / off / bw * 100:5.1f}%  on {on * 1e6:8.2f} us "
-                  f"{nbytes / on / bw * 100:5.1f}%  {off / on:.3f}x  err {out[True][0][1]:.1e}{more}", flush=True)
+                  f"{nbytes / on / bw * 100:5.1f}%  {off / on:.3f}x  err {out[True][0][1]:.1e}", flush=True)
         w = ref_w = None  # free before the next shape's copies
         torch.cuda.empty_cache()
 

@@ -123,7 +123,6 @@ PDL = os.environ.get("TIERLM_PDL", "1") != "0"  # TIERLM_PDL=0 turns programmati
 # without it in the same run: 1.03-1.20x faster at one row on every DeepSeek-V3 shape, the MoE layer 1.035x (1.32 ->
 # 1.28x its read time); at 4 rows 0.75-1.15x (the aligned Q6_K expert down and the 4-token MoE slower), at 16 even
 PDL_MAX_ROWS = 1
-MMVQ_PDL_PREFETCH = 0  # 128-byte weight lines per int8 decode program asked of L2 before the PDL wait (L2PF)
 
 
 def pdl_launch(device: torch.device, rows: int) -> dict:
@@ -461,13 +460,10 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         mr = min(cfg.act_rows, M) if qtype == GGMLType.Q4_K and loads & 8 else 1
         mr = 4 if mr > 2 else mr  # 1, 2 or 4 compiled forms
         grid = (triton_cdiv(M, mr) * triton_cdiv(N, cfg.block_n), splits)
-        pdl = pdl_launch(x2.device, M)
-        if pdl and MMVQ_PDL_PREFETCH:
-            pdl["L2PF"] = MMVQ_PDL_PREFETCH
         tv.mmvq_kernel[grid](xq, xd, xs, w, out, N, K, w.shape[1], nblocks, per_split, N, M * N, M,
                              QTYPE=int(qtype), BN=cfg.block_n, NBLK=nblk, ASM=not _interpreting(), PF=cfg.prefetch,
                              LOADS=loads, MR=mr, ALIGNED=words,
-                             num_warps=warps, num_stages=cfg.num_stages, **pdl)
+                             num_warps=warps, num_stages=cfg.num_stages, **pdl_launch(x2.device, M))
     elif cfg.kind == "mmq":
         return mmq_launch(x2, w, qtype, K, cfg, aligned=aligned)
     elif cfg.kind == "gemv":

@@ -739,23 +739,11 @@ def mmvq_rows(xq_ptr, xd_ptr, xs_ptr, w_ptr, row0, N, row_bytes, kb0, kb1,
 
 
 @triton.jit
-def _prefetch_l2(w_ptr, row0, N, row_bytes, BN: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the first LINES // BN 128-byte lines of each of rows row0 .. row0 + BN - 1 (clamped to the weight):
-    weights are no launch's output, so they may be read before ``pdl_enter``'s wait."""
-    LPR: tl.constexpr = LINES // BN
-    j = tl.arange(0, LINES)
-    r = tl.minimum(row0 + j // LPR, N - 1)
-    p = w_ptr + r.to(tl.int64) * row_bytes + tl.minimum((j % LPR) * 128, row_bytes - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks, blocks_per_split,
                 stride_om, stride_os, M,
                 QTYPE: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                 PF: tl.constexpr = False, LOADS: tl.constexpr = 0, MR: tl.constexpr = 1, ALIGNED: tl.constexpr = 0,
-                PDL: tl.constexpr = False, L2PF: tl.constexpr = 0):
+                PDL: tl.constexpr = False):
     """out[s, m, n] = weight row n . activation row m over split s's blocks, for M activation rows.
 
     Grid: (cdiv(M, MR) * cdiv(N, BN), splits); program i is row block i // G of activation rows
@@ -763,11 +751,8 @@ def mmvq_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, out_ptr, N, K, row_bytes, nblocks
     by side and the rows after the first find the weights in L2 (and the first axis, unlike the
     second, has room for 129280 one-row blocks); MR > 1 (Q4_K with LOADS & 8 only): one program
     reads the weights once for MR activation rows (without PF: its loads are those of one step). ALIGNED: see
-    ``mmvq_rows``. PDL: launched with programmatic dependent launch (``pdl_enter``); L2PF > 0: first (with PDL: before
-    waiting), ask L2 for the first L2PF 128-byte lines of the program's weight rows (``_prefetch_l2``).
+    ``mmvq_rows``. PDL: launched with programmatic dependent launch (``pdl_enter``).
     """
-    if L2PF > 0:
-        _prefetch_l2(w_ptr, (tl.program_id(0) // tl.cdiv(M, MR)) * BN, N, row_bytes, BN, L2PF)
     pdl_enter(PDL)
     pid = tl.program_id(0)
     G = tl.cdiv(M, MR)
