@@ -918,22 +918,3 @@ def test_pdl_chain_matches_launches_without_it(monkeypatch):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, plain)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T_", [1, 3])
-def test_moe_slot_sum_launch(T_):
-    """The slots' sum as a launch of its own (MoEConfig.sum_launch) adds what torch's sum adds, in slot order."""
-    E, I, D, K = 16, 1024, 2048, 8
-    types = (T.Q4_K, T.Q4_K, T.Q4_K)
-    gate, up, down = _moe_weights(types, E, I, D, seed=80, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(81)
-    x = torch.randn(T_, D, device="cuda", generator=g).half()
-    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
-    wts = torch.rand(T_, K, device="cuda", generator=g)
-    _poison_cache()
-    out = moe_quant(x, ids, wts, gate, up, down, *types, config=replace(MoEConfig(), sum_launch=True))
-    ref = moe_quant(x, ids, wts, gate, up, down, *types, config=MoEConfig())
-    assert out.shape == (T_, D) and torch.isfinite(out).all()
-    assert rel(out, ref) <= 1e-6
-    assert rel(out, moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)) <= 1e-4

@@ -64,8 +64,6 @@ class MoEConfig:
     down_sum_aligned: bool = True  # ... at one token where the down experts are Q6_K in the aligned layout: H200,
     # 71.4 us (1.32x the read time) against 73.5 us; with Q4_K down experts it was slower, 70.5 against 66.9 us, as at
     # 4 tokens (bench/results/q6k-layout-moe-NVIDIA_H200-fold.json)
-    sum_launch: bool = False  # int8 decode: the slots' sum (where the down launch does not add them) as a Triton
-    # launch of its own (triton_mmvq.slot_sum_kernel, a programmatic dependent launch at one token) instead of torch's
 
     def sums_slots(self, types, aligned: bool, tokens: int) -> bool:
         """Whether the int8 down launch adds each token's slots itself (see down_sum, down_sum_aligned)."""
@@ -174,8 +172,6 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
             y = _moe_pairs_q8(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
             if cfg.sums_slots(types, aligned, T):
                 return y  # (T, D) already
-            if cfg.sum_launch:
-                return slot_sum(y, T, K)
         elif aligned:
             raise KernelInputError("moe: the float matrix-vector decode (MoEConfig.q8=False) reads Q6_K in GGUF's "
                                    "layout only; use the int8 decode for aligned Q6_K experts")
@@ -240,17 +236,6 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2), pdl_rows=x.shape[0])
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
                    cfg.sums_slots(types, aligned, ids.numel() // dims[3]))
-
-
-def slot_sum(y: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    """(T * K, D) float32 pair rows -> (T, D), each token's K rows added in slot order, in one launch."""
-    from tierlm.kernels import triton_mmvq as tv
-
-    D = y.shape[1]
-    out = torch.empty(T, D, dtype=torch.float32, device=y.device)
-    bd = 1024
-    tv.slot_sum_kernel[(T, -(-D // bd))](y, out, D, K, BD=bd, num_warps=4, **pdl_launch(y.device, T))
-    return out
 
 
 def q8_loads(cfg: MoEConfig, types, gate, up, down, aligned: bool = False) -> tuple[int, int]:

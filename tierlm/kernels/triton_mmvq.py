@@ -36,10 +36,6 @@ import triton.language as tl
 
 from tierlm.kernels.triton_q import pdl_enter, row_stride
 
-import os  # noqa: E402
-_WCACHE = tl.constexpr(os.environ.get("TIERLM_Q4K_WCACHE", ""))  # experiment: cache modifier of the Q4_K weight loads
-_WEVICT = tl.constexpr(os.environ.get("TIERLM_Q4K_WEVICT", ""))  # experiment: their eviction policy
-
 Q4_K, Q6_K, Q8_0, Q5_0 = 12, 14, 8, 6
 BLOCK_ELEMS = {Q4_K: 256, Q6_K: 256, Q8_0: 32, Q5_0: 32}
 _SIGN4 = tl.constexpr(-0x7F7F7F80)  # 0x80808080 as an int32
@@ -325,11 +321,9 @@ def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM:
     (rows 1..3 at word offsets sx1..sx3 of xq and sd1..sd3 of the (xd, xs) pairs; zeros past MR)."""
     w = tl.arange(0, 32)[None, :]
     if MASK:
-        hv = tl.load(pw + w % 4, mask=live, other=0, cache_modifier=_WCACHE, eviction_policy=_WEVICT)
-        q = tl.load(pw + 4 + w, mask=live, other=0, cache_modifier=_WCACHE, eviction_policy=_WEVICT)
+        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
     else:
-        hv = tl.load(pw + w % 4, cache_modifier=_WCACHE, eviction_policy=_WEVICT)
-        q = tl.load(pw + 4 + w, cache_modifier=_WCACHE, eviction_policy=_WEVICT)
+        hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
     xl, xh, v = _q4k_acts(px, pd, live, MASK)
     p0 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
     p1, p2, p3 = tl.zeros_like(p0), tl.zeros_like(p0), tl.zeros_like(p0)
@@ -839,16 +833,3 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
             down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * D + rows, acc, mask=rows < D)
 
-
-
-@triton.jit
-def slot_sum_kernel(y_ptr, out_ptr, D, TOPK, BD: tl.constexpr, PDL: tl.constexpr = False):
-    """out[t, n] = the sum of y[t * TOPK + k, n] over a token's TOPK slots k, added in slot order; float32.
-    Grid: (T, cdiv(D, BD)). PDL: see ``pdl_enter``."""
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BD + tl.arange(0, BD)
-    acc = tl.zeros([BD], dtype=tl.float32)
-    for k in range(TOPK):
-        acc += tl.load(y_ptr + (t * TOPK + k) * D + n, mask=n < D, other=0.0)
-    tl.store(out_ptr + t * D + n, acc, mask=n < D)
