@@ -119,9 +119,10 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
 
 
 PDL = os.environ.get("TIERLM_PDL", "1") != "0"  # TIERLM_PDL=0 turns programmatic dependent launch off
-# PDL only at one activation row (one token in the MoE): H200, bench/results/pdl-NVIDIA_H200.json, against launches
-# without it in the same run: 1.03-1.20x faster at one row on every DeepSeek-V3 shape, the MoE layer 1.035x (1.32 ->
-# 1.28x its read time); at 4 rows 0.75-1.15x (the aligned Q6_K expert down and the 4-token MoE slower), at 16 even
+# PDL only at one activation row (one token in the MoE): H200, against launches without it in the same run
+# (bench/results/pdl-NVIDIA_H200-all-rows.json, -prefetch.json): 1.01-1.22x faster at one row on every DeepSeek-V3
+# shape, the MoE layer 1.03x (1.32 -> 1.27-1.28x its read time); at 4 rows 0.75-1.15x (the aligned Q6_K expert down
+# and the 4-token MoE slower), at 16 rows within 2% either way
 PDL_MAX_ROWS = 1
 
 
