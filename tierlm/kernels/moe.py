@@ -95,7 +95,9 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
 # 1.88-1.91x for MoEConfig() (H200, bench/results/kernels-NVIDIA_H200-int8.md, "Seventh round")
 # (GGUF layout). With the Q6_K down experts in the aligned layout, as the layers hold them on a GPU, the down launch
-# takes MMVQ_Q6K_ALIGNED_STEPS's step and adds the slots itself at one token: 1.32x (H200, "Ninth round")
+# takes MMVQ_Q6K_ALIGNED_STEPS's step and adds the slots itself at one token: 1.32x (H200, "Ninth round"); with the
+# launches of one token programmatic dependent launches (quant_matmul.pdl_launch) 1.27x, and 1.38-1.40x with Q4_K down
+# experts ("Tenth round")
 DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14))
 
 

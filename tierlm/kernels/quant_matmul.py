@@ -7,7 +7,8 @@ per output. On CPU the product is the reference computation (dequantize, then ma
   int8 in groups of 32 (as llama.cpp does for its quantized matrix-vector kernels), then one launch
   reads each weight byte once, coalesced, and multiplies with ``dp4a`` (``triton_mmvq``); from 3-5
   rows on sm_80+ with 16-bit activations (``pick_config``), tensor-core tiles decode each weight once
-  for all rows (``triton_mmq``). The float-activation kernels (``triton_gemv``,
+  for all rows (``triton_mmq``). At one row on sm_90+ the quantizer and the product are programmatic dependent
+  launches (``pdl_launch``). The float-activation kernels (``triton_gemv``,
   ``triton_q.qmm_kernel``) stay selectable by config;
 - more rows (prefill): a Triton launch dequantizes the weight to x's dtype (Q4_K and Q6_K with
   ``triton_mmq``'s decode), then ``torch.matmul`` (cuBLAS, tensor cores from Turing on);
@@ -122,7 +123,7 @@ PDL = os.environ.get("TIERLM_PDL", "1") != "0"  # TIERLM_PDL=0 turns programmati
 # PDL only at one activation row (one token in the MoE): H200, against launches without it in the same run
 # (bench/results/pdl-NVIDIA_H200-all-rows.json, -prefetch.json): 1.01-1.22x faster at one row on every DeepSeek-V3
 # shape, the MoE layer 1.03x (1.32 -> 1.27-1.28x its read time); at 4 rows 0.75-1.15x (the aligned Q6_K expert down
-# and the 4-token MoE slower), at 16 rows within 2% either way
+# and the 4-token MoE slower), at 16 rows within 3% either way
 PDL_MAX_ROWS = 1
 
 
