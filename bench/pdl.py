@@ -1,9 +1,9 @@
 """Decode with and without programmatic dependent launch (PDL), side by side in one run.
 
-On sm_90+ the decode kernels (the int8 quantizer and products, the tensor-core tiles, the MoE's int8 launches) are
-launched with PDL (``quant_matmul.pdl_launch``): each launch is scheduled while the one before it runs and waits in
-its first instruction for that one's writes, so the gap between dependent kernels is spent while the earlier one
-runs. This script times every decode product of DeepSeek-V3's shapes at 1, 4 and 16 rows with the default
+On sm_90+ the int8 decode launches of one activation row (the quantizer and the product, the MoE's launches at one
+token) are launched with PDL (``quant_matmul.pdl_launch``): each launch is scheduled while the one before it runs and
+waits in its first instruction for that one's writes, so the gap between dependent kernels is spent while the earlier
+one runs. This script times every decode product of DeepSeek-V3's shapes at 1, 4 and 16 rows with the default
 configuration (``pick_config``, Q6_K in the aligned layout as the layers hold it on a GPU) and the fused MoE layer
 at 1 and 4 tokens, each with PDL off and on (``quant_matmul.PDL``; on means ``pdl_launch``'s rule, one row, or with
 ``--all-rows`` every launch), against copy bandwidth (``bench/kernels.py``'s
