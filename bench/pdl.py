@@ -43,7 +43,7 @@ def main() -> None:
     rows_m = [int(m) for m in args.rows.split(",")]
 
     def timed(calls, check) -> dict:
-        """PDL off, then on, then off and on again: (us, err) of each, the medians' ratio."""
+        """PDL off, then on, then off and on again: {PDL: [(seconds, relative error) of each run]}."""
         out = {}
         for rep in range(2):
             for pdl in (False, True):

@@ -633,6 +633,58 @@ def test_layers_hold_q6k_aligned_on_gpu():
     assert rel(tiered(x, ids, wts), ref) <= 1e-4
 
 
+@pytest.mark.gpu
+def test_pdl_chain_matches_launches_without_it(monkeypatch):
+    """One-row products of every fused type and a one-token MoE layer, each reading what the launch before it wrote,
+    run eagerly and replayed from a CUDA graph: with programmatic dependent launch (sm_90+) the results are bit for
+    bit those without it (a launch that read its input before the one before it had written it would differ)."""
+    from tierlm.kernels import quant_matmul as qm
+
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability() < (9, 0):
+        assert qm.pdl_launch(dev, 1) == {}
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    assert qm.pdl_launch(dev, 1) == {"PDL": True, "launch_pdl": True} and qm.pdl_launch(dev, 2) == {}
+    E, I, D, K = 16, 1024, 2048, 4
+    types = (T.Q4_K, T.Q4_K, T.Q6_K)
+    gate, up, down = _moe_weights(types, E, I, D, seed=70, device="cuda")
+    down = to_aligned(down)
+    ws = [(random_weight(T.Q4_K, 4096, D, seed=73, device="cuda"), T.Q4_K, D, False),
+          (to_aligned(random_weight(T.Q6_K, D, 4096, seed=74, device="cuda")), T.Q6_K, 4096, True),
+          (random_weight(T.Q8_0, 1024, D, seed=75, device="cuda"), T.Q8_0, D, False),
+          (random_weight(T.Q5_0, D, 1024, seed=76, device="cuda"), T.Q5_0, 1024, False)]
+    x = torch.randn(1, D, device="cuda").half()
+    ids = torch.tensor([[1, 5, 9, 14]], device="cuda")
+    wts = torch.rand(1, K, device="cuda")
+
+    def chain():
+        y = x
+        for _ in range(3):
+            for w, t, k, al in ws:
+                y = quant_matmul(y, w, t, k, aligned=al)
+            y = moe_quant(y, ids, wts, gate, up, down, *types, aligned=True).half()
+        return y
+
+    monkeypatch.setattr(qm, "PDL", False)
+    plain = chain()
+    monkeypatch.setattr(qm, "PDL", True)
+    assert torch.isfinite(plain).all() and plain.abs().max() > 0
+    assert torch.equal(chain(), plain)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain()
+    for _ in range(3):
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)
+
+
 # ---------------------------------------------------------------- interpreter runs (script mode)
 
 
@@ -867,54 +919,3 @@ if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:
      "aligned": _interp_aligned}[sys.argv[2]](torch.Generator().manual_seed(0))
     print("ok")
 
-
-@pytest.mark.gpu
-def test_pdl_chain_matches_launches_without_it(monkeypatch):
-    """One-row products of every fused type and a one-token MoE layer, each reading what the launch before it wrote,
-    run eagerly and replayed from a CUDA graph: with programmatic dependent launch (sm_90+) the results are bit for
-    bit those without it (a launch that read its input before the one before it had written it would differ)."""
-    from tierlm.kernels import quant_matmul as qm
-
-    dev = torch.device("cuda")
-    if torch.cuda.get_device_capability() < (9, 0):
-        assert qm.pdl_launch(dev, 1) == {}
-        pytest.skip("programmatic dependent launch needs sm_90+")
-    assert qm.pdl_launch(dev, 1) == {"PDL": True, "launch_pdl": True} and qm.pdl_launch(dev, 2) == {}
-    E, I, D, K = 16, 1024, 2048, 4
-    types = (T.Q4_K, T.Q4_K, T.Q6_K)
-    gate, up, down = _moe_weights(types, E, I, D, seed=70, device="cuda")
-    down = to_aligned(down)
-    ws = [(random_weight(T.Q4_K, 4096, D, seed=73, device="cuda"), T.Q4_K, D, False),
-          (to_aligned(random_weight(T.Q6_K, D, 4096, seed=74, device="cuda")), T.Q6_K, 4096, True),
-          (random_weight(T.Q8_0, 1024, D, seed=75, device="cuda"), T.Q8_0, D, False),
-          (random_weight(T.Q5_0, D, 1024, seed=76, device="cuda"), T.Q5_0, 1024, False)]
-    x = torch.randn(1, D, device="cuda").half()
-    ids = torch.tensor([[1, 5, 9, 14]], device="cuda")
-    wts = torch.rand(1, K, device="cuda")
-
-    def chain():
-        y = x
-        for _ in range(3):
-            for w, t, k, al in ws:
-                y = quant_matmul(y, w, t, k, aligned=al)
-            y = moe_quant(y, ids, wts, gate, up, down, *types, aligned=True).half()
-        return y
-
-    monkeypatch.setattr(qm, "PDL", False)
-    plain = chain()
-    monkeypatch.setattr(qm, "PDL", True)
-    assert torch.isfinite(plain).all() and plain.abs().max() > 0
-    assert torch.equal(chain(), plain)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = chain()
-    for _ in range(3):
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, plain)
