@@ -132,13 +132,18 @@ def pdl_launch(device: torch.device, rows: int) -> dict:
     activation rows (tokens, in the MoE): on sm_90+ up to ``PDL_MAX_ROWS``, programmatic dependent launch
     (``triton_q.pdl_enter``), so that each launch is scheduled while the one before it runs; nothing elsewhere (the
     instructions are sm_90's), in Triton's interpreter, with ``PDL`` off or on a Triton without grid dependency
-    control."""
-    from tierlm.kernels.triton_q import HAS_PDL
-
-    if (rows > PDL_MAX_ROWS or not (PDL and HAS_PDL) or device.type != "cuda" or _interpreting()
-            or device_info(device)[0] < (9, 0)):
+    control. Called at every decode launch: the cheap checks first, Triton's support looked up once."""
+    if (rows > PDL_MAX_ROWS or not PDL or device.type != "cuda" or device_info(device)[0] < (9, 0)
+            or _interpreting() or not _has_pdl()):
         return {}
     return {"PDL": True, "launch_pdl": True}
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl() -> bool:
+    from tierlm.kernels.triton_q import HAS_PDL
+
+    return HAS_PDL
 
 
 # Default int8 decode tiles (rows per program, 256-element blocks per step, warps) per weight type at
