@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, _word_aligned,
-                                         device_info, mmvq_loads, pdl_launch)
+                                         aligned_step, device_info, mmvq_loads, pdl_launch, quantize_q8,
+                                         quantize_q8_ref)
 from tierlm.kernels.q6k_layout import from_aligned
 from tierlm.weights.formats import GGMLType, dequantize
 from tierlm.weights.ggml_types import block_format, ggml_type, tensor_nbytes
@@ -230,8 +231,6 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     """Decode with int8 activations: x quantized once for every expert that reads it, gate and up in
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
     ``cfg.sums_slots``."""
-    from tierlm.kernels.quant_matmul import quantize_q8
-
     loads = q8_loads(cfg, types, gate, up, down, aligned)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
@@ -251,8 +250,6 @@ def q8_loads(cfg: MoEConfig, types, gate, up, down, aligned: bool = False) -> tu
 
 def _aligned_words(aligned: bool, K: int, weights) -> tuple[int, tuple | None]:
     """(ALIGNED, the step's (rows, blocks, warps) or None) of an int8 launch over (type, weight) pairs."""
-    from tierlm.kernels.quant_matmul import aligned_step
-
     q6 = [w for t, w in weights if t == GGMLType.Q6_K]
     if not (aligned and q6):
         return 0, None
@@ -307,8 +304,6 @@ def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int,
 def moe_quant_q8_ref(x, ids, weights, gate, up, down, gate_type, up_type, down_type) -> torch.Tensor:
     """Reference of the int8-activation decode path: ``moe_quant_ref`` with x and h rounded to their
     int8 groups (``quant_matmul.quantize_q8_ref``) before each product, float32 (T, D)."""
-    from tierlm.kernels.quant_matmul import quantize_q8_ref
-
     (gt, ut, dt), (E, I, D) = _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type)
 
     def q8(v):

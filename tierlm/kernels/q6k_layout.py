@@ -12,8 +12,8 @@ and a body starts wherever its row does plus a multiple of 16: on 16-byte bounda
 multiple of 8: 2048, 18432 elements), on 8-byte ones when nb is a multiple of 4 (7168). The kernels take an
 ``aligned`` flag; the quantized layers keep their Q6_K weights in this layout while they are on a CUDA device
 (``model.quantized``). On an H200 the one-row Q6_K products run 1.23-1.58x faster from it (84% and 92% of the
-copy bandwidth on DeepSeek-V3's dense down and head) and the MoE layer 1.14x; the tensor-core tiles of 9-16 rows
-read it 1.2-1.45x slower (``bench/results/kernels-NVIDIA_H200-int8.md``, "Ninth round").
+copy bandwidth on DeepSeek-V3's dense down and head) and the MoE layer 1.14x; the tensor-core tiles of 3-16 rows
+read it within 4% of GGUF's speed (``bench/results/kernels-NVIDIA_H200-int8.md``, "Ninth round", "Tenth round").
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def aligns(types, ks) -> bool:
 
 def to_aligned(w: torch.Tensor) -> torch.Tensor:
     """GGUF Q6_K rows (..., row_bytes) -> a new tensor of the same shape in the aligned layout."""
-    v, nb = _rows(w)
+    v, _ = _rows(w)
     return torch.cat([v[..., :BODY_BYTES].reshape(v.shape[0], -1), v[..., BODY_BYTES:].reshape(v.shape[0], -1)],
                      1).view(w.shape)
 
