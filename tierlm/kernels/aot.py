@@ -269,14 +269,15 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
         (ub, unb, uw), ul = MMVQ_Q6K_ALIGNED_STEPS[w_up], 0
     if aligned and q_down == tq.Q6_K:
         (db, dnb, dw), dl = MMVQ_Q6K_ALIGNED_STEPS[w_down], 0
-    out = [
-        Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
-                dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,
-                tags=dict(act="fp32", qtype=q_up)),
-        Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}", tv.moe_down_q8_kernel, down,
-                dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=cfg.down_sum), a_down, dw,
-                tags=dict(act="fp32", qtype=q_down)),
-    ]
+    types = (q_up, q_up, q_down)
+    sums = sorted({cfg.sums_slots(types, aligned, 1), cfg.sums_slots(types, aligned, 2)})  # at one token and more
+    out = [Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
+                   dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul), a_up, uw,
+                   tags=dict(act="fp32", qtype=q_up))]
+    out += [Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}{'_sum' if sm else ''}", tv.moe_down_q8_kernel,
+                    down, dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=sm), a_down,
+                    dw, tags=dict(act="fp32", qtype=q_down)) for sm in sums]
     if aligned:  # ALIGNED on the launches of Q6_K weights
-        out = [aligned_q6k(v, w) if q == tq.Q6_K else v for v, q, w in zip(out, (q_up, q_down), (w_up, w_down))]
+        out = [aligned_q6k(v, w_up if v.fn is tv.moe_up_q8_kernel else w_down)
+               if v.tags["qtype"] == tq.Q6_K else v for v in out]
     return out
