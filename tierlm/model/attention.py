@@ -24,7 +24,13 @@ AttnImpl = Literal["naive", "absorb"]
 
 
 class CacheView(Protocol):
-    """The MLA cache as one batch sees it (runtime/kv_cache.py implements it: contiguous slots or paged blocks)."""
+    """The MLA cache as one batch sees it (runtime/kv_cache.py implements it: contiguous slots or paged blocks).
+
+    ``span``: how many keys each row reads, when the caller fixes it (a decode step replayed from a CUDA graph
+    reads a bucket of keys, masked past each row's position); None: one past the furthest position, which costs a
+    device sync."""
+
+    span: int | None
 
     def write(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
         """Store the latent kv (B, T, C) and RoPE'd key pe (B, T, R) of each row at its positions (B, T)."""
@@ -75,7 +81,7 @@ class MLA(nn.Module):
 
         # Store the new tokens at their positions, then read every key up to the furthest one.
         cache.write(layer, positions, c, k_pe)
-        S = int(positions.max()) + 1
+        S = cache.span or int(positions.max()) + 1
         kv, pe = cache.read(layer, S)
         kv, pe = kv.to(x.dtype), pe.to(x.dtype)  # (B, S, C), (B, S, R)
         # Causal and per-sequence: a query at position p sees keys 0..p of its own slot.

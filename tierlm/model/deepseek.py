@@ -70,7 +70,16 @@ class DeepseekForCausalLM(nn.Module):
                 pick: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions (B, T); ``cache`` the batch's view of the KV cache.
         Returns float32 logits (B, T, V), or (B, V) at index ``pick[b]`` of each row when ``pick`` (B,) is given
-        (rows of different lengths are right-padded, so each row's last real token sits elsewhere)."""
+        (rows of different lengths are right-padded, so each row's last real token sits elsewhere).
+        Raises ``NumericalError`` where a layer or the head made inf/NaN."""
+        logits, finite = self.run(tokens, positions, cache, pick)
+        self.check_finite(finite, logits)
+        return logits
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, cache: CacheView,
+            pick: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` without the check, and without a device sync when ``cache.span`` is set (what a CUDA graph
+        captures): (logits, finite), ``finite`` (L,) bool saying which layers' outputs were all finite."""
         dtype = self.dtype
         h = self.model.embed_tokens(tokens).float()  # (B, T, D) fp32 residual
         cos, sin = self.rope.cos_sin(positions)
@@ -90,14 +99,14 @@ class DeepseekForCausalLM(nn.Module):
             h = h.to(head)  # to the last stage, which holds the head
         with torch.cuda.device(head) if head.type == "cuda" else contextlib.nullcontext():
             logits = self.lm_head(self.model.norm(h, dtype)).float()
-        self._check_finite(finite, logits)
-        return logits.to(tokens.device)  # back where the tokens came from (the first stage), for sampling
+        # back where the tokens came from (the first stage), for sampling
+        return logits.to(tokens.device), torch.stack(finite)
 
-    def _check_finite(self, finite: list[torch.Tensor], logits: torch.Tensor) -> None:
-        ok = torch.stack(finite)  # one device sync for the whole step, not one per layer
-        if bool(ok.all()) and bool(torch.isfinite(logits).all()):
+    def check_finite(self, finite: torch.Tensor, logits: torch.Tensor) -> None:
+        """Raise ``NumericalError`` naming the first layer (or the head) that made inf/NaN: one device sync."""
+        if bool(finite.all()) and bool(torch.isfinite(logits).all()):
             return
-        bad = int((~ok).nonzero()[0]) if not bool(ok.all()) else None
+        bad = int((~finite).nonzero()[0]) if not bool(finite.all()) else None
         where = f"in layer {bad}" if bad is not None else "in the output head"
         fix = ("use --dtype bfloat16 (Ampere or newer) or --dtype float32"
                if self.dtype == torch.float16 else "check the checkpoint's weights for inf/NaN")

@@ -118,10 +118,15 @@ def prefill(model, cache, seqs: Seq[Sequence]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode(model, cache, seqs: Seq[Sequence]) -> torch.Tensor:
-    """One step for every sequence: feed its last token at its position; return logits (B, V)."""
+def decode(model, cache, seqs: Seq[Sequence], graphs=None) -> torch.Tensor:
+    """One step for every sequence: feed its last token at its position; return logits (B, V). ``graphs``
+    (``runtime.graphs.DecodeGraphs`` over this cache): replay the step from a CUDA graph where it can."""
     dev = model.device
     cache.ensure([s.slot for s in seqs], [s.length for s in seqs])
+    if graphs is not None:
+        logits = graphs.step([s.slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs])
+        if logits is not None:
+            return logits
     tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev)  # (B, 1)
     positions = torch.tensor([[s.length - 1] for s in seqs], device=dev)  # (B, 1)
     slots = torch.tensor([s.slot for s in seqs], device=dev)

@@ -74,6 +74,7 @@ class KVCache:
         self.layer_devices = layer_devices(cfg, device)
         self.device = self.layer_devices[0]
         self.n_slots, self.capacity = n_slots, 0
+        self.version = 0  # bumped whenever the storage is reallocated (replayed CUDA graphs point into it)
         self.kv: list[torch.Tensor] = []
         self.pe: list[torch.Tensor] = []
         self.reserve(capacity)
@@ -94,14 +95,16 @@ class KVCache:
             kvs.append(kv)
             pes.append(pe)
         self.kv, self.pe, self.capacity = kvs, pes, new_cap
+        self.version += 1
 
     def ensure(self, slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Make room for ``lengths[i]`` tokens in ``slots[i]``."""
         self.reserve(max(lengths))
 
-    def view(self, slots: torch.Tensor) -> SlotView:
-        """The cache as seen by a batch whose row b owns slot ``slots[b]``."""
-        return SlotView(self, slots)
+    def view(self, slots: torch.Tensor, span: int | None = None) -> SlotView:
+        """The cache as seen by a batch whose row b owns slot ``slots[b]``; ``span``: keys read per row (see
+        ``CacheView``), at most ``capacity``."""
+        return SlotView(self, slots, span)
 
     @property
     def nbytes(self) -> int:
@@ -109,8 +112,10 @@ class KVCache:
 
 
 class SlotView:
-    def __init__(self, cache: KVCache, slots: torch.Tensor):
-        self.cache, self.slots = cache, _OnDevice(slots)
+    def __init__(self, cache: KVCache, slots: torch.Tensor, span: int | None = None):
+        if span is not None and span > cache.capacity:
+            raise ValueError(f"a span of {span} keys is past the cache's capacity of {cache.capacity}")
+        self.cache, self.slots, self.span = cache, _OnDevice(slots), span
 
     def write(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
         slots = self.slots.on(positions.device)
@@ -212,6 +217,7 @@ class PagedKVCache:
         self.device = self.layer_devices[0]
         self.blocks = BlockAllocator(n_blocks, block_size)
         self.block_size = block_size
+        self.version = 0  # bumped whenever the pool is reallocated (replayed CUDA graphs point into it)
         # Zeros, not empty: padding rows read masked keys from stale blocks, and 0 × NaN would still be NaN.
         self.kv = [torch.zeros(n_blocks, block_size, cfg.kv_lora_rank, dtype=dtype, device=d)
                    for d in self.layer_devices]
@@ -240,14 +246,19 @@ class PagedKVCache:
         grow = lambda t: torch.cat([t, t.new_zeros(n_blocks, *t.shape[1:])])  # noqa: E731
         self.kv, self.pe = [grow(t) for t in self.kv], [grow(t) for t in self.pe]
         self.blocks.add_blocks(n_blocks)
+        self.version += 1
 
     def view(self, slots: torch.Tensor | Sequence[int]) -> PagedView:
         """The cache as seen by a batch whose row b is the sequence in slot ``slots[b]``."""
         slots = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
+        tables = self.tables(slots)
+        return PagedView(self, torch.tensor(tables, dtype=torch.long, device=self.device).view(len(slots), -1))
+
+    def tables(self, slots: Sequence[int], width: int | None = None) -> list[list[int]]:
+        """The block tables of ``slots``, padded with the scratch block to ``width`` (default: the longest)."""
         tables = [self.blocks.tables[s] for s in slots]
-        width = max(map(len, tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in tables]  # past a row's blocks: the scratch block
-        return PagedView(self, torch.tensor(padded, dtype=torch.long, device=self.device).view(len(slots), width))
+        width = max(map(len, tables), default=0) if width is None else width
+        return [t + [0] * (width - len(t)) for t in tables]  # past a row's blocks: the scratch block
 
     @property
     def nbytes(self) -> int:
@@ -263,8 +274,12 @@ class PagedView:
     block ``table[b, p // Bs]``, offset ``p % Bs``. Positions past a row's blocks (the padding of a batch of
     different lengths) map to the scratch block 0: written there, never read unmasked."""
 
-    def __init__(self, cache: PagedKVCache, table: torch.Tensor):
-        self.cache, self.table = cache, _OnDevice(table)
+    def __init__(self, cache: PagedKVCache, table: torch.Tensor, span: int | None = None):
+        """``span``: keys read per row (see ``CacheView``); the table must then cover it."""
+        if span is not None and blocks_for(span, cache.block_size) > table.shape[1]:
+            raise ValueError(f"a span of {span} keys needs {blocks_for(span, cache.block_size)} blocks per row; "
+                             f"the table has {table.shape[1]}")
+        self.cache, self.table, self.span = cache, _OnDevice(table), span
 
     def _table(self, width: int, device: torch.device) -> torch.Tensor:
         table = self.table.on(device)
@@ -275,7 +290,9 @@ class PagedView:
 
     def write(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
         bs = self.cache.block_size
-        table = self._table(int(positions.max()) // bs + 1, positions.device)
+        # a fixed span: the table already covers every position (and reading the furthest one would sync)
+        width = blocks_for(self.span, bs) if self.span else int(positions.max()) // bs + 1
+        table = self._table(width, positions.device)
         block = table.gather(1, positions // bs)  # (B, T)
         offset = positions % bs  # (B, T)
         self.cache.kv[layer][block, offset] = kv.to(self.cache.dtype)

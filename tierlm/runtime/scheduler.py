@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from tierlm.errors import RequestError, TierlmError
 from tierlm.runtime.generate import Sequence, Stats, TokenEvent, decode, make_sequence, next_tokens, prefill
+from tierlm.runtime.graphs import DecodeGraphs
 from tierlm.runtime.kv_cache import (CacheFullError, PagedKVCache, blocks_for, free_memory_bytes,
                                      kv_bytes_per_token)
 from tierlm.runtime.sampling import SamplingParams
@@ -99,11 +100,13 @@ class Scheduler:
     admits by batch size alone (for ``generate_batch``). ``max_prefill_tokens``: prompt tokens admitted per
     step beyond the first request, so one step's prefill cannot stall the running batch for long.
     ``raise_errors``: re-raise a failed forward pass after failing its requests (synchronous callers).
+    ``cuda_graphs``: replay decode steps from CUDA graphs where the model allows it (``runtime/graphs.py``).
     """
 
     def __init__(self, model, *, max_batch: int = 32, max_waiting: int | None = None, ctx: int | None = None,
                  kv_tokens: int | None = None, block_size: int = BLOCK_SIZE, max_prefill_tokens: int | None = 4096,
-                 events: SchedulerEvents | None = None, stats: Stats | None = None, raise_errors: bool = False):
+                 events: SchedulerEvents | None = None, stats: Stats | None = None, raise_errors: bool = False,
+                 cuda_graphs: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = model.config
@@ -117,6 +120,7 @@ class Scheduler:
         self.growable = kv_tokens is None
         self.cache = PagedKVCache.for_tokens(cfg, kv_tokens or block_size * max_batch, model.dtype,
                                              model.layer_devices, block_size)
+        self.graphs = DecodeGraphs.for_model(model, self.cache) if cuda_graphs else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.prompt_tokens_total = 0
@@ -236,7 +240,8 @@ class Scheduler:
         try:
             if self.growable:
                 self._make_room(seqs, run is prefill)
-            logits = run(self.model, self.cache, seqs)
+            logits = prefill(self.model, self.cache, seqs) if run is prefill else \
+                decode(self.model, self.cache, seqs, self.graphs)
             events = next_tokens(self.model, seqs, logits, [r.index for r in reqs])
         except Exception as e:  # the fault boundary: fail this pass's requests, keep serving the others
             log.exception("a %s pass over %d sequences failed", run.__name__, len(reqs))
