@@ -47,9 +47,10 @@ def _prefilled(model, cache_kind: str):
     tokens = torch.zeros(n, T, dtype=torch.long)
     for b, p in enumerate(PROMPTS):
         tokens[b, : len(p)] = torch.tensor(p)
+    dev = model.device
     positions = torch.arange(T)[None].expand(n, T)
-    model.step(tokens, positions, cache.view(torch.arange(n)))
-    return cache, torch.tensor([[len(p)] for p in PROMPTS])
+    model.step(tokens.to(dev), positions.to(dev), cache.view(torch.arange(n, device=dev)))
+    return cache, torch.tensor([[len(p)] for p in PROMPTS], device=dev)
 
 
 @pytest.mark.parametrize("cache_kind", ["paged", "slots"])
