@@ -125,6 +125,27 @@ def _generate(model, graphs: bool, span_step: int = 16, max_tokens: int = 40):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache_kind", ["paged", "slots"])
+def test_a_step_with_a_fixed_span_never_waits_on_the_device(q4km, cache_kind):
+    """What a CUDA graph can capture: no device sync and no copy from pageable host memory in the step."""
+    model = tierlm.load(q4km, device="cuda", dtype="bfloat16")
+    cache, positions = _prefilled(model, cache_kind)
+    span = 64
+    if cache_kind == "paged":
+        view = PagedView(cache, torch.tensor(cache.tables(range(3), span // cache.block_size), device="cuda"), span)
+    else:
+        view = cache.view(torch.arange(3, device="cuda"), span)
+    tokens, pick = torch.tensor([[7], [8], [9]], device="cuda"), torch.zeros(3, dtype=torch.long, device="cuda")
+    model.module.run(tokens, positions, view, pick)  # warm: compiled kernels, per-device constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.module.run(tokens, positions, view, pick)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_graph_decode_gives_the_eager_tokens(q4km, dtype):
     """Three sequences of different lengths, decoded with steps replayed from CUDA graphs across several key spans,

@@ -11,6 +11,7 @@ Glossary: N = blocks, S = sub-blocks per block, L = lanes (elements of a sub-blo
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -51,9 +52,16 @@ def _f16(field: torch.Tensor) -> torch.Tensor:
     return field.contiguous().view(torch.float16).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _shifts(shifts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The shift amounts as a uint8 tensor on ``device``, made once: a copy from the host at every call would
+    cost a sync, and is not allowed in a step captured as a CUDA graph (``runtime/graphs.py``)."""
+    return torch.tensor(shifts, dtype=torch.uint8, device=device)
+
+
 def _bits(field: torch.Tensor, shifts: Sequence[int], mask: int) -> torch.Tensor:
     """(N, B) bytes -> (N, len(shifts), B): every byte shifted by each amount, then masked."""
-    sh = torch.tensor(shifts, dtype=torch.uint8, device=field.device).view(1, -1, 1)
+    sh = _shifts(tuple(shifts), field.device).view(1, -1, 1)
     return (field.unsqueeze(1) >> sh) & mask
 
 
@@ -61,8 +69,7 @@ def _nibbles(qs: torch.Tensor, groups: int) -> torch.Tensor:
     """(N, groups*B) bytes -> (N, groups, 2, B): low nibbles of each group of B bytes, then high ones."""
     n = qs.shape[0]
     qs = qs.reshape(n, groups, 1, -1)  # (N, groups, 1, B)
-    sh = torch.tensor([0, 4], dtype=torch.uint8, device=qs.device).view(1, 1, 2, 1)
-    return (qs >> sh) & 0x0F
+    return (qs >> _shifts((0, 4), qs.device).view(1, 1, 2, 1)) & 0x0F
 
 
 def _dq_q8_0(b: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
