@@ -131,7 +131,10 @@ def main() -> None:
                 row[mode].update(captures=g.captures if g else 0, replays=g.replays if g else 0,
                                  failed=g.failed if g else "not used")
             elif args.profile:
-                row[mode].update(profile_steps(sched, prompts))
+                try:
+                    row[mode].update(profile_steps(sched, prompts))
+                except Exception as e:  # the profiler's event API moves between torch versions
+                    row[mode]["profile_error"] = f"{type(e).__name__}: {e}"
             print(B, mode, json.dumps(row[mode]), flush=True)
             del sched
             torch.cuda.empty_cache()

@@ -59,6 +59,7 @@ def graph_blocker(model) -> str | None:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: torch.Tensor  # (B, 2 + W) int64: token, position, then the block table (paged) or the slot
+    pick: torch.Tensor  # (B,) zeros: each row's one token (kept alive: the graph reads it at every replay)
     logits: torch.Tensor  # (B, V) float32, written by each replay
     finite: torch.Tensor  # (L,) bool, written by each replay
 
@@ -101,7 +102,7 @@ class DecodeGraphs:
         if self.failed or not 0 < B <= self.max_batch:
             return None
         if self.cache.version != self.version:
-            self.graphs.clear()
+            self._drop_all()
             self.version = self.cache.version
         span = self._span(max(positions) + 1)
         rows = self._rows(slots, tokens, positions, span)
@@ -161,10 +162,15 @@ class DecodeGraphs:
         except (RuntimeError, torch.OutOfMemoryError) as e:  # a launch that waits on the host, or no memory
             return self._give_up(e)
         self.captures += 1
-        return _Graph(graph, inputs, logits, finite)
+        return _Graph(graph, inputs, pick, logits, finite)
+
+    def _drop_all(self) -> None:
+        self.graphs.clear()
+        # the pool dies with the last graph that used it: later captures need a new one
+        self.pool = torch.cuda.graph_pool_handle()
 
     def _give_up(self, e: BaseException) -> None:
         self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
-        self.graphs.clear()
+        self._drop_all()
         torch.cuda.empty_cache()
         log.warning("decode steps run eagerly from now on: capturing one as a CUDA graph failed (%s)", self.failed)
