@@ -83,7 +83,14 @@ def profile_steps(sched: Scheduler, prompts, steps: int = 8) -> dict:
         sched.step()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time for e in kernels) / steps
-    return dict(kernels_per_step=len(kernels) / steps, kernel_us_per_step=gpu_us)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        c = by_name.setdefault(e.name[:100], [0, 0.0])
+        c[0] += 1
+        c[1] += e.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    return dict(kernels_per_step=len(kernels) / steps, kernel_us_per_step=gpu_us,
+                top_kernels=[dict(name=n, per_step=c / steps, us_per_step=t / steps) for n, (c, t) in top])
 
 
 def main() -> None:
@@ -96,6 +103,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--peer", help="llama-bench -o json output on the same file")
+    ap.add_argument("--peer-name", default="llama.cpp (llama-bench)", help="what built the peer, for the record")
     args = ap.parse_args()
 
     path = Path(args.model)
@@ -135,7 +143,9 @@ def main() -> None:
                     row[mode].update(profile_steps(sched, prompts))
                 except Exception as e:  # the profiler's event API moves between torch versions
                     row[mode]["profile_error"] = f"{type(e).__name__}: {e}"
-            print(B, mode, json.dumps(row[mode]), flush=True)
+            print(B, mode, json.dumps({k: v for k, v in row[mode].items() if k != "top_kernels"}), flush=True)
+            for k in row[mode].get("top_kernels", []):
+                print(f"   {k['us_per_step']:8.1f} us {k['per_step']:6.1f}x  {k['name']}", flush=True)
             del sched
             torch.cuda.empty_cache()
         row["graphs_speedup"] = row["graphs"]["decode_tok_s"] / row["eager"]["decode_tok_s"]
@@ -147,7 +157,7 @@ def main() -> None:
         peer = [r for r in json.loads(Path(args.peer).read_text()) if r.get("n_gen", 0) > 0]
         if peer:
             rate = peer[0]["avg_ts"]
-            res["peer"] = dict(name="llama.cpp llama-bench", build=peer[0].get("build_commit"), n_gen=peer[0]["n_gen"],
+            res["peer"] = dict(name=args.peer_name, n_gen=peer[0]["n_gen"],
                                decode_tok_s=rate, pct_of_roofline=100 * rate / roofline)
             ours = res["rows"][0]["graphs"]["decode_tok_s"]
             res["peer"]["tierlm_speedup"] = ours / rate
