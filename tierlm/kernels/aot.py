@@ -147,6 +147,7 @@ def variants(capability: int) -> list[Variant]:
         out += [mmq_variant(q, act, bn, 1, warps, split) for act in acts if act != "fp32" for split in (False, True)]
     out += [kquant_dequant_variant(q, act) for q in (tq.Q4_K, tq.Q6_K) for act in acts]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
+    out += [rms_norm_variant(act, add) for act in acts for add in (False, True)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
     out += moe_q8_variants(tq.Q4_K, tq.Q4_K)  # the default with Q4_K down (Q4_K_M outside its more-bits layers)
@@ -249,6 +250,16 @@ def quantize_q8_variant(act: str, pack: bool = False) -> Variant:
     types = dict(x_ptr=_PTR[act], xq_ptr="*i8", xd_ptr="*fp32", xs_ptr="*fp32", K="i32", stride_xm="i32")
     return Variant(f"quantize_q8_{act}{'_pack' if pack else ''}", tv.quantize_q8_kernel, types,
                    dict(G=8, ASM=True, PACK=pack), ("K", "stride_xm"), 1, tags=dict(act=act))
+
+
+def rms_norm_variant(act: str, add: bool, block: int = 8192) -> Variant:
+    """``norm.rms_norm`` as the model launches it on DeepSeek-V3's hidden rows (output in the activation dtype)."""
+    from tierlm.kernels import triton_norm
+
+    types = dict(x_ptr=_PTR[act], res_ptr="*fp32", h_ptr="*fp32", w_ptr="*fp32", y_ptr=_PTR[act], D="i32",
+                 stride_x="i32", stride_r="i32", eps="fp32")
+    return Variant(f"rms_norm_{act}{'_add' if add else ''}", triton_norm.rms_norm_kernel, types,
+                   dict(ADD=add, BLOCK=block), ("D", "stride_x", "stride_r"), 8, tags=dict(act=act))
 
 
 def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligned: bool = False) -> list[Variant]:

@@ -40,8 +40,8 @@ class DecoderLayer(nn.Module):
                 dtype: torch.dtype) -> torch.Tensor:
         """h (B, T, D) fp32 residual → same."""
         a = self.self_attn(self.input_layernorm(h, dtype), positions, cos, sin, cache, self.index, impl)
-        h = h + a.float()
-        return h + self.mlp(self.post_attention_layernorm(h, dtype)).float()
+        h, x = self.post_attention_layernorm.add(h, a, dtype)  # the residual h + a, and its norm
+        return h + self.mlp(x).float()
 
 
 class Decoder(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tierlm.kernels.norm import fused_norm_applies, rms_norm, rms_norm_ref
+
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
     """A bias-free projection (DeepSeek has no biases). Weights are filled by the loader."""
@@ -13,7 +15,8 @@ def linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 class RMSNorm(nn.Module):
-    """w · x / sqrt(mean(x²) + eps), in fp32 (weight kept fp32); the result is cast to ``out_dtype``."""
+    """w · x / sqrt(mean(x²) + eps), in fp32 (weight kept fp32); the result is cast to ``out_dtype``. On GPUs one
+    launch (``kernels.norm``), elsewhere PyTorch's elementwise ops."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -21,9 +24,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        return y.to(out_dtype or x.dtype)
+        fused = x.is_cuda and fused_norm_applies(x) and self.weight.dtype == torch.float32
+        return (rms_norm if fused else rms_norm_ref)(x, self.weight, self.eps, out_dtype or x.dtype)
+
+    def add(self, h: torch.Tensor, a: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual step before a block: (h + a in fp32, its norm in ``out_dtype``); h float32, a any float."""
+        fused = a.is_cuda and fused_norm_applies(a) and self.weight.dtype == torch.float32
+        return (rms_norm if fused else rms_norm_ref)(a, self.weight, self.eps, out_dtype, residual=h)
 
 
 class MLP(nn.Module):
