@@ -148,6 +148,7 @@ def variants(capability: int) -> list[Variant]:
     out += [kquant_dequant_variant(q, act) for q in (tq.Q4_K, tq.Q6_K) for act in acts]
     out += [quantize_q8_variant(act) for act in acts] + [quantize_q8_variant("fp16", pack=True)]
     out += [rms_norm_variant(act, add) for act in acts for add in (False, True)]
+    out += [route_variant(), route_variant(topk_group=8)]
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
     out += moe_q8_variants(tq.Q4_K, tq.Q4_K)  # the default with Q4_K down (Q4_K_M outside its more-bits layers)
@@ -260,6 +261,15 @@ def rms_norm_variant(act: str, add: bool, block: int = 8192) -> Variant:
                  stride_x="i32", stride_r="i32", eps="fp32")
     return Variant(f"rms_norm_{act}{'_add' if add else ''}", triton_norm.rms_norm_kernel, types,
                    dict(ADD=add, BLOCK=block), ("D", "stride_x", "stride_r"), 8, tags=dict(act=act))
+
+
+def route_variant(topk_group: int = 4) -> Variant:
+    """``router.route`` on DeepSeek-V3's routing (256 experts in 8 groups, 8 per token); all groups kept: none."""
+    from tierlm.kernels import triton_router
+
+    types = dict(logits_ptr="*fp32", bias_ptr="*fp32", ids_ptr="*i64", wts_ptr="*fp32", scale="fp32")
+    return Variant(f"route_g{topk_group}", triton_router.route_kernel, types,
+                   dict(E=256, G=8, TOPK_GROUP=topk_group, K=8, NORM=True), (), 4, tags=dict(act="fp32"))
 
 
 def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligned: bool = False) -> list[Variant]:

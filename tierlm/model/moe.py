@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierlm.config import ModelConfig
+from tierlm.kernels.router import fused_route_applies, route
 from tierlm.model.layers import MLP
 
 
@@ -28,9 +29,16 @@ class Gate(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, D) → expert ids (N, K) int64, weights (N, K) float32."""
-        cfg = self.cfg
+        """x (N, D) → expert ids (N, K) int64, weights (N, K) float32. On GPUs, the choice after the product is
+        one launch where ``kernels.router`` covers the configuration."""
         logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        if self.cfg.has_gate_bias and logits.is_cuda and fused_route_applies(self.cfg, logits):
+            return route(self.cfg, logits, self.e_score_correction_bias.float())
+        return self.choose(logits)
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The choice from router logits (N, E) float32, in PyTorch."""
+        cfg = self.cfg
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if cfg.has_gate_bias else scores  # selection only
         if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
