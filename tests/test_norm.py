@@ -84,6 +84,18 @@ def test_rms_norm_on_the_gpu(shape, dtype):
         _check(*_inputs(*shape, dtype), out, "cuda")
 
 
+@pytest.mark.gpu
+def test_the_model_norm_takes_pytorchs_form_where_a_gradient_is_asked_for():
+    norm = RMSNorm(256, 1e-6).cuda()
+    x = torch.randn(3, 256, device="cuda", requires_grad=True)
+    norm(x, torch.float32).square().sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    rms_norm_ref(xr, norm.weight.detach(), 1e-6, torch.float32).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x, torch.float32), rms_norm(x, norm.weight, 1e-6, torch.float32))
+
+
 def test_rms_norm_compiles_for_turing():
     aot = pytest.importorskip("tierlm.kernels.aot", reason="this triton cannot compile ahead of time")
     forms = [v for v in aot.variants(75) if v.name.startswith("rms_norm")]

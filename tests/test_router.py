@@ -76,7 +76,13 @@ def test_the_gate_routes_on_the_gpu_as_on_the_cpu():
     with torch.no_grad():
         gate.weight.copy_(torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
-    ids, wts = gate(x)
-    cuda_ids, cuda_wts = gate.to("cuda")(x.to("cuda"))
+    with torch.no_grad():  # inference: the kernel on the GPU
+        ids, wts = gate(x)
+        cuda_ids, cuda_wts = gate.to("cuda")(x.to("cuda"))
     assert torch.equal(cuda_ids.cpu(), ids)
     torch.testing.assert_close(cuda_wts.cpu(), wts, rtol=1e-4, atol=1e-5)  # the product's order of sums differs
+    with torch.enable_grad():  # a gradient asked for through the weights: PyTorch's form, which has one
+        x.requires_grad_()
+        _, grad_wts = gate(x.to("cuda"))
+        grad_wts.sum().backward()
+    assert x.grad is not None and gate.weight.grad is not None

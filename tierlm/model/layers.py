@@ -24,13 +24,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        fused = x.is_cuda and fused_norm_applies(x) and self.weight.dtype == torch.float32
-        return (rms_norm if fused else rms_norm_ref)(x, self.weight, self.eps, out_dtype or x.dtype)
+        norm = rms_norm if self._fused(x) else rms_norm_ref
+        return norm(x, self.weight, self.eps, out_dtype or x.dtype)
 
     def add(self, h: torch.Tensor, a: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual step before a block: (h + a in fp32, its norm in ``out_dtype``); h float32, a any float."""
-        fused = a.is_cuda and fused_norm_applies(a) and self.weight.dtype == torch.float32
-        return (rms_norm if fused else rms_norm_ref)(a, self.weight, self.eps, out_dtype, residual=h)
+        norm = rms_norm if self._fused(a, h) else rms_norm_ref
+        return norm(a, self.weight, self.eps, out_dtype, residual=h)
+
+    def _fused(self, x: torch.Tensor, *more: torch.Tensor) -> bool:
+        """The one-launch kernel where it applies and no gradient is asked for (it has no backward)."""
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.weight, *more))
+        return x.is_cuda and not grad and self.weight.dtype == torch.float32 and fused_norm_applies(x)
 
 
 class MLP(nn.Module):

@@ -32,7 +32,9 @@ class Gate(nn.Module):
         """x (N, D) → expert ids (N, K) int64, weights (N, K) float32. On GPUs, the choice after the product is
         one launch where ``kernels.router`` covers the configuration."""
         logits = F.linear(x.float(), self.weight.float())  # (N, E)
-        if self.cfg.has_gate_bias and logits.is_cuda and fused_route_applies(self.cfg, logits):
+        # the kernel has no backward: where a gradient is asked for, PyTorch's form
+        if self.cfg.has_gate_bias and logits.is_cuda and not logits.requires_grad \
+                and fused_route_applies(self.cfg, logits):
             return route(self.cfg, logits, self.e_score_correction_bias.float())
         return self.choose(logits)
 
