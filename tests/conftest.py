@@ -24,12 +24,31 @@ TINY_V3 = dict(
 )
 
 
+# Row lengths are multiples of 256 so the K-quants apply (else llama.cpp's fallbacks would); three layers so
+# that Q4_K_M's "more bits" rule gives Q6_K to layer 2's ffn_down only.
+GGUF_TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_attention_heads=2,
+                 num_key_value_heads=2, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                 v_head_dim=128, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, vocab_size=320,
+                 num_hidden_layers=3)
+
+
 def tiny_config(**changes) -> ModelConfig:
     return ModelConfig.from_hf({**TINY_V3, **changes})
 
 
 def write_tiny(path, cfg: ModelConfig, seed: int = 0, dtype=torch.float32, **kw):
     return write_hf_checkpoint(path, cfg, random_hf_tensors(cfg, seed=seed, dtype=dtype, std=0.1), **kw)
+
+
+def write_gguf_source(path, seed: int):
+    """The tiny HF checkpoint (GGUF_TINY, weights N(0, 0.03²): activations stay O(1)) with a tokenizer, ready for
+    ``convert``."""
+    from tinytok import write_tiny_tokenizer
+
+    cfg = tiny_config(**GGUF_TINY)
+    src = write_hf_checkpoint(path, cfg, random_hf_tensors(cfg, seed=seed, dtype=torch.float32, std=0.03))
+    write_tiny_tokenizer(src, cfg.vocab_size)
+    return src
 
 
 @pytest.fixture(scope="session")

@@ -6,29 +6,19 @@ import pytest
 import torch
 
 import tierlm
-from conftest import tiny_config
-from tinytok import write_tiny_tokenizer
+from conftest import write_gguf_source
 from tierlm.weights.convert import convert
 from tierlm.weights.formats import dequantize
 from tierlm.weights.gguf_io import GGUFFile
-from tierlm.weights.hf_writer import random_hf_tensors, write_hf_checkpoint
 
-# Row lengths are multiples of 256 so the K-quants apply (else llama.cpp's fallbacks would); three layers so
-# that Q4_K_M's "more bits" rule gives Q6_K to layer 2's ffn_down only.
-GGUF_TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_attention_heads=2,
-                 num_key_value_heads=2, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                 v_head_dim=128, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, vocab_size=320,
-                 num_hidden_layers=3)
 IDS = list(range(5, 60))
 
 
 @pytest.fixture(scope="session")
 def gguf_models(tmp_path_factory):
-    """The tiny HF checkpoint and its three GGUF conversions. Weights N(0, 0.03²): activations stay O(1)."""
+    """The tiny HF checkpoint and its three GGUF conversions."""
     root = tmp_path_factory.mktemp("gguf")
-    cfg = tiny_config(**GGUF_TINY)
-    src = write_hf_checkpoint(root / "hf", cfg, random_hf_tensors(cfg, seed=3, dtype=torch.float32, std=0.03))
-    write_tiny_tokenizer(src, cfg.vocab_size)
+    src = write_gguf_source(root / "hf", seed=3)
     files = {q: convert(src, root / f"tiny-{q}.gguf", q)[0] for q in ("F16", "Q8_0", "Q4_K_M")}
     return src, files
 

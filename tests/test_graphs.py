@@ -6,31 +6,21 @@ import pytest
 import torch
 
 import tierlm
-from conftest import tiny_config
-from tinytok import write_tiny_tokenizer
-from tierlm.runtime.generate import make_sequence
+from conftest import write_gguf_source
 from tierlm.runtime.graphs import DecodeGraphs, graph_blocker
 from tierlm.runtime.kv_cache import PagedKVCache, PagedView
 from tierlm.runtime.sampling import SamplingParams
 from tierlm.runtime.scheduler import Scheduler
 from tierlm.weights.convert import convert
-from tierlm.weights.hf_writer import random_hf_tensors, write_hf_checkpoint
 
-# Rows of 256-multiples so that Q4_K_M's K-quants apply; the experts then decode through the fused MoE kernels.
-GGUF_TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_attention_heads=2,
-                 num_key_value_heads=2, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                 v_head_dim=128, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, vocab_size=320,
-                 num_hidden_layers=3)
 PROMPTS = [list(range(5, 26)), list(range(40, 47)), list(range(100, 133))]
 
 
 @pytest.fixture(scope="module")
 def q4km(tmp_path_factory):
+    """The tiny GGUF model in Q4_K_M: its experts decode through the fused MoE kernels."""
     root = tmp_path_factory.mktemp("graphs")
-    cfg = tiny_config(**GGUF_TINY)
-    src = write_hf_checkpoint(root / "hf", cfg, random_hf_tensors(cfg, seed=5, dtype=torch.float32, std=0.03))
-    write_tiny_tokenizer(src, cfg.vocab_size)
-    return convert(src, root / "tiny-Q4_K_M.gguf", "Q4_K_M")[0]
+    return convert(write_gguf_source(root / "hf", seed=5), root / "tiny-Q4_K_M.gguf", "Q4_K_M")[0]
 
 
 def _prefilled(model, cache_kind: str):
