@@ -12,7 +12,8 @@ embedding row and ``num_experts_per_tok`` of each MoE layer's routed experts. Th
 copy bandwidth (a 2 GiB device-to-device copy, read + write bytes over time).
 
 ``--profile``: kernels per decode step and their summed GPU time, from the torch profiler over eager steps.
-``--peer``: llama-bench's JSON (``-o json``) for the same file on the same machine; its decode rate is set beside.
+``--peer``: llama-bench's JSON (``-o json``) for the same file on the same machine; its decode rate is set beside
+(``--peer-name`` records how that llama.cpp was built and run).
 """
 
 from __future__ import annotations
