@@ -74,9 +74,9 @@ class DecodeGraphs:
     def __init__(self, model, cache: KVCache | PagedKVCache, *, max_batch: int = MAX_BATCH,
                  span_step: int = SPAN_STEP, max_graphs: int = MAX_GRAPHS):
         self.model, self.cache = model, cache
-        K = model.config.num_experts_per_tok if model.config.n_routed_experts else 1
+        K = max(model.config.num_experts_per_tok, 1) if model.config.n_routed_experts else 1
         # the fused MoE decodes unsorted below sorted_min_pairs (token, expert) pairs; sorting takes other paths
-        self.max_batch = min(max_batch, (MOE_DEFAULT.sorted_min_pairs - 1) // max(K, 1))
+        self.max_batch = min(max_batch, (MOE_DEFAULT.sorted_min_pairs - 1) // K)
         self.span_step, self.max_graphs = span_step, max_graphs
         self.paged = isinstance(cache, PagedKVCache)
         self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()

@@ -252,7 +252,8 @@ class PagedKVCache:
         """The cache as seen by a batch whose row b is the sequence in slot ``slots[b]``."""
         slots = slots.tolist() if isinstance(slots, torch.Tensor) else list(slots)
         tables = self.tables(slots)
-        return PagedView(self, torch.tensor(tables, dtype=torch.long, device=self.device).view(len(slots), -1))
+        width = len(tables[0]) if tables else 0
+        return PagedView(self, torch.tensor(tables, dtype=torch.long, device=self.device).view(len(slots), width))
 
     def tables(self, slots: Sequence[int], width: int | None = None) -> list[list[int]]:
         """The block tables of ``slots``, padded with the scratch block to ``width`` (default: the longest)."""
