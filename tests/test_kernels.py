@@ -844,6 +844,35 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         for c in cfgs:
             got = moe._moe_pairs_q8(*args, c).view(n, K, D).sum(1)
             _interp_check(f"moe int8 up {c.up_step()} down {c.down_step()} {gt.name}/{dt.name}", got, ref)
+        if gt != T.Q4_K:
+            continue
+        # h quantized by the gate/up launch: the quantizer's bytes exactly; with Q4_K down experts also a token's
+        # slots side by side in the down launch, added there
+        fused = replace(moe.DEFAULT, mmvq_up=(32, 1, 1), fuse_h=True, down_slots=(4, 1, 1))
+        assert fused.fuses_h() and not replace(fused, mmvq_up=(16, 1, 1)).fuses_h()
+        loads = moe.q8_loads(fused, [gt, gt, dt], gate, up, down)
+        xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
+        for pack in (True, False):
+            h = moe.q8_gate_up(xq, xd, xs, *args[1:2], gate, up, [gt, gt, dt], (E, I, D, K), fused, loads[0])
+            hq, hd, hs = moe.q8_gate_up(xq, xd, xs, *args[1:2], gate, up, [gt, gt, dt], (E, I, D, K), fused,
+                                        loads[0], quantize=True, pack=pack)
+            want = quantize_q8(h, pack=pack)
+            if not all(torch.equal(a, b) for a, b in zip((hq, hd, hs), want)):
+                raise SystemExit(f"FAIL moe gate/up quantizing h (pack={pack}): not the quantizer's bytes")
+        got = moe._moe_pairs_q8(*args, fused)
+        if dt == T.Q4_K:
+            assert got.shape == (n, D) and fused.sums_slots([gt, gt, dt], False, n)
+        else:
+            got = got.view(n, K, D).sum(1)
+        _interp_check(f"moe int8, h quantized in gate/up, slots {fused.slots_down([gt, gt, dt], False)} "
+                      f"{gt.name}/{dt.name}", got, ref)
+        if dt == T.Q4_K:  # three slots in room for four: the empty one adds nothing, whatever it reads
+            ids3 = torch.cat([ids, torch.randint(0, E, (n, 1), generator=gen)], 1)
+            wts3 = torch.rand(n, 3, generator=gen)
+            got = moe._moe_pairs_q8(x, ids3.reshape(-1), wts3.reshape(-1), gate, up, down, [gt, gt, dt],
+                                    (E, I, D, 3), fused)
+            _interp_check("moe int8, three slots side by side", got,
+                          moe_quant_q8_ref(x, ids3, wts3, gate, up, down, gt, gt, dt))
 
 
 def _interp_aligned(gen: torch.Generator) -> None:

@@ -66,9 +66,23 @@ class MoEConfig:
     # 71.4 us (1.32x the read time) against 73.5 us; with Q4_K down experts it was slower, 70.5 against 66.9 us, as at
     # 4 tokens (bench/results/q6k-layout-moe-NVIDIA_H200-fold.json)
 
+    fuse_h: bool = False  # int8 decode: the gate/up launch quantizes h itself (no launch of h's quantizer); needs
+    # a gate/up step of a multiple of 32 rows, else h is quantized by its own launch
+    down_slots: tuple = ()  # int8 decode with Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
+    # token's K slots side by side, one slot's rows per group of warps, and adds them (no sum launch)
+
+    def slots_down(self, types, aligned: bool) -> bool:
+        """Whether the int8 down launch is ``moe_down_slots_q8_kernel`` (see down_slots)."""
+        return bool(self.down_slots) and types[2] == GGMLType.Q4_K
+
     def sums_slots(self, types, aligned: bool, tokens: int) -> bool:
-        """Whether the int8 down launch adds each token's slots itself (see down_sum, down_sum_aligned)."""
-        return self.down_sum or (self.down_sum_aligned and aligned and types[2] == GGMLType.Q6_K and tokens == 1)
+        """Whether the int8 down launch adds each token's slots itself (see down_slots, down_sum, down_sum_aligned)."""
+        return self.slots_down(types, aligned) or self.down_sum or (
+            self.down_sum_aligned and aligned and types[2] == GGMLType.Q6_K and tokens == 1)
+
+    def fuses_h(self) -> bool:
+        """Whether the int8 gate/up launch quantizes h itself (see fuse_h)."""
+        return self.fuse_h and self.up_step()[0] % 32 == 0
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -232,9 +246,17 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
     ``cfg.sums_slots``."""
     loads = q8_loads(cfg, types, gate, up, down, aligned)
+    slots = cfg.slots_down(types, aligned)
+    hpack = slots or bool(loads[1] & 2)
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
-    h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
-    hq, hd, hs = quantize_q8(h, pack=bool(loads[1] & 2), pdl_rows=x.shape[0])
+    if cfg.fuses_h():
+        hq, hd, hs = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned, quantize=True,
+                                pack=hpack)
+    else:
+        h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
+        hq, hd, hs = quantize_q8(h, pack=hpack, pdl_rows=x.shape[0])
+    if slots:
+        return q8_down_slots(hq, hd, ids, wts, down, dims, cfg)
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
                    cfg.sums_slots(types, aligned, ids.numel() // dims[3]))
 
@@ -258,8 +280,9 @@ def _aligned_words(aligned: bool, K: int, weights) -> tuple[int, tuple | None]:
 
 
 def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int,
-               aligned: bool = False) -> torch.Tensor:
-    """The int8 gate/up launch on quantized x: h (P, I) float32."""
+               aligned: bool = False, quantize: bool = False, pack: bool = False):
+    """The int8 gate/up launch on quantized x: h (P, I) float32; ``quantize`` (``cfg.fuses_h()``): h quantized in the
+    launch, (hq, hd, hs) as ``quantize_q8(h, pack)`` gives them."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
@@ -269,13 +292,41 @@ def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: in
     if step:
         ub, unb, uw = cfg.aligned_step or step
     nblk, warps = tv.fit_step(unb, uw, D)
-    h = torch.empty(P, I, dtype=torch.float32, device=xq.device)
+    dev = xq.device
+    if quantize:
+        h = None
+        hq = torch.empty(P, I, dtype=torch.int8, device=dev)
+        hd = hs = torch.empty(P, I // 32, 2, dtype=torch.float32, device=dev) if pack else None
+        if not pack:
+            hd, hs = torch.empty(P, I // 32, dtype=torch.float32, device=dev), torch.empty(P, I // 32,
+                                                                                         dtype=torch.float32, device=dev)
+    else:
+        h = torch.empty(P, I, dtype=torch.float32, device=dev)
+        hq = hd = hs = h  # unused
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
-        xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
-        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
-        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words,
-        **pdl_launch(xq.device, P // K))
-    return h
+        xq, xd, xs, gate, up, h if h is not None else hq, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)],
+        D // tv.BLOCK_ELEMS[int(ut)], gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt),
+        UP_T=int(ut), BN=ub, NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf,
+        ALIGNED=words, QH=quantize, hq_ptr=hq, hd_ptr=hd, hs_ptr=hs, HPACK=pack, **pdl_launch(dev, P // K))
+    return (hq, hd, hs) if quantize else h
+
+
+def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:
+    """The int8 down launch of Q4_K experts with a token's K slots side by side (``moe_down_slots_q8_kernel``) on
+    quantized h with packed (xd, xs) pairs ``hd``: y (T, D) float32, the slots weighted and added."""
+    from tierlm.kernels import triton_mmvq as tv
+
+    E, I, D, K = dims
+    P = ids.numel()
+    T = P // K
+    bn, dnb, dw = cfg.down_slots
+    kp = 1 << (K - 1).bit_length()  # K rounded up to a power of two
+    nblk, warps = tv.fit_step(dnb, dw, I)
+    y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
+    tv.moe_down_slots_q8_kernel[(T, -(-D // bn))](
+        hq, hd, down, y, wts, ids, E, I, D, I // 256, down.shape[2], down[0].numel(), K, KP=kp, BN=bn, NBLK=nblk,
+        ASM=not _interpreting(), num_warps=warps, **pdl_launch(hq.device, T))
+    return y
 
 
 def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int, aligned: bool = False,

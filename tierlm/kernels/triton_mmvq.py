@@ -341,7 +341,7 @@ def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM:
 
 @triton.jit
 def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                 PF: tl.constexpr = False, MR: tl.constexpr = 1):
+                 PF: tl.constexpr = False, MR: tl.constexpr = 1, XROW: tl.constexpr = False):
     """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2), for up to
     MR (<= 4) activation rows at once. Returns four (BN,) float32 sums (zeros past MR).
 
@@ -353,7 +353,9 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     a step's weight words are loaded, masked and decoded once for all rows; ``nact`` of them are
     real (K int8 apart, their (xd, xs) pairs K // 16 floats apart; rows past ``nact`` repeat the
     last). PF (MR = 1): each step first loads the next step's weight bytes (masked past kb1), so a
-    warp has two steps of them in flight."""
+    warp has two steps of them in flight. XROW (MR = 1): ``xq32`` and ``xd_ptr`` are (BN,) pointers, the activation
+    row of each weight row (16-byte aligned, as rows of K int8 and K // 16 pairs are), so one step may dot the rows of
+    several experts with several activation rows."""
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
     w = tl.arange(0, 32)[None, :]
@@ -366,8 +368,15 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     kb = kb0 + i // BN  # (L,)
     wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
     pw = tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16])  # (L, 1)
-    px = xq32 + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
-    pd = tl.multiple_of(xd_ptr.to(tl.pointer_type(tl.int32)) + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    if XROW:
+        tl.static_assert(MR == 1, "an activation row per weight row, one activation row each")
+        xq_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xq32[None, :], [NBLK, BN]), [L])[:, None], [16, 16])
+        xd_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xd_ptr.to(tl.pointer_type(tl.int32))[None, :], [NBLK, BN]),
+                                         [L])[:, None], [16, 16])
+    else:
+        xq_l, xd_l = xq32, xd_ptr.to(tl.pointer_type(tl.int32))
+    px = xq_l + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
+    pd = tl.multiple_of(xd_l + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
     kw, dw = K // 4, K // 16  # xq words and (xd, xs) words per activation row (K is a multiple of 256)
     sx1, sx2, sx3 = tl.minimum(1, nact - 1) * kw, tl.minimum(2, nact - 1) * kw, tl.minimum(3, nact - 1) * kw
     sd1, sd2, sd3 = tl.minimum(1, nact - 1) * dw, tl.minimum(2, nact - 1) * dw, tl.minimum(3, nact - 1) * dw
@@ -790,11 +799,14 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
                      ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False, QH: tl.constexpr = False, hq_ptr=None, hd_ptr=None, hs_ptr=None,
+                     HPACK: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``). PDL: see
-    ``pdl_enter``."""
+    ``pdl_enter``. QH (BN a multiple of 32): h is not stored but quantized as ``quantize_q8_kernel`` would (its
+    groups of 32 are whole in a program), into hq (P, I) int8 and hd, hs (P, I / 32), or (xd, xs) pairs at hd with
+    HPACK: the launch of h's quantizer saved."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -808,7 +820,36 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
                   LOADS, ALIGNED)
     rows = row0 + tl.arange(0, BN)
-    tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
+    h = g / (1.0 + tl.exp(-g)) * u
+    if QH:
+        _quantize_groups(h, hq_ptr + t.to(tl.int64) * I + row0, hd_ptr, hs_ptr, t.to(tl.int64) * (I // 32) + row0 // 32,
+                         I - row0, BN, ASM, HPACK)
+    else:
+        tl.store(h_ptr + t.to(tl.int64) * I + rows, h, mask=rows < I)
+
+
+@triton.jit
+def _quantize_groups(v, q_ptr, d_ptr, s_ptr, g0, n, BN: tl.constexpr, ASM: tl.constexpr, PACK: tl.constexpr):
+    """``quantize_q8_kernel``'s arithmetic on the (BN,) float32 values v, BN // 32 whole groups: their int8 at
+    q_ptr (the first n of them), and xd, xs of groups g0.. at d_ptr, s_ptr (PACK: (xd, xs) pairs at d_ptr)."""
+    G: tl.constexpr = BN // 32
+    x = tl.reshape(v, [G, 32])
+    amax = tl.max(tl.abs(x), axis=1)
+    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
+    q = _rint(x * inv[:, None], ASM)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+    d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    offs = tl.arange(0, G)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(q_ptr + offs, q.to(tl.int8), mask=offs < n)
+    gl = tl.arange(0, G)
+    gm = gl * 32 < n
+    s = d * tl.sum(q, axis=1).to(tl.float32)
+    if PACK:
+        tl.store(d_ptr + 2 * (g0 + gl), d, mask=gm)
+        tl.store(d_ptr + 2 * (g0 + gl) + 1, s, mask=gm)
+    else:
+        tl.store(d_ptr + g0 + gl, d, mask=gm)
+        tl.store(s_ptr + g0 + gl, s, mask=gm)
 
 
 @triton.jit
@@ -833,3 +874,33 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
             down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
     tl.store(y_ptr + tl.program_id(0).to(tl.int64) * D + rows, acc, mask=rows < D)
 
+
+
+@triton.jit
+def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
+                             KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
+                             PDL: tl.constexpr = False):
+    """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
+    side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
+    activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
+    slots in a fixed order in registers: the slots' sum without a launch of its own, and without the sequential walk
+    of ``moe_down_q8_kernel``'s SUM, whose programs run TOPK times as long. Program (t, block of BN rows); float32
+    (T, D). An expert id outside [0, E) adds nothing (its lanes' sums are dropped, whatever they read)."""
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    row0 = tl.program_id(1) * BN
+    r = tl.arange(0, KP * BN)
+    slot = r // BN
+    p = t * TOPK + tl.minimum(slot, TOPK - 1)
+    e = tl.load(ids_ptr + p)
+    valid = (e >= 0) & (e < E) & (slot < TOPK)
+    e = tl.where(valid, e, 0).to(tl.int64)
+    n = tl.minimum(row0 + r % BN, D - 1)
+    wrow = down_ptr + e * es_d + n.to(tl.int64) * rb_d
+    xq = (hq_ptr + p * I).to(tl.pointer_type(tl.int32))
+    xd = hd_ptr + p * (I // 16)
+    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True)[0]
+    a = tl.where(valid, a * tl.load(wts_ptr + p), 0.0)
+    y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
+    rows = row0 + tl.arange(0, BN)
+    tl.store(y_ptr + t * D + rows, y, mask=rows < D)
