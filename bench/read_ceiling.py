@@ -87,6 +87,15 @@ CANDIDATES = {T.Q4_K: [((1, 8, 1), 6), ((1, 8, 2), 14), ((2, 4, 2), 14), ((4, 2,
 # up in separate programs, in read-ceiling-NVIDIA_H200-candidates-run2.json and -moe-gate-up-split.json)
 MOE_CANDIDATES = [((4, 2, 2), (4, 2, 1, 14)), ((2, 4, 2), (4, 2, 1, 14)), ((4, 2, 1), (4, 2, 2, 14)),
                   ((4, 2, 1), (8, 2, 2, 14))]
+# --fused: the MoE with h quantized by the gate/up launch (its (rows, blocks, warps); rows a multiple of 32), with a
+# token's slots side by side in the Q4_K down launch (its (rows, blocks, warps)), and both
+MOE_FUSE_H = [(32, 2, 8), (32, 1, 4), (32, 1, 8), (32, 4, 16)]
+MOE_SLOTS = [(4, 2, 8), (4, 1, 4), (4, 1, 8), (2, 2, 4), (2, 1, 2), (1, 2, 2), (8, 2, 16)]
+MOE_BOTH = [((32, 2, 8), (4, 2, 8)), ((32, 1, 4), (4, 1, 4)), ((32, 1, 8), (2, 1, 2)), ((32, 2, 8), (1, 2, 2))]
+# two-warp and four-warp one-row Q4_K steps with the next step's weights loaded first (LOADS 30 = lean + prefetch),
+# timed with --fused
+PF_CANDIDATES = [((1, 8, 2), 14), ((2, 4, 2), 14), ((1, 8, 2), 30), ((2, 4, 2), 30), ((2, 8, 4), 30),
+                 ((1, 16, 4), 30)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -178,6 +187,9 @@ def main() -> None:
                     "default launch, and MULTI_STEPS with all rows in one program")
     ap.add_argument("--candidates", action="store_true", help="also time the one-row Q4_K steps of CANDIDATES "
                     "and the MoE with MOE_CANDIDATES")
+    ap.add_argument("--fused", action="store_true", help="also time the MoE with MOE_FUSE_H, MOE_SLOTS and MOE_BOTH "
+                    "at 1 and 4 tokens (Q6_K down experts aligned, as the layers hold them), and the Q4_K steps of "
+                    "PF_CANDIDATES")
     ap.add_argument("--moe-parts", action="store_true", help="also time the int8 MoE at one token launch by launch")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
@@ -267,8 +279,9 @@ def main() -> None:
                 s = graph_time([lambda i=i: quant_matmul(xm, w[i], t, K, config=cfg) for i in range(copies)])
                 row(what=f"quant_matmul M={M} {label}", shape=name, us=s * 1e6, pct=pct(s), M=M,
                     err=f"rel err {err:.1e}")
-        for (b_, n_, w_), ld in CANDIDATES[t] if args.candidates else ():
-            cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=ld)
+        for (b_, n_, w_), ld in (CANDIDATES[t] if args.candidates else []) + (
+                PF_CANDIDATES if args.fused and t == T.Q4_K else []):
+            cfg = QMMConfig("mmvq", w_, 1, block_n=b_, nblk=n_, loads=ld & 15, prefetch=bool(ld & 16))
             s = graph_time([lambda i=i: quant_matmul(x, w[i], t, K, config=cfg) for i in range(copies)])
             err = ((quant_matmul(x, w[0], t, K, config=cfg).float() - ref).norm() / ref.norm()).item()
             row(what=f"quant_matmul {b_}x{n_} {w_}w loads={ld}", shape=name, us=s * 1e6, pct=pct(s), loads=ld,
@@ -300,6 +313,18 @@ def main() -> None:
     for down_type in (T.Q6_K, T.Q4_K) if "moe" not in args.skip else ():  # Q4_K_M's "more bits" layers, the rest
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type))
         moe_rows(res, bw, weights, moe_cfgs)
+        del weights
+        torch.cuda.empty_cache()
+    for down_type in (T.Q6_K, T.Q4_K) if args.fused else ():
+        cfgs = [("default", MOE_DEFAULT)]
+        cfgs += [(f"h quantized in gate/up {u}", replace(MOE_DEFAULT, mmvq_up=u, fuse_h=True)) for u in MOE_FUSE_H]
+        if down_type == T.Q4_K:
+            cfgs += [(f"slots side by side {d}", replace(MOE_DEFAULT, down_slots=d)) for d in MOE_SLOTS]
+            cfgs += [(f"both: up {u}, slots {d}", replace(MOE_DEFAULT, mmvq_up=u, fuse_h=True, down_slots=d))
+                     for u, d in MOE_BOTH]
+        cfgs.append(("default again", MOE_DEFAULT))
+        weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type), aligned=True)
+        moe_rows(res, bw, weights, cfgs, tokens=(1, 4), aligned=True)
         del weights
         torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)

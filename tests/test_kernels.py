@@ -523,6 +523,41 @@ def test_every_moe_decode_config(cfg, down_type):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T_", [1, 3])
+@pytest.mark.parametrize("down_type", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
+def test_moe_fused_h_and_slots_on_gpu(T_, down_type):
+    """h quantized by the gate/up launch is the quantizer's output byte for byte, and the layer with it and with a
+    token's slots side by side in the down launch (Q4_K down experts) gives the int8 reference's result; at one token
+    with programmatic dependent launches on sm_90+, Q6_K down experts aligned as the layers hold them."""
+    from tierlm.kernels import moe
+
+    types = [T.Q4_K, T.Q4_K, down_type]
+    E, I, D, K = 16, 512, 768, 8
+    gate, up, down = _moe_weights(types, E, I, D, seed=44, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(45)
+    x = torch.randn(T_, D, device="cuda", generator=g).half()
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
+    ids[0, 3] = -1
+    wts = torch.rand(T_, K, device="cuda", generator=g)
+    ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
+    aligned = down_type == T.Q6_K
+    dn = to_aligned(down) if aligned else down
+    for up_step in ((32, 2, 8), (32, 1, 4), (64, 2, 8)):
+        cfg = replace(moe.DEFAULT, mmvq_up=up_step, fuse_h=True, down_slots=(4, 2, 8))
+        dims = (E, I, D, K)
+        loads = moe.q8_loads(cfg, types, gate, up, dn, aligned)
+        xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
+        h = moe.q8_gate_up(xq, xd, xs, ids.reshape(-1), gate, up, types, dims, cfg, loads[0])
+        for pack in (True, False):
+            got = moe.q8_gate_up(xq, xd, xs, ids.reshape(-1), gate, up, types, dims, cfg, loads[0], quantize=True,
+                                 pack=pack)
+            assert all(torch.equal(a, b) for a, b in zip(got, quantize_q8(h, pack=pack))), (up_step, pack)
+        _poison_cache()
+        out = moe_quant(x, ids, wts, gate, up, dn, *types, config=cfg, aligned=aligned)
+        assert out.shape == (T_, D) and rel(out, ref) <= 1e-4, up_step
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T_", [1, 40])
 def test_moe_dense_matches_reference(dtype, T_):

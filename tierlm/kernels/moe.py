@@ -104,7 +104,10 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_loads=14, mmvq_up=(2, 4, 1), mmvq_down=(2, 2, 1, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(8, 2, 2, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_sum=True))
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_sum=True),
+    MoEConfig(mmvq_loads=14, mmvq_up=(32, 2, 8), mmvq_down=(4, 2, 1, 14), fuse_h=True),
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_slots=(4, 2, 8)),
+    MoEConfig(mmvq_loads=14, mmvq_up=(32, 1, 4), mmvq_down=(4, 2, 1, 14), fuse_h=True, down_slots=(1, 2, 2)))
 # the lean eight-thread Q4_K step for gate/up and the lean Q6_K / Q4_K step for down, 4 rows x 2 blocks each:
 # 1.48-1.50x the read time at one token with Q6_K down experts and 1.40-1.42x with Q4_K ones, against 1.58-1.61x
 # and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
