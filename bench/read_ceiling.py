@@ -89,9 +89,13 @@ MOE_CANDIDATES = [((4, 2, 2), (4, 2, 1, 14)), ((2, 4, 2), (4, 2, 1, 14)), ((4, 2
                   ((4, 2, 1), (8, 2, 2, 14))]
 # --fused: the MoE with h quantized by the gate/up launch (its (rows, blocks, warps); rows a multiple of 32), with a
 # token's slots side by side in the Q4_K down launch (its (rows, blocks, warps)), and both
-MOE_FUSE_H = [(32, 2, 8), (32, 1, 4), (32, 1, 8), (32, 4, 16)]
-MOE_SLOTS = [(4, 2, 8), (4, 1, 4), (4, 1, 8), (2, 2, 4), (2, 1, 2), (1, 2, 2), (8, 2, 16)]
-MOE_BOTH = [((32, 2, 8), (4, 2, 8)), ((32, 1, 4), (4, 1, 4)), ((32, 1, 8), (2, 1, 2)), ((32, 2, 8), (1, 2, 2))]
+MOE_FUSE_H = []  # (32, 2, 8), (32, 1, 4), (32, 1, 8), (32, 4, 16): 2.5-13 us slower (read-ceiling-NVIDIA_H200-fused.json)
+MOE_SLOTS = [(4, 2, 8), (2, 2, 4)]
+MOE_BOTH = []
+# (rows, blocks, warps) of a gate/up launch with gate and up rows side by side in each step (gate_up_lines), alone
+# and with the slots side by side in the down launch
+MOE_GU = [(2, 2, 1), (4, 1, 1), (2, 2, 2), (4, 2, 2), (2, 4, 2), (4, 2, 4), (8, 2, 4)]
+MOE_GU_SLOTS = [((2, 2, 1), (4, 2, 8)), ((4, 2, 2), (4, 2, 8)), ((2, 4, 2), (4, 2, 8))]
 # two-warp and four-warp one-row Q4_K steps with the next step's weights loaded first (LOADS 30 = lean + prefetch),
 # timed with --fused
 PF_CANDIDATES = [((1, 8, 2), 14), ((2, 4, 2), 14), ((1, 8, 2), 30), ((2, 4, 2), 30), ((2, 8, 4), 30),
@@ -322,6 +326,10 @@ def main() -> None:
             cfgs += [(f"slots side by side {d}", replace(MOE_DEFAULT, down_slots=d)) for d in MOE_SLOTS]
             cfgs += [(f"both: up {u}, slots {d}", replace(MOE_DEFAULT, mmvq_up=u, fuse_h=True, down_slots=d))
                      for u, d in MOE_BOTH]
+        cfgs += [(f"gate/up side by side {u}", replace(MOE_DEFAULT, mmvq_up=u, gate_up_lines=True)) for u in MOE_GU]
+        if down_type == T.Q4_K:
+            cfgs += [(f"gate/up side by side {u}, slots {d}", replace(MOE_DEFAULT, mmvq_up=u, gate_up_lines=True,
+                                                                       down_slots=d)) for u, d in MOE_GU_SLOTS]
         cfgs.append(("default again", MOE_DEFAULT))
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, down_type), aligned=True)
         moe_rows(res, bw, weights, cfgs, tokens=(1, 4), aligned=True)

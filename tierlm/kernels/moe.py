@@ -71,6 +71,9 @@ class MoEConfig:
     down_slots: tuple = ()  # int8 decode with Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
     # token's K slots side by side, one slot's rows per group of warps, and adds them (no sum launch)
 
+    gate_up_lines: bool = False  # int8 decode with Q4_K gate and up (lean loads): a step's lines hold gate and up
+    # rows side by side (one loop over both matrices; the step's rows count each matrix's rows)
+
     def slots_down(self, types, aligned: bool) -> bool:
         """Whether the int8 down launch is ``moe_down_slots_q8_kernel`` (see down_slots)."""
         return bool(self.down_slots) and types[2] == GGMLType.Q4_K
@@ -310,7 +313,8 @@ def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: in
         xq, xd, xs, gate, up, h if h is not None else hq, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)],
         D // tv.BLOCK_ELEMS[int(ut)], gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt),
         UP_T=int(ut), BN=ub, NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        ALIGNED=words, QH=quantize, hq_ptr=hq, hd_ptr=hd, hs_ptr=hs, HPACK=pack, **pdl_launch(dev, P // K))
+        ALIGNED=words, QH=quantize, hq_ptr=hq, hd_ptr=hd, hs_ptr=hs, HPACK=pack,
+        GU=cfg.gate_up_lines and gt == ut == GGMLType.Q4_K and bool(loads & 8), **pdl_launch(dev, P // K))
     return (hq, hd, hs) if quantize else h
 
 

@@ -800,13 +800,14 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
                      ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
                      PDL: tl.constexpr = False, QH: tl.constexpr = False, hq_ptr=None, hd_ptr=None, hs_ptr=None,
-                     HPACK: tl.constexpr = False):
+                     HPACK: tl.constexpr = False, GU: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``). PDL: see
     ``pdl_enter``. QH (BN a multiple of 32): h is not stored but quantized as ``quantize_q8_kernel`` would (its
     groups of 32 are whole in a program), into hq (P, I) int8 and hd, hs (P, I / 32), or (xd, xs) pairs at hd with
-    HPACK: the launch of h's quantizer saved."""
+    HPACK: the launch of h's quantizer saved. GU (Q4_K gate and up, the lean step): a step's lines hold the BN gate
+    rows and the BN up rows side by side, so one loop walks both matrices."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -815,10 +816,20 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
     e = tl.where(valid, e, 0).to(tl.int64)
     tok = (t // TOPK).to(tl.int64)
     xq, xd, xs = xq_ptr + tok * D, xd_ptr + tok * ((2 if LOADS & 2 else 1) * (D // 32)), xs_ptr + tok * (D // 32)
-    g = mmvq_rows(xq, xd, xs, gate_ptr + e * es_g, row0, I, rb_g, 0, tl.where(valid, nb_g, 0), GATE_T, BN, NBLK, ASM, PF,
-                  LOADS, ALIGNED)
-    u = mmvq_rows(xq, xd, xs, up_ptr + e * es_u, row0, I, rb_u, 0, tl.where(valid, nb_u, 0), UP_T, BN, NBLK, ASM, PF,
-                  LOADS, ALIGNED)
+    if GU:
+        tl.static_assert(GATE_T == 12 and UP_T == 12 and LOADS & 8 != 0, "gate and up side by side: lean Q4_K")
+        r = tl.arange(0, 2 * BN)
+        isup = r >= BN
+        n = tl.minimum(row0 + r % BN, I - 1).to(tl.int64)
+        wrow = tl.where(isup, up_ptr + e * es_u + n * rb_u, gate_ptr + e * es_g + n * rb_g)
+        a = _q4k_rows32p(xq.to(tl.pointer_type(tl.int32)), xd, wrow, 0, tl.where(valid, nb_g, 0), 1, D, 2 * BN, NBLK,
+                         ASM)[0]
+        g = tl.sum(tl.reshape(tl.where(isup, 0.0, a), [2, BN]), axis=0)
+        u = tl.sum(tl.reshape(tl.where(isup, a, 0.0), [2, BN]), axis=0)
+    else:
+        g, u = _gate_up_rows(xq, xd, xs, gate_ptr + e * es_g, up_ptr + e * es_u, row0, I, rb_g, rb_u,
+                             tl.where(valid, nb_g, 0), tl.where(valid, nb_u, 0), GATE_T, UP_T, BN, NBLK, ASM, PF,
+                             LOADS, ALIGNED)
     rows = row0 + tl.arange(0, BN)
     h = g / (1.0 + tl.exp(-g)) * u
     if QH:
@@ -826,6 +837,16 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                          I - row0, BN, ASM, HPACK)
     else:
         tl.store(h_ptr + t.to(tl.int64) * I + rows, h, mask=rows < I)
+
+
+@triton.jit
+def _gate_up_rows(xq, xd, xs, gate_ptr, up_ptr, row0, I, rb_g, rb_u, nb_g, nb_u, GATE_T: tl.constexpr,
+                  UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr,
+                  LOADS: tl.constexpr, ALIGNED: tl.constexpr):
+    """An expert's gate rows, then its up rows, dotted with x: two (BN,) float32."""
+    g = mmvq_rows(xq, xd, xs, gate_ptr, row0, I, rb_g, 0, nb_g, GATE_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
+    u = mmvq_rows(xq, xd, xs, up_ptr, row0, I, rb_u, 0, nb_u, UP_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
+    return g, u
 
 
 @triton.jit
