@@ -525,10 +525,11 @@ def test_every_moe_decode_config(cfg, down_type):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T_", [1, 3])
 @pytest.mark.parametrize("down_type", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
-def test_moe_fused_h_and_slots_on_gpu(T_, down_type):
-    """h quantized by the gate/up launch is the quantizer's output byte for byte, and the layer with it and with a
-    token's slots side by side in the down launch (Q4_K down experts) gives the int8 reference's result; at one token
-    with programmatic dependent launches on sm_90+, Q6_K down experts aligned as the layers hold them."""
+def test_moe_side_by_side_forms_on_gpu(T_, down_type):
+    """Q4_K gate and up side by side in one loop give the h of one matrix after the other, and the layer with them and
+    with a token's slots side by side in the down launch (Q4_K down experts; at every token count here) gives the int8
+    reference's result; at one token with programmatic dependent launches on sm_90+, Q6_K down experts aligned as the
+    layers hold them."""
     from tierlm.kernels import moe
 
     types = [T.Q4_K, T.Q4_K, down_type]
@@ -542,19 +543,17 @@ def test_moe_fused_h_and_slots_on_gpu(T_, down_type):
     ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
     aligned = down_type == T.Q6_K
     dn = to_aligned(down) if aligned else down
-    for up_step in ((32, 2, 8), (32, 1, 4), (64, 2, 8)):
-        cfg = replace(moe.DEFAULT, mmvq_up=up_step, fuse_h=True, down_slots=(4, 2, 8))
-        dims = (E, I, D, K)
+    dims = (E, I, D, K)
+    for side, slots in (((2, 2, 1), (4, 2, 8)), ((4, 2, 4), (2, 2, 4)), ((1, 4, 1), (1, 2, 2))):
+        cfg = replace(moe.DEFAULT, gate_up_lines=side, down_slots=slots, slots_max_tokens=T_)
         loads = moe.q8_loads(cfg, types, gate, up, dn, aligned)
         xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
-        h = moe.q8_gate_up(xq, xd, xs, ids.reshape(-1), gate, up, types, dims, cfg, loads[0])
-        for pack in (True, False):
-            got = moe.q8_gate_up(xq, xd, xs, ids.reshape(-1), gate, up, types, dims, cfg, loads[0], quantize=True,
-                                 pack=pack)
-            assert all(torch.equal(a, b) for a, b in zip(got, quantize_q8(h, pack=pack))), (up_step, pack)
+        h = [moe.q8_gate_up(xq, xd, xs, ids.reshape(-1), gate, up, types, dims, c, loads[0])
+             for c in (cfg, replace(cfg, gate_up_lines=()))]
+        assert rel(h[0], h[1]) <= 1e-6, side
         _poison_cache()
         out = moe_quant(x, ids, wts, gate, up, dn, *types, config=cfg, aligned=aligned)
-        assert out.shape == (T_, D) and rel(out, ref) <= 1e-4, up_step
+        assert out.shape == (T_, D) and rel(out, ref) <= 1e-4, (side, slots)
 
 
 @pytest.mark.gpu
@@ -881,33 +880,28 @@ def _interp_mmvq(gen: torch.Generator) -> None:
             _interp_check(f"moe int8 up {c.up_step()} down {c.down_step()} {gt.name}/{dt.name}", got, ref)
         if gt != T.Q4_K:
             continue
-        # h quantized by the gate/up launch: the quantizer's bytes exactly; with Q4_K down experts also a token's
-        # slots side by side in the down launch, added there
-        fused = replace(moe.DEFAULT, mmvq_up=(32, 1, 1), fuse_h=True, down_slots=(4, 1, 1))
-        assert fused.fuses_h() and not replace(fused, mmvq_up=(16, 1, 1)).fuses_h()
-        loads = moe.q8_loads(fused, [gt, gt, dt], gate, up, down)
+        # the default runs Q4_K gate and up side by side in one loop: the same h as one matrix after the other
+        types, dims = [gt, gt, dt], (E, I, D, K)
+        loads = moe.q8_loads(moe.DEFAULT, types, gate, up, down)
+        assert moe.DEFAULT.gate_up_step(types, loads[0]) and not moe.DEFAULT.gate_up_step([T.Q8_0] * 3, loads[0])
         xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
-        for pack in (True, False):
-            h = moe.q8_gate_up(xq, xd, xs, *args[1:2], gate, up, [gt, gt, dt], (E, I, D, K), fused, loads[0])
-            hq, hd, hs = moe.q8_gate_up(xq, xd, xs, *args[1:2], gate, up, [gt, gt, dt], (E, I, D, K), fused,
-                                        loads[0], quantize=True, pack=pack)
-            want = quantize_q8(h, pack=pack)
-            if not all(torch.equal(a, b) for a, b in zip((hq, hd, hs), want)):
-                raise SystemExit(f"FAIL moe gate/up quantizing h (pack={pack}): not the quantizer's bytes")
-        got = moe._moe_pairs_q8(*args, fused)
-        if dt == T.Q4_K:
-            assert got.shape == (n, D) and fused.sums_slots([gt, gt, dt], False, n)
-        else:
-            got = got.view(n, K, D).sum(1)
-        _interp_check(f"moe int8, h quantized in gate/up, slots {fused.slots_down([gt, gt, dt], False)} "
-                      f"{gt.name}/{dt.name}", got, ref)
-        if dt == T.Q4_K:  # three slots in room for four: the empty one adds nothing, whatever it reads
-            ids3 = torch.cat([ids, torch.randint(0, E, (n, 1), generator=gen)], 1)
-            wts3 = torch.rand(n, 3, generator=gen)
-            got = moe._moe_pairs_q8(x, ids3.reshape(-1), wts3.reshape(-1), gate, up, down, [gt, gt, dt],
-                                    (E, I, D, 3), fused)
-            _interp_check("moe int8, three slots side by side", got,
-                          moe_quant_q8_ref(x, ids3, wts3, gate, up, down, gt, gt, dt))
+        h = [moe.q8_gate_up(xq, xd, xs, args[1], gate, up, types, dims, c, loads[0])
+             for c in (moe.DEFAULT, replace(moe.DEFAULT, gate_up_lines=()))]
+        _interp_check(f"moe gate/up side by side {moe.DEFAULT.gate_up_lines}", h[0], h[1])
+        if dt != T.Q4_K:
+            continue
+        # at one token, a token's slots side by side in the Q4_K down launch, added there: (T, D)
+        assert moe.DEFAULT.sums_slots(types, False, 1) and not moe.DEFAULT.sums_slots(types, False, 2)
+        got = moe._moe_pairs_q8(x[:1], ids[0], wts[0], gate, up, down, types, dims, moe.DEFAULT)
+        _interp_check("moe int8, one token, slots side by side", got,
+                      moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
+        # three slots in room for four, an unused expert id among them: those add nothing, whatever they read
+        ids3 = torch.cat([ids, torch.randint(0, E, (n, 1), generator=gen)], 1)
+        wts3 = torch.rand(n, 3, generator=gen)
+        wide = replace(moe.DEFAULT, down_slots=(4, 1, 1), slots_max_tokens=n)
+        got = moe._moe_pairs_q8(x, ids3.reshape(-1), wts3.reshape(-1), gate, up, down, types, (E, I, D, 3), wide)
+        _interp_check("moe int8, three slots side by side", got,
+                      moe_quant_q8_ref(x, ids3, wts3, gate, up, down, gt, gt, dt))
 
 
 def _interp_aligned(gen: torch.Generator) -> None:

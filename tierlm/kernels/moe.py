@@ -66,26 +66,26 @@ class MoEConfig:
     # 71.4 us (1.32x the read time) against 73.5 us; with Q4_K down experts it was slower, 70.5 against 66.9 us, as at
     # 4 tokens (bench/results/q6k-layout-moe-NVIDIA_H200-fold.json)
 
-    fuse_h: bool = False  # int8 decode: the gate/up launch quantizes h itself (no launch of h's quantizer); needs
-    # a gate/up step of a multiple of 32 rows, else h is quantized by its own launch
-    down_slots: tuple = ()  # int8 decode with Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
-    # token's K slots side by side, one slot's rows per group of warps, and adds them (no sum launch)
+    gate_up_lines: tuple = ()  # int8 decode of Q4_K gate and up with the lean step (loads 14): (rows, blocks,
+    # warps) of a gate/up launch whose steps hold a program's gate rows and up rows side by side, one loop over both
+    # matrices (the rows count those of each); instead of mmvq_up
+    down_slots: tuple = ()  # int8 decode of Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
+    # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch
+    slots_max_tokens: int = 1  # ... up to this many tokens
 
-    gate_up_lines: bool = False  # int8 decode with Q4_K gate and up (lean loads): a step's lines hold gate and up
-    # rows side by side (one loop over both matrices; the step's rows count each matrix's rows)
+    def gate_up_step(self, types, loads: int) -> tuple | None:
+        """The (rows, blocks, warps) of the side-by-side gate/up launch where it applies (see gate_up_lines)."""
+        ok = self.gate_up_lines and types[0] == types[1] == GGMLType.Q4_K and loads & 8
+        return self.gate_up_lines if ok else None
 
-    def slots_down(self, types, aligned: bool) -> bool:
+    def slots_down(self, types, tokens: int) -> bool:
         """Whether the int8 down launch is ``moe_down_slots_q8_kernel`` (see down_slots)."""
-        return bool(self.down_slots) and types[2] == GGMLType.Q4_K
+        return bool(self.down_slots) and types[2] == GGMLType.Q4_K and tokens <= self.slots_max_tokens
 
     def sums_slots(self, types, aligned: bool, tokens: int) -> bool:
         """Whether the int8 down launch adds each token's slots itself (see down_slots, down_sum, down_sum_aligned)."""
-        return self.slots_down(types, aligned) or self.down_sum or (
+        return self.slots_down(types, tokens) or self.down_sum or (
             self.down_sum_aligned and aligned and types[2] == GGMLType.Q6_K and tokens == 1)
-
-    def fuses_h(self) -> bool:
-        """Whether the int8 gate/up launch quantizes h itself (see fuse_h)."""
-        return self.fuse_h and self.up_step()[0] % 32 == 0
 
     def up_step(self) -> tuple[int, int, int, int]:
         """(rows, blocks per step, warps, loads) of the int8 gate/up launch."""
@@ -108,9 +108,9 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(8, 2, 2, 14)),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), mmvq_pf=True),
     MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_sum=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(32, 2, 8), mmvq_down=(4, 2, 1, 14), fuse_h=True),
-    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_slots=(4, 2, 8)),
-    MoEConfig(mmvq_loads=14, mmvq_up=(32, 1, 4), mmvq_down=(4, 2, 1, 14), fuse_h=True, down_slots=(1, 2, 2)))
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), down_slots=(4, 2, 8), slots_max_tokens=64),
+    MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(4, 2, 4),
+              down_slots=(2, 2, 4), slots_max_tokens=64))
 # the lean eight-thread Q4_K step for gate/up and the lean Q6_K / Q4_K step for down, 4 rows x 2 blocks each:
 # 1.48-1.50x the read time at one token with Q6_K down experts and 1.40-1.42x with Q4_K ones, against 1.58-1.61x
 # and 1.50-1.52x for the earlier default MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)) and
@@ -119,7 +119,12 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # takes MMVQ_Q6K_ALIGNED_STEPS's step and adds the slots itself at one token: 1.32x (H200, "Ninth round"); with the
 # launches of one token programmatic dependent launches (quant_matmul.pdl_launch) 1.27x, and 1.38-1.40x with Q4_K down
 # experts ("Tenth round")
-DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14))
+# With Q4_K gate and up side by side in each step of their launch (2 rows of each x 2 blocks, one warp) and, at one
+# token, a token's slots side by side in a Q4_K down launch (4 rows x 2 blocks x 8 slots, 8 warps): 1.30x with Q4_K
+# down experts at one token (1.40x before), 1.23x with aligned Q6_K ones (1.28x), 2-3% faster at 4 tokens ("Eleventh
+# round"; the slots side by side alone were 1% slower at 4 tokens, so they stop at one)
+DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(2, 2, 1),
+                    down_slots=(4, 2, 8))
 
 
 def _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type):
@@ -252,15 +257,10 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
     ``cfg.sums_slots``."""
     loads = q8_loads(cfg, types, gate, up, down, aligned)
-    slots = cfg.slots_down(types, aligned)
-    hpack = slots or bool(loads[1] & 2)
+    slots = cfg.slots_down(types, x.shape[0])
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
-    if cfg.fuses_h():
-        hq, hd, hs = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned, quantize=True,
-                                pack=hpack)
-    else:
-        h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
-        hq, hd, hs = quantize_q8(h, pack=hpack, pdl_rows=x.shape[0])
+    h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
+    hq, hd, hs = quantize_q8(h, pack=slots or bool(loads[1] & 2), pdl_rows=x.shape[0])
     if slots:
         return q8_down_slots(hq, hd, ids, wts, down, dims, cfg)
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
@@ -286,36 +286,27 @@ def _aligned_words(aligned: bool, K: int, weights) -> tuple[int, tuple | None]:
 
 
 def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int,
-               aligned: bool = False, quantize: bool = False, pack: bool = False):
-    """The int8 gate/up launch on quantized x: h (P, I) float32; ``quantize`` (``cfg.fuses_h()``): h quantized in the
-    launch, (hq, hd, hs) as ``quantize_q8(h, pack)`` gives them."""
+               aligned: bool = False) -> torch.Tensor:
+    """The int8 gate/up launch on quantized x: h (P, I) float32."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
     P = ids.numel()
     ub, unb, uw, _ = cfg.up_step()
+    side = cfg.gate_up_step(types, loads)
+    if side:
+        ub, unb, uw = side
     words, step = _aligned_words(aligned, D, ((gt, gate), (ut, up)))
     if step:
         ub, unb, uw = cfg.aligned_step or step
     nblk, warps = tv.fit_step(unb, uw, D)
-    dev = xq.device
-    if quantize:
-        h = None
-        hq = torch.empty(P, I, dtype=torch.int8, device=dev)
-        hd = hs = torch.empty(P, I // 32, 2, dtype=torch.float32, device=dev) if pack else None
-        if not pack:
-            hd, hs = torch.empty(P, I // 32, dtype=torch.float32, device=dev), torch.empty(P, I // 32,
-                                                                                         dtype=torch.float32, device=dev)
-    else:
-        h = torch.empty(P, I, dtype=torch.float32, device=dev)
-        hq = hd = hs = h  # unused
+    h = torch.empty(P, I, dtype=torch.float32, device=xq.device)
     tv.moe_up_q8_kernel[(P, -(-I // ub))](
-        xq, xd, xs, gate, up, h if h is not None else hq, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)],
-        D // tv.BLOCK_ELEMS[int(ut)], gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt),
-        UP_T=int(ut), BN=ub, NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        ALIGNED=words, QH=quantize, hq_ptr=hq, hd_ptr=hd, hs_ptr=hs, HPACK=pack,
-        GU=cfg.gate_up_lines and gt == ut == GGMLType.Q4_K and bool(loads & 8), **pdl_launch(dev, P // K))
-    return (hq, hd, hs) if quantize else h
+        xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
+        gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
+        NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words,
+        GU=bool(side), **pdl_launch(xq.device, P // K))
+    return h
 
 
 def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:

@@ -799,15 +799,12 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
                      ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                     PDL: tl.constexpr = False, QH: tl.constexpr = False, hq_ptr=None, hd_ptr=None, hs_ptr=None,
-                     HPACK: tl.constexpr = False, GU: tl.constexpr = False):
+                     PDL: tl.constexpr = False, GU: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``). PDL: see
-    ``pdl_enter``. QH (BN a multiple of 32): h is not stored but quantized as ``quantize_q8_kernel`` would (its
-    groups of 32 are whole in a program), into hq (P, I) int8 and hd, hs (P, I / 32), or (xd, xs) pairs at hd with
-    HPACK: the launch of h's quantizer saved. GU (Q4_K gate and up, the lean step): a step's lines hold the BN gate
-    rows and the BN up rows side by side, so one loop walks both matrices."""
+    ``pdl_enter``. GU (Q4_K gate and up, the lean step): a step's lines hold the BN gate rows and the BN up rows side
+    by side, so one loop walks both matrices (instead of one loop over the gate rows, then one over the up rows)."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
@@ -831,12 +828,7 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                              tl.where(valid, nb_g, 0), tl.where(valid, nb_u, 0), GATE_T, UP_T, BN, NBLK, ASM, PF,
                              LOADS, ALIGNED)
     rows = row0 + tl.arange(0, BN)
-    h = g / (1.0 + tl.exp(-g)) * u
-    if QH:
-        _quantize_groups(h, hq_ptr + t.to(tl.int64) * I + row0, hd_ptr, hs_ptr, t.to(tl.int64) * (I // 32) + row0 // 32,
-                         I - row0, BN, ASM, HPACK)
-    else:
-        tl.store(h_ptr + t.to(tl.int64) * I + rows, h, mask=rows < I)
+    tl.store(h_ptr + t.to(tl.int64) * I + rows, g / (1.0 + tl.exp(-g)) * u, mask=rows < I)
 
 
 @triton.jit
@@ -847,30 +839,6 @@ def _gate_up_rows(xq, xd, xs, gate_ptr, up_ptr, row0, I, rb_g, rb_u, nb_g, nb_u,
     g = mmvq_rows(xq, xd, xs, gate_ptr, row0, I, rb_g, 0, nb_g, GATE_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
     u = mmvq_rows(xq, xd, xs, up_ptr, row0, I, rb_u, 0, nb_u, UP_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
     return g, u
-
-
-@triton.jit
-def _quantize_groups(v, q_ptr, d_ptr, s_ptr, g0, n, BN: tl.constexpr, ASM: tl.constexpr, PACK: tl.constexpr):
-    """``quantize_q8_kernel``'s arithmetic on the (BN,) float32 values v, BN // 32 whole groups: their int8 at
-    q_ptr (the first n of them), and xd, xs of groups g0.. at d_ptr, s_ptr (PACK: (xd, xs) pairs at d_ptr)."""
-    G: tl.constexpr = BN // 32
-    x = tl.reshape(v, [G, 32])
-    amax = tl.max(tl.abs(x), axis=1)
-    inv = tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.maximum(amax, 1e-30)), 0.0)
-    q = _rint(x * inv[:, None], ASM)
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
-    d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
-    offs = tl.arange(0, G)[:, None] * 32 + tl.arange(0, 32)[None, :]
-    tl.store(q_ptr + offs, q.to(tl.int8), mask=offs < n)
-    gl = tl.arange(0, G)
-    gm = gl * 32 < n
-    s = d * tl.sum(q, axis=1).to(tl.float32)
-    if PACK:
-        tl.store(d_ptr + 2 * (g0 + gl), d, mask=gm)
-        tl.store(d_ptr + 2 * (g0 + gl) + 1, s, mask=gm)
-    else:
-        tl.store(d_ptr + g0 + gl, d, mask=gm)
-        tl.store(s_ptr + g0 + gl, s, mask=gm)
 
 
 @triton.jit
