@@ -91,9 +91,9 @@ MOE_CANDIDATES = [((4, 2, 2), (4, 2, 1, 14)), ((2, 4, 2), (4, 2, 1, 14)), ((4, 2
 # token's slots side by side in the Q4_K down launch (MOE_SLOTS), and both (MOE_GU_SLOTS). The first run also timed h
 # quantized by the gate/up launch in programs of 32 rows ((32, 2, 8), (32, 1, 4), (32, 1, 8), (32, 4, 16)): 2.5-13 us
 # slower than the default (read-ceiling-NVIDIA_H200-fused.json), so that form was removed again
-MOE_SLOTS = [(4, 2, 8), (2, 2, 4), (4, 1, 8)]
-MOE_GU = [(2, 2, 1), (1, 4, 1), (2, 1, 1), (4, 1, 1), (4, 2, 4)]
-MOE_GU_SLOTS = [((2, 2, 1), (2, 2, 4)), ((1, 4, 1), (4, 2, 8)), ((2, 1, 1), (4, 2, 8)), ((4, 1, 1), (4, 2, 8))]
+MOE_SLOTS = [(4, 2, 8), (2, 2, 4)]
+MOE_GU = [(1, 4, 1), (2, 2, 1), (1, 8, 2)]
+MOE_GU_SLOTS = [((2, 2, 1), (4, 2, 8)), ((1, 4, 1), (2, 2, 4)), ((1, 2, 1), (4, 2, 8))]
 # (The first --fused run also timed one-row Q4_K steps that load the next step's weights first, LOADS 30, in two- and
 # four-warp programs: 61-73% of copy bandwidth on dense up and 54-71% on o_proj, against 78% and 73% for the defaults
 # in the same run, read-ceiling-NVIDIA_H200-fused.json.)

@@ -119,11 +119,12 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # takes MMVQ_Q6K_ALIGNED_STEPS's step and adds the slots itself at one token: 1.32x (H200, "Ninth round"); with the
 # launches of one token programmatic dependent launches (quant_matmul.pdl_launch) 1.27x, and 1.38-1.40x with Q4_K down
 # experts ("Tenth round")
-# With Q4_K gate and up side by side in each step of their launch (2 rows of each x 2 blocks, one warp) and, at one
-# token, a token's slots side by side in a Q4_K down launch (4 rows x 2 blocks x 8 slots, 8 warps): 1.30x with Q4_K
-# down experts at one token (1.40x before), 1.23x with aligned Q6_K ones (1.28x), 2-3% faster at 4 tokens ("Eleventh
-# round"; the slots side by side alone were 1% slower at 4 tokens, so they stop at one)
-DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(2, 2, 1),
+# With Q4_K gate and up side by side in each step of their launch (one row of each x 4 blocks, one warp) and, at one
+# token, a token's slots side by side in a Q4_K down launch (4 rows x 2 blocks x 8 slots, 8 warps): about 1.28-1.30x
+# the read time with Q4_K down experts at one token (1.39-1.40x before), 1.22-1.23x with aligned Q6_K ones (1.28x)
+# (H200, bench/results/kernels-NVIDIA_H200-int8.md, "Eleventh round"; the slots side by side were 1-3% slower at 4
+# tokens, so they stop at one)
+DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(1, 4, 1),
                     down_slots=(4, 2, 8))
 
 
