@@ -145,6 +145,16 @@ def _naive_moe(x, ids, wts, gate, up, down, types):
     return out
 
 
+def _moe_inputs(types, T_, seed, E=16, I=512, D=768, K=8):
+    """A MoE layer's stacked random experts on the GPU (seed) and a float16 x, K distinct expert ids and weights for
+    T_ tokens (seed + 1)."""
+    gate, up, down = _moe_weights(types, E, I, D, seed=seed, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    x = torch.randn(T_, D, device="cuda", generator=g).half()
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
+    return gate, up, down, x, ids, torch.rand(T_, K, device="cuda", generator=g)
+
+
 def _moe_weights(types, E, I, D, seed, device="cpu"):
     gate = random_weight(types[0], E * I, D, seed).view(E, I, -1).to(device)
     up = random_weight(types[1], E * I, D, seed + 1).view(E, I, -1).to(device)
@@ -510,13 +520,8 @@ def test_every_moe_decode_config(cfg, down_type):
     """Every int8 decode launch bench/kernels.py times gives the int8 reference's result (down in Q6_K
     on Q4_K_M's "more bits" layers, Q4_K on the others)."""
     types = (T.Q4_K, T.Q4_K, down_type)
-    E, I, D, K, T_ = 16, 512, 768, 8, 3
-    gate, up, down = _moe_weights(types, E, I, D, seed=42, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(43)
-    x = torch.randn(T_, D, device="cuda", generator=g).half()
-    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
+    gate, up, down, x, ids, wts = _moe_inputs(types, 3, seed=42)
     ids[1, 2] = -1
-    wts = torch.rand(T_, K, device="cuda", generator=g)
     _poison_cache()
     out = moe_quant(x, ids, wts, gate, up, down, *types, config=cfg)
     assert rel(out, moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)) <= 1e-4
@@ -533,17 +538,12 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
     from tierlm.kernels import moe
 
     types = [T.Q4_K, T.Q4_K, down_type]
-    E, I, D, K = 16, 512, 768, 8
-    gate, up, down = _moe_weights(types, E, I, D, seed=44, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(45)
-    x = torch.randn(T_, D, device="cuda", generator=g).half()
-    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T_)])
+    gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=44)
     ids[0, 3] = -1
-    wts = torch.rand(T_, K, device="cuda", generator=g)
     ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
     aligned = down_type == T.Q6_K
     dn = to_aligned(down) if aligned else down
-    dims = (E, I, D, K)
+    dims = (gate.shape[0], gate.shape[1], x.shape[1], ids.shape[1])
     for side, slots in (((2, 2, 1), (4, 2, 8)), ((4, 2, 4), (2, 2, 4)), ((1, 4, 1), (1, 2, 2))):
         cfg = replace(moe.DEFAULT, gate_up_lines=side, down_slots=slots, slots_max_tokens=T_)
         loads = moe.q8_loads(cfg, types, gate, up, dn, aligned)
@@ -553,7 +553,7 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
         assert rel(h[0], h[1]) <= 1e-6, side
         _poison_cache()
         out = moe_quant(x, ids, wts, gate, up, dn, *types, config=cfg, aligned=aligned)
-        assert out.shape == (T_, D) and rel(out, ref) <= 1e-4, (side, slots)
+        assert out.shape == x.shape and rel(out, ref) <= 1e-4, (side, slots)
 
 
 @pytest.mark.gpu
