@@ -3,8 +3,9 @@
 out[t] = sum_k weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, k], in float32.
 
 On CUDA this is two Triton launches plus one sum over the k slots, whatever the number of experts:
-decode (few token-expert pairs) runs each pair as a matrix-vector product straight from ``ids``;
-prefill sorts the pairs by expert so each expert's weights are read once per tile of up to
+decode (few token-expert pairs) runs each pair as a matrix-vector product straight from ``ids``
+(with int8 activations: x and h quantized first; Q4_K gate and up rows side by side in one loop; at
+one token the down launch adds the slots itself, so no sum launch); prefill sorts the pairs by expert so each expert's weights are read once per tile of up to
 ``block_m`` pairs and multiplied with tensor-core tiles. On CPU it is the reference (a loop over
 the experts that are used, each dequantized). ``moe_dense`` runs the same kernels on unquantized
 fp16/bf16/fp32 stacked weights.
@@ -121,7 +122,7 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # experts ("Tenth round")
 # With Q4_K gate and up side by side in each step of their launch (one row of each x 4 blocks, one warp) and, at one
 # token, a token's slots side by side in a Q4_K down launch (4 rows x 2 blocks x 8 slots, 8 warps): about 1.28-1.30x
-# the read time with Q4_K down experts at one token (1.39-1.40x before), 1.22-1.23x with aligned Q6_K ones (1.28x)
+# the read time with Q4_K down experts at one token (1.39-1.40x before), 1.23-1.24x with aligned Q6_K ones (1.28x)
 # (H200, bench/results/kernels-NVIDIA_H200-int8.md, "Eleventh round"; the slots side by side were 1-3% slower at 4
 # tokens, so they stop at one)
 DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(1, 4, 1),
