@@ -868,11 +868,14 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         wts = torch.rand(n, K, generator=gen)
         args = (x, ids.reshape(-1), wts.reshape(-1), gate, up, down, [gt, gt, dt], (E, I, D, K))
         ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt)
-        # the four-thread steps with prefetch, and the default (lean steps in both launches; with Q4_K down
-        # experts, as Q4_K_M has outside its more-bits layers, only the default: the interpreter is slow)
-        cfgs = [MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True), moe.DEFAULT]
+        # the four-thread steps with prefetch, and the default's forms (lean steps in both launches, Q4_K gate and
+        # up side by side, at one token the slots side by side) in fewer programs than its own steps make (the
+        # interpreter runs programs one by one); with Q4_K down experts, as Q4_K_M has outside its more-bits layers,
+        # only the default's
+        fast = replace(moe.DEFAULT, gate_up_lines=(8, 1, 1), down_slots=(8, 1, 1))
+        cfgs = [MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True), fast]
         if dt == T.Q4_K:
-            cfgs = [moe.DEFAULT]
+            cfgs = [fast]
         elif dt == T.Q5_0:
             cfgs = cfgs[:1]
         for c in cfgs:
@@ -886,19 +889,19 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         assert moe.DEFAULT.gate_up_step(types, loads[0]) and not moe.DEFAULT.gate_up_step([T.Q8_0] * 3, loads[0])
         xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
         h = [moe.q8_gate_up(xq, xd, xs, args[1], gate, up, types, dims, c, loads[0])
-             for c in (moe.DEFAULT, replace(moe.DEFAULT, gate_up_lines=()))]
-        _interp_check(f"moe gate/up side by side {moe.DEFAULT.gate_up_lines}", h[0], h[1])
+             for c in (fast, replace(fast, gate_up_lines=()))]
+        _interp_check(f"moe gate/up side by side {fast.gate_up_lines}", h[0], h[1])
         if dt != T.Q4_K:
             continue
         # at one token, a token's slots side by side in the Q4_K down launch, added there: (T, D)
         assert moe.DEFAULT.sums_slots(types, False, 1) and not moe.DEFAULT.sums_slots(types, False, 2)
-        got = moe._moe_pairs_q8(x[:1], ids[0], wts[0], gate, up, down, types, dims, moe.DEFAULT)
+        got = moe._moe_pairs_q8(x[:1], ids[0], wts[0], gate, up, down, types, dims, fast)
         _interp_check("moe int8, one token, slots side by side", got,
                       moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
         # three slots in room for four, an unused expert id among them: those add nothing, whatever they read
         ids3 = torch.cat([ids, torch.randint(0, E, (n, 1), generator=gen)], 1)
         wts3 = torch.rand(n, 3, generator=gen)
-        wide = replace(moe.DEFAULT, down_slots=(4, 1, 1), slots_max_tokens=n)
+        wide = replace(fast, slots_max_tokens=n)
         got = moe._moe_pairs_q8(x, ids3.reshape(-1), wts3.reshape(-1), gate, up, down, types, (E, I, D, 3), wide)
         _interp_check("moe int8, three slots side by side", got,
                       moe_quant_q8_ref(x, ids3, wts3, gate, up, down, gt, gt, dt))
