@@ -324,7 +324,7 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:
     nblk, warps = tv.fit_step(dnb, dw, I)
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_slots_q8_kernel[(T, -(-D // bn))](
-        hq, hd, down, y, wts, ids, E, I, D, I // 256, down.shape[2], down[0].numel(), K, KP=kp, BN=bn, NBLK=nblk,
+        hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp, BN=bn, NBLK=nblk,
         ASM=not _interpreting(), num_warps=warps, **pdl_launch(hq.device, T))
     return y
 
