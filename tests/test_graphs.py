@@ -190,3 +190,6 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(q4km, monkeypatch, caplog):
     assert sched.graphs.failed is not None and sched.graphs.captures == 0
     assert "capturing one as a CUDA graph failed" in caplog.text
     assert replayed == eager
+    # the failed capture left the device's default generator usable: draws from it neither raise nor repeat
+    a, b = torch.randn(4, device="cuda"), torch.randn(4, device="cuda")
+    assert not torch.equal(a, b)

@@ -156,10 +156,15 @@ class DecodeGraphs:
             return self._give_up(e)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        rng = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+        rng_before = rng.clone_state()
         try:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 logits, finite = module.run(tokens, positions, view, pick)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # a launch that waits on the host, or no memory
+            # A capture that fails never ends the device's default generator's capture: every later draw from it
+            # (torch.randn on the device, anywhere in the process) would raise. Its state from before is put back.
+            rng.graphsafe_set_state(rng_before)
             return self._give_up(e)
         self.captures += 1
         return _Graph(graph, inputs, pick, logits, finite)
