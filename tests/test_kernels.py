@@ -557,6 +557,40 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("down_type", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
+def test_mlp_of_quantized_projections_runs_as_one_expert(down_type, monkeypatch):
+    """A SwiGLU MLP of quantized projections (a dense layer, a shared expert) at one row on a GPU is the fused MoE
+    layer of one expert: one moe_quant call, the int8 reference's result (its Q6_K down aligned, as the layer holds it);
+    with two rows, or a gradient asked for, the three products as before, which agree within the int8 rounding."""
+    from tierlm.model import quantized as qz
+    from tierlm.model.layers import MLP
+
+    D, I = 768, 512
+    types = (T.Q4_K, T.Q4_K, down_type)
+    mats = [random_weight(t, n, k, seed) for t, n, k, seed in zip(types, (I, I, D), (D, D, I), (51, 52, 53))]
+    mlp = MLP(D, I)
+    for name, m, t, (n, k) in zip(("gate_proj", "up_proj", "down_proj"), mats, types, ((I, D), (I, D), (D, I))):
+        setattr(mlp, name, qz.QuantLinear(m.clone(), t, k, n))
+    mlp = mlp.cuda()
+    assert mlp.down_proj.aligned == (down_type == T.Q6_K)
+    calls = []
+    real = qz.moe_quant
+    monkeypatch.setattr(qz, "moe_quant", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = torch.randn(1, D, device="cuda", generator=torch.Generator(device="cuda").manual_seed(54)).half()
+    with torch.no_grad():
+        got = mlp(x)
+        two = mlp(torch.cat([x, x]))
+    assert len(calls) == 1 and calls[0]["aligned"] == (down_type == T.Q6_K) and got.dtype == x.dtype
+    ref = moe_quant_q8_ref(x, torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.ones(1, 1, device="cuda"),
+                           *(m.view(1, n, -1).cuda() for m, n in zip(mats, (I, I, D))), *types)
+    assert rel(got, ref) <= 2e-3  # float16 output
+    assert rel(two[0], got[0]) <= Q8_TOL and rel(two[1], got[0]) <= Q8_TOL
+    with torch.enable_grad():
+        mlp(x.float().requires_grad_())  # no fused path where a gradient is asked for (its kernels have no backward)
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T_", [1, 40])
 def test_moe_dense_matches_reference(dtype, T_):

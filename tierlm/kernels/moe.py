@@ -200,7 +200,7 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
     if P < cfg.sorted_min_pairs:
         if cfg.q8 and all(t in FUSED_TYPES for t in types):
             y = _moe_pairs_q8(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
-            if cfg.sums_slots(types, aligned, T):
+            if K == 1 or cfg.sums_slots(types, aligned, T):
                 return y  # (T, D) already
         elif aligned:
             raise KernelInputError("moe: the float matrix-vector decode (MoEConfig.q8=False) reads Q6_K in GGUF's "
@@ -209,7 +209,7 @@ def moe_quant(x, ids, weights, gate, up, down, gate_type, up_type, down_type, *,
             y = _moe_pairs(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg)
     else:
         y = _moe_sorted(x, flat_ids, flat_w, gate, up, down, types, (E, I, D, K), cfg, aligned)
-    return y.view(T, K, D).sum(1)  # (T, D): the K slots added in a fixed order
+    return y if K == 1 else y.view(T, K, D).sum(1)  # (T, D): the K slots added in a fixed order
 
 
 def moe_dense(x, ids, weights, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *,
@@ -259,7 +259,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
     ``cfg.sums_slots``."""
     loads = q8_loads(cfg, types, gate, up, down, aligned)
-    slots = cfg.slots_down(types, x.shape[0])
+    slots = dims[3] > 1 and cfg.slots_down(types, x.shape[0])
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
     hq, hd, hs = quantize_q8(h, pack=slots or bool(loads[1] & 2), pdl_rows=x.shape[0])

@@ -39,7 +39,8 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x)). Used for the dense layers and the shared experts."""
+    """SwiGLU: down(silu(gate(x)) · up(x)). Used for the dense layers and the shared experts. With quantized
+    projections on a GPU at one row, the fused MoE kernels of one expert (``quantized.fused_mlp``)."""
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
@@ -48,4 +49,10 @@ class MLP(nn.Module):
         self.down_proj = linear(inter, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from tierlm.model.quantized import fused_mlp
+
+            y = fused_mlp(self.gate_proj, self.up_proj, self.down_proj, x)
+            if y is not None:
+                return y
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
