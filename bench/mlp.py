@@ -1,11 +1,12 @@
-"""A DeepSeek-V3 SwiGLU MLP of quantized projections at one row on a GPU: its three products as before, against the
-fused MoE layer of one expert that ``model.quantized.fused_mlp`` runs instead.
+"""A DeepSeek-V3 SwiGLU MLP of quantized projections at one row on a GPU: its three products, against
+``model.quantized.fused_mlp``, which takes gate and up from one launch (the MoE's gate/up launch of one expert).
 
 Shapes: a dense layer (7168 -> 18432 -> 7168) and a shared expert (7168 -> 2048 -> 7168), gate and up Q4_K, down Q6_K
 (Q4_K_M's "more bits" layers, held aligned as the layers hold Q6_K on a GPU) or Q4_K (its other layers). Each form is
 timed as bench/kernels.py times kernels: the calls replayed from a CUDA graph, each reading a different copy of the
 weights (past the L2). Besides the whole MLP, the fused path's gate/up launch alone (both matrices) and the product of
-one up matrix as ``quant_matmul`` runs it (the "dense up" shape of bench/kernels.py), against the copy bandwidth.
+one up matrix as ``quant_matmul`` runs it (the "dense up" shape of bench/kernels.py), and the down product, against
+the copy bandwidth.
 Every fused result is checked against the unfused one (int8 rounding apart) and the int8 reference.
 
     PYTHONPATH=. python bench/mlp.py --out OUT_DIR
@@ -83,7 +84,7 @@ def main() -> None:
         t_fused = graph_time([lambda m=m: m(x) for m in ms])
         row(what=f"{what}: three products (before)", us=t_plain * 1e6, pct=nbytes / t_plain / bw * 100, shape=name,
             I=I, down=dt.name)
-        row(what=f"{what}: one expert's fused MoE layer", us=t_fused * 1e6, pct=nbytes / t_fused / bw * 100,
+        row(what=f"{what}: fused_mlp (gate and up in one launch)", us=t_fused * 1e6, pct=nbytes / t_fused / bw * 100,
             shape=name, I=I, down=dt.name, speedup=t_plain / t_fused, note=note)
         if dt == T.Q6_K:  # the gate/up launch alone (the same for either down type), and one up product
             cfg = moe_mod.DEFAULT
@@ -104,23 +105,12 @@ def main() -> None:
             t_up = graph_time([lambda m=m: quant_matmul(x, m.up_proj.qweight, T.Q4_K, D) for m in ms])
             row(what=f"{name}: one up product, quant_matmul (quantizer included)", us=t_up * 1e6,
                 pct=b_gu / 2 / t_up / bw * 100, shape=name, I=I, part="up")
-        # the down launch of the fused path with h's quantizer, against the down product as quant_matmul runs it
-        aligned = ms[0].down_proj.aligned
-        types = (T.Q4_K, T.Q4_K, dt)
-        cfg = moe_mod.DEFAULT
+        # the down product as the fused path runs it: quant_matmul on h in float32 (its quantizer included)
         h = torch.randn(1, I, device="cuda")
-        dl = moe_mod.q8_loads(cfg, types, mats[0], mats[1], ms[0].down_proj.qweight[None], aligned)[1]
-        t_dn = graph_time([lambda m=m: moe_mod.q8_down(*quantize_q8(h, pack=bool(dl & 2), pdl_rows=1), ids.view(-1),
-                                                       wts.view(-1), m.down_proj.qweight[None], types, (1, I, D, 1),
-                                                       cfg, dl, aligned, cfg.sums_slots(types, aligned, 1))
-                           for m in ms])
         b_dn = nbytes - 2 * I * 144 * D // 256
-        row(what=f"{name}: h quantized, then the down launch ({dt.name})", us=t_dn * 1e6, pct=b_dn / t_dn / bw * 100,
-            shape=name, I=I, down=dt.name, part="down with its quantizer")
-        hb = h.bfloat16()
-        t_dp = graph_time([lambda m=m: m.down_proj(hb) for m in ms])
-        row(what=f"{name}: one down product, quant_matmul ({dt.name}, quantizer included)", us=t_dp * 1e6,
-            pct=b_dn / t_dp / bw * 100, shape=name, I=I, down=dt.name, part="down")
+        t_dn = graph_time([lambda m=m: m.down_proj(h) for m in ms])
+        row(what=f"{name}: one down product, quant_matmul ({dt.name}, quantizer included)", us=t_dn * 1e6,
+            pct=b_dn / t_dn / bw * 100, shape=name, I=I, down=dt.name, part="down")
         del ms
         torch.cuda.empty_cache()
     print("wrote", write_run(res, args.out, "mlp"))

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from tierlm.kernels.moe import DECODE_CONFIGS as MOE_DECODE_CONFIGS
-from tierlm.kernels.moe import MoEConfig, moe_dense, moe_quant, moe_quant_q8_ref, moe_quant_ref
+from tierlm.kernels.moe import MoEConfig, moe_dense, moe_quant, moe_quant_q8_ref, moe_quant_ref, swiglu_q8
 from tierlm.kernels.q6k_layout import to_aligned
 from tierlm.kernels.quant_matmul import (
     DECODE_CONFIGS,
@@ -557,30 +557,32 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("down_type", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
-def test_mlp_of_quantized_projections_runs_as_one_expert(down_type, monkeypatch):
-    """A SwiGLU MLP of quantized projections (a dense layer, a shared expert) at one row on a GPU is the fused MoE
-    layer of one expert: one moe_quant call, the int8 reference's result (its Q6_K down aligned, as the layer holds it);
-    with two rows, or a gradient asked for, the three products as before, which agree within the int8 rounding."""
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q4_K, T.Q4_K), (T.Q8_0, T.Q6_K)],
+                         ids=lambda ts: "-".join(t.name for t in ts))
+def test_mlp_of_quantized_projections_takes_gate_and_up_from_one_launch(types, monkeypatch):
+    """A SwiGLU MLP of quantized projections (a dense layer, a shared expert) at one row on a GPU takes its gate and
+    up from one launch (swiglu_q8, once) and gives the int8 reference's result (its Q6_K down aligned, as the layer
+    holds it); with two rows, or a gradient asked for, the three products as before, which agree within the int8
+    rounding."""
     from tierlm.model import quantized as qz
     from tierlm.model.layers import MLP
 
     D, I = 768, 512
-    types = (T.Q4_K, T.Q4_K, down_type)
+    types = (types[0], types[0], types[1])
     mats = [random_weight(t, n, k, seed) for t, n, k, seed in zip(types, (I, I, D), (D, D, I), (51, 52, 53))]
     mlp = MLP(D, I)
     for name, m, t, (n, k) in zip(("gate_proj", "up_proj", "down_proj"), mats, types, ((I, D), (I, D), (D, I))):
         setattr(mlp, name, qz.QuantLinear(m.clone(), t, k, n))
     mlp = mlp.cuda()
-    assert mlp.down_proj.aligned == (down_type == T.Q6_K)
+    assert mlp.down_proj.aligned == (types[2] == T.Q6_K)
     calls = []
-    real = qz.moe_quant
-    monkeypatch.setattr(qz, "moe_quant", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = qz.swiglu_q8
+    monkeypatch.setattr(qz, "swiglu_q8", lambda *a, **k: calls.append(k) or real(*a, **k))
     x = torch.randn(1, D, device="cuda", generator=torch.Generator(device="cuda").manual_seed(54)).half()
     with torch.no_grad():
         got = mlp(x)
         two = mlp(torch.cat([x, x]))
-    assert len(calls) == 1 and calls[0]["aligned"] == (down_type == T.Q6_K) and got.dtype == x.dtype
+    assert len(calls) == 1 and got.dtype == x.dtype and got.shape == (1, D)
     ref = moe_quant_q8_ref(x, torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.ones(1, 1, device="cuda"),
                            *(m.view(1, n, -1).cuda() for m, n in zip(mats, (I, I, D))), *types)
     assert rel(got, ref) <= 2e-3  # float16 output
@@ -588,6 +590,16 @@ def test_mlp_of_quantized_projections_runs_as_one_expert(down_type, monkeypatch)
     with torch.enable_grad():
         mlp(x.float().requires_grad_())  # no fused path where a gradient is asked for (its kernels have no backward)
     assert len(calls) == 1
+
+
+def test_swiglu_q8_refuses_what_it_cannot_read():
+    w = torch.zeros(64, 144, dtype=torch.uint8)
+    with pytest.raises(KernelInputError, match="quant_matmul"):
+        swiglu_q8(torch.zeros(1, 256), w, w, T.Q4_K, T.Q4_K)  # on the CPU
+    with pytest.raises(KernelInputError, match="Q2_K"):
+        swiglu_q8(torch.zeros(1, 256), w, w, T.Q2_K, T.Q4_K)
+    with pytest.raises(KernelInputError, match="must be"):
+        swiglu_q8(torch.zeros(1, 256), w, w[:32], T.Q4_K, T.Q4_K)
 
 
 @pytest.mark.gpu

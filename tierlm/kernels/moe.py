@@ -311,6 +311,31 @@ def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: in
     return h
 
 
+def swiglu_q8(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_type, up_type, *, aligned: bool = False,
+              cfg: MoEConfig = DEFAULT) -> torch.Tensor:
+    """h = silu(x gate^T) * (x up^T), (T, I) float32, for the rows of x (T, D) and one pair of quantized matrices
+    gate, up (I, RB): x quantized once, then the int8 gate/up launch of a MoE of one expert (Q4_K gate and up side
+    by side in each step, where ``cfg.gate_up_step`` says). The gate and up of a dense layer or a shared expert at one
+    row (``model.quantized.fused_mlp``): one launch reads both matrices, where two products read one each."""
+    types = (ggml_type(gate_type), ggml_type(up_type))
+    if x.dim() != 2 or gate.dim() != 2 or gate.shape != up.shape:
+        raise KernelInputError(f"swiglu_q8: x {tuple(x.shape)} must be (T, D) and gate {tuple(gate.shape)}, up "
+                               f"{tuple(up.shape)} the same (I, RB)")
+    if not all(t in FUSED_TYPES for t in types):
+        raise KernelInputError(f"swiglu_q8: the int8 launch reads {sorted(t.name for t in FUSED_TYPES)}, not "
+                               f"{types[0].name}/{types[1].name}; run the two products with quant_matmul")
+    if not (x.is_cuda or _interpreting()):
+        raise KernelInputError("swiglu_q8 runs Triton kernels: x must be on a CUDA device (or under "
+                               "TRITON_INTERPRET=1); on the CPU run the two products with quant_matmul")
+    (T, D), I = x.shape, gate.shape[0]
+    gate, up = gate[None], up[None]  # one expert: (1, I, RB)
+    dims = (1, I, D, 1)
+    loads = q8_loads(cfg, (*types, types[0]), gate, up, gate, aligned)[0]
+    xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
+    ids = torch.zeros(T, dtype=torch.int64, device=x.device)
+    return q8_gate_up(xq, xd, xs, ids, gate, up, (*types, types[0]), dims, cfg, loads, aligned)
+
+
 def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:
     """The int8 down launch of Q4_K experts with a token's K slots side by side (``moe_down_slots_q8_kernel``) on
     quantized h with packed (xd, xs) pairs ``hd``: y (T, D) float32, the slots weighted and added."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierlm.kernels.moe import DEFAULT as MOE_DEFAULT
-from tierlm.kernels.moe import moe_quant
+from tierlm.kernels.moe import moe_quant, swiglu_q8
 from tierlm.kernels.q6k_layout import align_, aligns, alignable, from_aligned, to_aligned, unalign_
 from tierlm.kernels.quant_matmul import FUSED_TYPES, quant_matmul
 from tierlm.weights.formats import dequantize
@@ -82,43 +82,33 @@ class QuantLinear(AlignsQ6K):
         return f"{self.in_features} → {self.out_features}, {self.qtype.name}"
 
 
-# Rows of activations up to which a SwiGLU MLP of quantized projections (the dense layers, the shared experts) runs as
-# the fused MoE layer of one expert (``fused_mlp``): measured at one row only (bench/results/mlp-NVIDIA_H200*.json)
+# Rows of activations up to which a SwiGLU MLP of quantized projections (the dense layers, the shared experts) takes
+# its gate and up from one launch (``fused_mlp``): measured at one row only (bench/results/mlp-NVIDIA_H200*.json). At
+# more rows that launch would read the matrices once per row.
 FUSED_MLP_MAX_ROWS = 1
-_ONE_EXPERT: dict = {}
-
-
-def _one_expert(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert ids (all 0) and weights (all 1) of ``rows`` tokens routed to one expert, made once per device."""
-    key = (device, rows)
-    if key not in _ONE_EXPERT:
-        _ONE_EXPERT[key] = (torch.zeros(rows, 1, dtype=torch.int64, device=device),
-                            torch.ones(rows, 1, dtype=torch.float32, device=device))
-    return _ONE_EXPERT[key]
 
 
 def fused_mlp(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """down(silu(gate x) * up x) as the fused MoE layer of one expert (``kernels.moe.moe_quant``: x quantized once,
-    the Q4_K gate and up rows side by side in one launch, h quantized, down; 4 launches against 7), in x's dtype; or
-    None where that path does not apply: projections other than plain ``QuantLinear`` of the fused types, a CPU, more
-    than FUSED_MLP_MAX_ROWS rows, a gradient asked for (the kernels have no backward), or Q6_K projections in two
-    layouts."""
+    """down(silu(gate x) * up x) with gate and up in one launch (``kernels.moe.swiglu_q8``: x quantized once, then
+    the MoE's int8 gate/up launch of one expert, Q4_K gate and up rows side by side), h kept in float32 for the down
+    product (``quant_matmul``); in x's dtype. None where that path does not apply: projections other than plain
+    ``QuantLinear``, gate and up not of the fused types, a CPU, more than FUSED_MLP_MAX_ROWS rows, a gradient asked
+    for (the kernels have no backward), or mismatched shapes."""
     ms = (gate, up, down)
     if not x.is_cuda or any(type(m) is not QuantLinear for m in ms):
         return None
-    types = tuple(m.qtype for m in ms)
     rows = x.numel() // x.shape[-1]
-    if (rows > FUSED_MLP_MAX_ROWS or not all(t in FUSED_TYPES for t in types)
+    if (rows > FUSED_MLP_MAX_ROWS or not (gate.qtype in FUSED_TYPES and up.qtype in FUSED_TYPES)
             or (torch.is_grad_enabled() and x.requires_grad)):
         return None
-    layouts = {m.aligned for m, t in zip(ms, types) if t == GGMLType.Q6_K}
-    if len(layouts) > 1 or gate.in_features != x.shape[-1] or up.out_features != gate.out_features \
-            or down.in_features != gate.out_features or down.out_features != gate.in_features:
+    if gate.in_features != x.shape[-1] or up.in_features != gate.in_features or \
+            up.out_features != gate.out_features or down.in_features != gate.out_features:
         return None
-    ids, wts = _one_expert(x.device, rows)
-    y = moe_quant(x.reshape(rows, -1), ids, wts, gate.qweight[None], up.qweight[None], down.qweight[None], *types,
-                  aligned=bool(layouts) and layouts.pop())
-    return y.to(x.dtype).view(*x.shape[:-1], down.out_features)
+    if gate.qtype == up.qtype == GGMLType.Q6_K and gate.aligned != up.aligned:
+        return None  # the one launch reads its Q6_K rows in one layout
+    h = swiglu_q8(x.reshape(rows, -1), gate.qweight, up.qweight, gate.qtype, up.qtype,
+                  aligned=gate.aligned or up.aligned)
+    return down(h).to(x.dtype).view(*x.shape[:-1], down.out_features)
 
 
 class QuantEmbedding(nn.Module):
