@@ -105,10 +105,11 @@ def main() -> None:
             t_up = graph_time([lambda m=m: quant_matmul(x, m.up_proj.qweight, T.Q4_K, D) for m in ms])
             row(what=f"{name}: one up product, quant_matmul (quantizer included)", us=t_up * 1e6,
                 pct=b_gu / 2 / t_up / bw * 100, shape=name, I=I, part="up")
-        # the down product as the fused path runs it: quant_matmul on h in float32 (its quantizer included)
+        # the down product as the fused path runs it: quant_matmul on h in float32, x's dtype out (quantizer included)
         h = torch.randn(1, I, device="cuda")
         b_dn = nbytes - 2 * I * 144 * D // 256
-        t_dn = graph_time([lambda m=m: m.down_proj(h) for m in ms])
+        t_dn = graph_time([lambda m=m: quant_matmul(h, m.down_proj.qweight, dt, I, aligned=m.down_proj.aligned,
+                                                    out_dtype=x.dtype) for m in ms])
         row(what=f"{name}: one down product, quant_matmul ({dt.name}, quantizer included)", us=t_dn * 1e6,
             pct=b_dn / t_dn / bw * 100, shape=name, I=I, down=dt.name, part="down")
         del ms

@@ -98,6 +98,8 @@ def test_cpu_path_is_dequantize_then_matmul(t, dtype):
         assert rel(out.reshape(-1, N).float(), exact.float()) <= {torch.float32: 1e-6}.get(dtype, 1e-2)
     else:
         assert torch.equal(out.reshape(-1, N), want)
+    wide = quant_matmul(x, w, t, K, out_dtype=torch.float32)  # the same product, written in another dtype
+    assert wide.dtype == torch.float32 and torch.equal(wide.to(dtype), out)
     ref = quant_matmul_ref(x, w, t, K)
     assert ref.dtype == torch.float32
     assert torch.allclose(ref.reshape(-1, N), x.reshape(-1, K).float() @ dequantize(w, t, (N, K)).T, rtol=1e-5, atol=1e-6)
@@ -401,6 +403,10 @@ def test_quant_matmul_matches_reference(t, dtype, M):
         out = quant_matmul(x, w, t, K)
         assert out.dtype == dtype and out.shape == (M, N)
         assert torch.isfinite(out).all(), (t, dtype, M, N, K)
+        other = torch.float32 if dtype != torch.float32 else torch.bfloat16  # the int8 launch writes it itself
+        also = quant_matmul(x, w, t, K, out_dtype=other)
+        assert also.dtype == other and torch.equal(also.to(dtype), out) if other == torch.float32 else \
+            torch.equal(also, out.to(other)), (t.name, dtype, M)
         cap = torch.cuda.get_device_capability()
         if t in FUSED_TYPES and M <= 16 and pick_config(t, M, N, K, dtype, cap, 1).kind == "mmvq":  # int8 decode
             assert rel(out, quant_matmul_q8_ref(x, w, t, K)) <= FMA_TOL[dtype], (t.name, dtype, M, N, K)

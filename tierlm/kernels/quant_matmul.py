@@ -441,10 +441,11 @@ def quant_matmul_q8_ref(x: torch.Tensor, w: torch.Tensor, qtype, K: int) -> torc
 
 
 def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: QMMConfig,
-                aligned: bool = False) -> torch.Tensor:
-    """Fused decode product of x2 (M, K), stride 1 along K -> (M, N) in x2's dtype (``aligned``: Q6_K rows in the
-    aligned layout)."""
+                aligned: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused decode product of x2 (M, K), stride 1 along K -> (M, N) in ``out_dtype`` (x2's by default; the int8
+    launch writes it itself) (``aligned``: Q6_K rows in the aligned layout)."""
     M, N = x2.shape[0], w.shape[0]
+    out_dtype = out_dtype or x2.dtype
     if aligned and cfg.kind == "gemv":
         raise KernelInputError("the gemv decode reads Q6_K in GGUF's layout only; use kind 'mmvq', 'mmq' or 'tile' "
                                "for aligned Q6_K weights")
@@ -463,7 +464,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
         nblocks = K // tv.BLOCK_ELEMS[int(qtype)]
         step = nblk * 256 // tv.BLOCK_ELEMS[int(qtype)]  # blocks per loop step
         per_split, splits = _splits(nblocks, cfg.split_k, step)
-        out = _out_buffer(x2, M, N, splits)
+        out = _out_buffer(x2, M, N, splits, out_dtype)
         mr = min(cfg.act_rows, M) if qtype == GGMLType.Q4_K and loads & 8 else 1
         mr = 4 if mr > 2 else mr  # 1, 2 or 4 compiled forms
         grid = (triton_cdiv(M, mr) * triton_cdiv(N, cfg.block_n), splits)
@@ -472,7 +473,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
                              LOADS=loads, MR=mr, ALIGNED=words,
                              num_warps=warps, num_stages=cfg.num_stages, **pdl_launch(x2.device, M))
     elif cfg.kind == "mmq":
-        return mmq_launch(x2, w, qtype, K, cfg, aligned=aligned)
+        return mmq_launch(x2, w, qtype, K, cfg, aligned=aligned).to(out_dtype)
     elif cfg.kind == "gemv":
         from tierlm.kernels import triton_gemv as tg
 
@@ -502,7 +503,7 @@ def _qmm_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg:
             USE_DOT=cfg.use_dot, DOT_KIND=_dot_kind(x2.dtype), DOT_PREC="ieee", ALIGNED=aligned,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
+    return (out if out.dim() == 2 else out.sum(0)).to(out_dtype)
 
 
 def _splits(nblocks: int, split_k: int, step: int) -> tuple[int, int]:
@@ -535,15 +536,16 @@ def mmq_launch(x2: torch.Tensor, w: torch.Tensor, qtype: GGMLType, K: int, cfg: 
     return out if out.dim() == 2 else out.sum(0).to(x2.dtype)
 
 
-def _out_buffer(x2: torch.Tensor, M: int, N: int, splits: int) -> torch.Tensor:
+def _out_buffer(x2: torch.Tensor, M: int, N: int, splits: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     if splits == 1:
-        return torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+        return torch.empty((M, N), dtype=dtype or x2.dtype, device=x2.device)
     return torch.empty((splits, M, N), dtype=torch.float32, device=x2.device)  # partial sums
 
 
 def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMMConfig | None = None,
-                 aligned: bool = False) -> torch.Tensor:
-    """x (..., K) float16/bfloat16/float32 times the (N, K) GGUF weight in ``w`` -> (..., N) in x.dtype.
+                 aligned: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (..., K) float16/bfloat16/float32 times the (N, K) GGUF weight in ``w`` -> (..., N) in ``out_dtype`` (x's
+    dtype by default; the int8 decode launch writes it without a cast launch).
 
     ``config`` forces a decode launch configuration (used by benchmarks); by default ``pick_config``
     chooses one for M <= DECODE_MAX_M, and prefill dequantizes and calls cuBLAS. ``aligned``: a Q6_K weight's rows
@@ -557,18 +559,19 @@ def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMM
         x = x.contiguous()
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
+    out_dtype = out_dtype or x.dtype
     if M == 0 or N == 0:
-        return x.new_zeros((*lead, N))
+        return x.new_zeros((*lead, N), dtype=out_dtype)
     if not x.is_cuda:
         w = from_aligned(w) if aligned else w
         if M <= DECODE_MAX_M and qtype in CPU_TYPES and w.is_contiguous():
             # the C++ kernel on the GGUF bytes, float32 arithmetic (the reference's numbers up to summation order)
-            return cpu_quant_matmul(x2, w, qtype, K, mode="f32").to(x.dtype).reshape(*lead, N)
-        return (x2 @ dequantize(w, qtype, (N, K), x.dtype).T).reshape(*lead, N)
+            return cpu_quant_matmul(x2, w, qtype, K, mode="f32").to(out_dtype).reshape(*lead, N)
+        return (x2 @ dequantize(w, qtype, (N, K), x.dtype).T).to(out_dtype).reshape(*lead, N)
     if qtype in FUSED_TYPES and (M <= DECODE_MAX_M or config is not None):
         if config is None:
             cap, sms = device_info(x.device)
             config = pick_config(qtype, M, N, K, x.dtype, cap, sms, aligned)
-        return _qmm_launch(x2, w, qtype, K, config, aligned).reshape(*lead, N)
+        return _qmm_launch(x2, w, qtype, K, config, aligned, out_dtype).reshape(*lead, N)
     wd = dequantize_rows(w, qtype, K, x.dtype, aligned)  # (N, K)
-    return torch.matmul(x2, wd.T).reshape(*lead, N)
+    return torch.matmul(x2, wd.T).to(out_dtype).reshape(*lead, N)

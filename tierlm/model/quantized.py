@@ -91,7 +91,7 @@ FUSED_MLP_MAX_ROWS = 1
 def fused_mlp(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """down(silu(gate x) * up x) with gate and up in one launch (``kernels.moe.swiglu_q8``: x quantized once, then
     the MoE's int8 gate/up launch of one expert, Q4_K gate and up rows side by side), h kept in float32 for the down
-    product (``quant_matmul``); in x's dtype. None where that path does not apply: projections other than plain
+    product (``quant_matmul``, which writes x's dtype). None where that path does not apply: projections other than plain
     ``QuantLinear``, gate and up not of the fused types, a CPU, more than FUSED_MLP_MAX_ROWS rows, a gradient asked
     for (the kernels have no backward), or mismatched shapes."""
     ms = (gate, up, down)
@@ -108,7 +108,8 @@ def fused_mlp(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor) 
         return None  # the one launch reads its Q6_K rows in one layout
     h = swiglu_q8(x.reshape(rows, -1), gate.qweight, up.qweight, gate.qtype, up.qtype,
                   aligned=gate.aligned or up.aligned)
-    return down(h).to(x.dtype).view(*x.shape[:-1], down.out_features)
+    y = quant_matmul(h, down.qweight, down.qtype, down.in_features, aligned=down.aligned, out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], down.out_features)
 
 
 class QuantEmbedding(nn.Module):
