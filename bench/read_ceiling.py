@@ -298,7 +298,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     if args.moe_parts:
-        moe_parts(bw, row)
+        moe_parts(bw, row, aligned=True)  # Q6_K experts as the layers hold them on a GPU
     moe_cfgs = [("default", MOE_DEFAULT)]
     if args.loads:
         moe_cfgs += [(f"up {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_loads=ld, mmvq_up=(r, nb, wp)))
@@ -351,7 +351,8 @@ def moe_rows(res: dict, bw: float, weights, cfgs, tokens=(1,), copies: int = 32,
 
 def moe_parts(bw: float, row, aligned: bool = False) -> None:
     """The default int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, down with
-    the slots summed in it, the slots summed) beside the whole call, each launch's weight bytes against copy
+    the slots summed in it, the slots summed, and where the default runs them side by side, the slots' down launch)
+    beside the whole call, each launch's weight bytes against copy
     bandwidth; ``aligned``: Q6_K experts in the aligned layout, as the layers hold them on a GPU."""
     import statistics
 
@@ -377,6 +378,16 @@ def moe_parts(bw: float, row, aligned: bool = False) -> None:
             return [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld, aligned, sums)
                     for ids in sets]
 
+        def slots_parts():
+            """The default's down at one token where it is the slots' launch (Q4_K down experts)."""
+            if not cfg.slots_down(types, 1):
+                return []
+            pq, pd, _ = quantize_q8(h, pack=True)
+            return [("h quantized, packed for the slots' launch", [lambda: quantize_q8(h, pack=True)], 0),
+                    ("down, the slots side by side (default)",
+                     [lambda ids=ids: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, cfg) for ids in sets],
+                     down_bytes)]
+
         parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
                  ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,
                                                                  aligned) for ids in sets], up_bytes),
@@ -384,6 +395,7 @@ def moe_parts(bw: float, row, aligned: bool = False) -> None:
                  ("down", down_calls(False), down_bytes),
                  ("down, slots summed in it", down_calls(True), down_bytes),
                  ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0),
+                 *slots_parts(),
                  ("whole layer", [lambda ids=ids: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types,
                                                                     config=cfg, aligned=aligned) for ids in sets],
                   up_bytes + down_bytes)]
