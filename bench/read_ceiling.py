@@ -352,8 +352,8 @@ def moe_rows(res: dict, bw: float, weights, cfgs, tokens=(1,), copies: int = 32,
 def moe_parts(bw: float, row, aligned: bool = False) -> None:
     """The default int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, down with
     the slots summed in it, the slots summed, and where the default runs them side by side, the slots' down launch)
-    beside the whole call, each launch's weight bytes against copy
-    bandwidth; ``aligned``: Q6_K experts in the aligned layout, as the layers hold them on a GPU."""
+    beside the whole call, each launch's weight bytes against copy bandwidth; ``aligned``: Q6_K experts in the aligned
+    layout, as the layers hold them on a GPU."""
     import statistics
 
     from tierlm.kernels import moe as moe_mod

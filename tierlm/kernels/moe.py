@@ -332,8 +332,18 @@ def swiglu_q8(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_type, 
     dims = (1, I, D, 1)
     loads = q8_loads(cfg, (*types, types[0]), gate, up, gate, aligned)[0]
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
-    ids = torch.zeros(T, dtype=torch.int64, device=x.device)
-    return q8_gate_up(xq, xd, xs, ids, gate, up, (*types, types[0]), dims, cfg, loads, aligned)
+    return q8_gate_up(xq, xd, xs, _zero_ids(x.device, T), gate, up, (*types, types[0]), dims, cfg, loads, aligned)
+
+
+_ZERO_IDS: dict = {}
+
+
+def _zero_ids(device: torch.device, n: int) -> torch.Tensor:
+    """n expert ids, all 0 (int64), made once per device: not a fill launch in every decode step."""
+    key = (device, n)
+    if key not in _ZERO_IDS:
+        _ZERO_IDS[key] = torch.zeros(n, dtype=torch.int64, device=device)
+    return _ZERO_IDS[key]
 
 
 def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:
