@@ -29,6 +29,7 @@ from tierlm.kernels.quant_matmul import quant_matmul, quantize_q8  # noqa: E402
 from tierlm.model import quantized as qz  # noqa: E402
 from tierlm.model.layers import MLP  # noqa: E402
 from tierlm.weights.ggml_types import GGMLType as T  # noqa: E402
+from tierlm.weights.ggml_types import tensor_nbytes  # noqa: E402
 
 D = 7168
 SHAPES = [("dense", 18432, T.Q6_K), ("dense", 18432, T.Q4_K), ("shared expert", 2048, T.Q6_K),
@@ -67,7 +68,8 @@ def main() -> None:
         print(f"{kw['what']:<64} {kw['us']:8.2f} us  {pct} {kw.get('note', '')}", flush=True)
 
     for name, I, dt in SHAPES:
-        nbytes = 2 * I * 144 * D // 256 + D * (210 if dt == T.Q6_K else 144) * I // 256
+        b_gu = 2 * tensor_nbytes(T.Q4_K, (I, D))  # gate and up
+        nbytes = b_gu + tensor_nbytes(dt, (D, I))
         copies = n_copies(nbytes)
         ms = mlps(I, dt, copies)
         what = f"{name} {D}->{I}->{D}, down {dt.name}"
@@ -94,7 +96,6 @@ def main() -> None:
             gu = [(m.gate_proj.qweight[None], m.up_proj.qweight[None]) for m in ms]
             t_gu = graph_time([lambda g=g, u=u: moe_mod.q8_gate_up(xq, xd, xs, ids.view(-1), g, u, types, (1, I, D, 1),
                                                                    cfg, loads[0]) for g, u in gu])
-            b_gu = 2 * I * 144 * D // 256
             row(what=f"{name}: gate/up launch of the fused path, gate and up side by side", us=t_gu * 1e6,
                 pct=b_gu / t_gu / bw * 100, shape=name, I=I, part="gate/up")
             t_guq = graph_time([lambda g=g, u=u: moe_mod.q8_gate_up(*quantize_q8(x, pack=bool(loads[0] & 2)),
@@ -107,7 +108,7 @@ def main() -> None:
                 pct=b_gu / 2 / t_up / bw * 100, shape=name, I=I, part="up")
         # the down product as the fused path runs it: quant_matmul on h in float32, x's dtype out (quantizer included)
         h = torch.randn(1, I, device="cuda")
-        b_dn = nbytes - 2 * I * 144 * D // 256
+        b_dn = nbytes - b_gu
         t_dn = graph_time([lambda m=m: quant_matmul(h, m.down_proj.qweight, dt, I, aligned=m.down_proj.aligned,
                                                     out_dtype=x.dtype) for m in ms])
         row(what=f"{name}: one down product, quant_matmul ({dt.name}, quantizer included)", us=t_dn * 1e6,

@@ -16,6 +16,7 @@ D = hidden size, I = expert intermediate size.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -329,21 +330,16 @@ def swiglu_q8(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_type, 
                                "TRITON_INTERPRET=1); on the CPU run the two products with quant_matmul")
     (T, D), I = x.shape, gate.shape[0]
     gate, up = gate[None], up[None]  # one expert: (1, I, RB)
-    dims = (1, I, D, 1)
-    loads = q8_loads(cfg, (*types, types[0]), gate, up, gate, aligned)[0]
+    types = (*types, types[0])  # no down matrix: its type only fills the triple the launch helpers take
+    loads = q8_loads(cfg, types, gate, up, gate, aligned)[0]
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
-    return q8_gate_up(xq, xd, xs, _zero_ids(x.device, T), gate, up, (*types, types[0]), dims, cfg, loads, aligned)
+    return q8_gate_up(xq, xd, xs, _zero_ids(x.device, T), gate, up, types, (1, I, D, 1), cfg, loads, aligned)
 
 
-_ZERO_IDS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _zero_ids(device: torch.device, n: int) -> torch.Tensor:
     """n expert ids, all 0 (int64), made once per device: not a fill launch in every decode step."""
-    key = (device, n)
-    if key not in _ZERO_IDS:
-        _ZERO_IDS[key] = torch.zeros(n, dtype=torch.int64, device=device)
-    return _ZERO_IDS[key]
+    return torch.zeros(n, dtype=torch.int64, device=device)
 
 
 def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:
