@@ -100,6 +100,8 @@ def test_cpu_path_is_dequantize_then_matmul(t, dtype):
         assert torch.equal(out.reshape(-1, N), want)
     wide = quant_matmul(x, w, t, K, out_dtype=torch.float32)  # the same product, written in another dtype
     assert wide.dtype == torch.float32 and torch.equal(wide.to(dtype), out)
+    with pytest.raises(KernelInputError, match="out_dtype must be"):
+        quant_matmul(x, w, t, K, out_dtype=torch.int8)
     ref = quant_matmul_ref(x, w, t, K)
     assert ref.dtype == torch.float32
     assert torch.allclose(ref.reshape(-1, N), x.reshape(-1, K).float() @ dequantize(w, t, (N, K)).T, rtol=1e-5, atol=1e-6)

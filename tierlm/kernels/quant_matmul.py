@@ -560,6 +560,8 @@ def quant_matmul(x: torch.Tensor, w: torch.Tensor, qtype, K: int, *, config: QMM
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
     out_dtype = out_dtype or x.dtype
+    if out_dtype not in _ACT_DTYPES:
+        raise KernelInputError(f"quant_matmul: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     if M == 0 or N == 0:
         return x.new_zeros((*lead, N), dtype=out_dtype)
     if not x.is_cuda:
