@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="also time the MoE with MOE_GU, MOE_SLOTS and MOE_GU_SLOTS "
                     "at 1 and 4 tokens (Q6_K down experts aligned, as the layers hold them)")
     ap.add_argument("--moe-parts", action="store_true", help="also time the int8 MoE at one token launch by launch")
+    ap.add_argument("--down-types", default="Q6_K,Q4_K", help="--moe-parts: the down experts' types")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
@@ -305,7 +306,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     if args.moe_parts:
-        moe_parts(bw, row, aligned=True)  # Q6_K experts as the layers hold them on a GPU
+        moe_parts(bw, row, aligned=True, down_types=[T[n] for n in args.down_types.split(",")])  # Q6_K experts as the layers hold them on a GPU
     moe_cfgs = [("default", MOE_DEFAULT)]
     if args.loads:
         moe_cfgs += [(f"up {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_loads=ld, mmvq_up=(r, nb, wp)))
@@ -356,7 +357,7 @@ def moe_rows(res: dict, bw: float, weights, cfgs, tokens=(1,), copies: int = 32,
             del calls
 
 
-def moe_parts(bw: float, row, aligned: bool = False) -> None:
+def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)) -> None:
     """The default int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, down with
     the slots summed in it, the slots summed, and where the default runs them side by side, the slots' down launch)
     beside the whole call, each launch's weight bytes against copy bandwidth; ``aligned``: Q6_K experts in the aligned
@@ -365,7 +366,7 @@ def moe_parts(bw: float, row, aligned: bool = False) -> None:
 
     from tierlm.kernels import moe as moe_mod
 
-    for down_type in (T.Q6_K, T.Q4_K):
+    for down_type in down_types:
         gate, up, down, types = moe_weights(types=(T.Q4_K, T.Q4_K, down_type), aligned=aligned)
         E, I, D, K = gate.shape[0], gate.shape[1], MOE["D"], MOE["K"]
         g = torch.Generator(device="cuda").manual_seed(0)

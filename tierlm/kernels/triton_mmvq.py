@@ -899,16 +899,16 @@ def moe_down_walk_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E
                             KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                             PDL: tl.constexpr = False):
     """``moe_down_slots_q8_kernel``'s sums (a token's TOPK slots side by side, added in a fixed order in registers)
-    in G programs per token that each walk a run of blocks of BN rows: program (g, t) takes row blocks
-    g * nrb // G .. (g + 1) * nrb // G - 1 of the nrb = cdiv(D, BN), so the runs differ by one block at most. With G
-    the programs the device holds at once, every program starts in the first wave and none waits for a second, and
-    the slots' ids, weights and row pointers are read once per program, not once per block of rows."""
+    in G programs per token that each walk blocks of BN rows G apart: program (g, t) takes row blocks g, g + G, ... of
+    the nrb = cdiv(D, BN), so the programs' counts differ by one block at most, and the programs running at once read
+    neighbouring rows, as a launch of one program per block does. With G the programs the device holds at once,
+    every program starts in the first wave and none waits for a second."""
     pdl_enter(PDL)
     g = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     nrb = tl.cdiv(D, BN)
     rows = tl.arange(0, BN)
-    for b in range(g * nrb // G, (g + 1) * nrb // G):
+    for b in range(g, nrb, G):
         row0 = b * BN
         r = tl.arange(0, KP * BN)
         slot = r // BN
