@@ -97,13 +97,10 @@ MOE_GU_SLOTS = [((2, 2, 1), (4, 2, 8)), ((1, 4, 1), (2, 2, 4)), ((1, 2, 1), (4, 
 # (The first --fused run also timed one-row Q4_K steps that load the next step's weights first, LOADS 30, in two- and
 # four-warp programs: 61-73% of copy bandwidth on dense up and 54-71% on o_proj, against 78% and 73% for the defaults
 # in the same run, read-ceiling-NVIDIA_H200-fused.json.)
-# --moe-parts: (rows, blocks, warps, programs per multiprocessor) of the Q4_K down launch whose programs walk runs of
-# row blocks (MoEConfig.down_walk), and (rows, blocks, warps) steps of the aligned Q6_K down launch
-# [, maxnreg]; registers per thread in sm_90 builds with Triton 3.9 without the cap: 74 (4, 2, 8), 80 (2, 4, 8) and
-# (1, 8, 8), 70 (1, 4, 4), 64 (2, 2, 4) and (1, 2, 2); the slots' launch (4, 2, 8) 52
-MOE_WALKS = [(4, 2, 8, 4, 64), (2, 4, 8, 4, 64), (1, 8, 8, 4, 64), (1, 8, 8, 3), (2, 4, 8, 3), (1, 8, 8, 5, 48),
-             (1, 4, 4, 8, 64), (2, 2, 4, 8), (1, 2, 2, 16), (1, 4, 4, 6), (4, 2, 8, 4)]
-MOE_Q6K_STEPS = [(1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2), (2, 2, 1)]
+# --moe-parts: (rows, blocks, warps) of the Q4_K down launch with a token's slots side by side (MoEConfig.down_slots),
+# and steps of the aligned Q6_K down launch (MoEConfig.aligned_step)
+MOE_SLOT_STEPS = [(4, 1, 4), (8, 1, 8), (2, 1, 2), (4, 1, 8), (2, 4, 4), (8, 1, 4), (4, 2, 4), (2, 2, 2)]
+MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]  # run 1 of the walk: (1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2), (2, 2, 1) all slower than (2, 4, 1)
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -202,7 +199,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
-                    "moe[:rows,blocks,warps,loads of the gate/up launch] | moe-q4k[:down_walk] | moe-q6k-aligned")
+                    "moe[:rows,blocks,warps,loads of the gate/up launch] | moe-q4k[:down_slots] | moe-q6k-aligned")
     args = ap.parse_args()
     if args.profile:
         return profile_launch(args)
@@ -388,8 +385,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
 
         def slots_parts():
             """The default's down at one token where it is the slots' launch (Q4_K down experts), and the same sums
-            in programs that walk runs of row blocks (MOE_WALKS); for aligned Q6_K down experts, the down launch with
-            the steps of MOE_Q6K_STEPS."""
+            in the steps of MOE_SLOT_STEPS; for aligned Q6_K down experts, the down launch with the steps of
+            MOE_Q6K_STEPS."""
             if not cfg.slots_down(types, 1):
                 steps = [replace(cfg, aligned_step=s) for s in MOE_Q6K_STEPS] if aligned else []
                 return [(f"down, slots summed in it, step {c.aligned_step}",
@@ -397,17 +394,17 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                                                                True) for ids in sets], down_bytes) for c in steps]
             pq, pd, _ = quantize_q8(h, pack=True)
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
-            walks = [replace(cfg, down_walk=w) for w in MOE_WALKS]
-            for c in walks:  # the same sums in another order: float rounding apart
-                got = moe_mod.q8_down_walk(pq, pd, sets[0], wts, down, dims, c)
-                assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_walk
+            steps = [replace(cfg, down_slots=s) for s in MOE_SLOT_STEPS]
+            for c in steps:  # the same sums in another order: float rounding apart
+                got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
+                assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots
             return [("h quantized, packed for the slots' launch", [lambda: quantize_q8(h, pack=True)], 0),
                     ("down, the slots side by side (default)",
                      [lambda ids=ids: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, cfg) for ids in sets],
                      down_bytes),
-                    *[(f"down, the slots side by side, walk {c.down_walk}",
-                       [lambda ids=ids, c=c: moe_mod.q8_down_walk(pq, pd, ids, wts, down, dims, c) for ids in sets],
-                       down_bytes) for c in walks]]
+                    *[(f"down, the slots side by side, step {c.down_slots}",
+                       [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c) for ids in sets],
+                       down_bytes) for c in steps]]
 
         def flat_parts():
             """A flat read of the down launch's bytes (and of the gate/up launch's) in one launch: their ceiling."""
@@ -452,9 +449,9 @@ def profile_launch(args) -> None:
     what, _, geo = args.profile.partition(":")
     bn, nblk, warps, loads = (list(map(int, geo.split(","))) + [0])[:4] if geo else (*MMVQ_TILES[t], 0)
     if what in ("moe-q4k", "moe-q6k-aligned"):  # the default at one token, Q4_K or aligned Q6_K down experts; a
-        # geometry: the Q4_K down launch's down_walk (rows, blocks, warps, programs per multiprocessor)
+        # geometry: the Q4_K down launch's down_slots (rows, blocks, warps)
         aligned = what.endswith("aligned")
-        cfg = replace(MOE_DEFAULT, down_walk=tuple(map(int, geo.split(",")))) if geo else MOE_DEFAULT
+        cfg = replace(MOE_DEFAULT, down_slots=tuple(map(int, geo.split(",")))) if geo else MOE_DEFAULT
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, T.Q6_K if aligned else T.Q4_K), aligned=aligned)
         calls, *_ = moe_setup(1, 3, cfg, weights=weights, aligned=aligned)
         for c in calls:

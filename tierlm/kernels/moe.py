@@ -74,9 +74,6 @@ class MoEConfig:
     down_slots: tuple = ()  # int8 decode of Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
     # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch
     slots_max_tokens: int = 1  # ... up to this many tokens
-    down_walk: tuple = ()  # the same sums, where down_slots applies, in (rows, blocks, warps, programs per
-    # multiprocessor[, a cap on registers per thread]): that many programs per token, each walking a run of blocks of
-    # rows (moe_down_walk_q8_kernel); the cap lets that many programs fit on a multiprocessor
 
     def gate_up_step(self, types, loads: int) -> tuple | None:
         """The (rows, blocks, warps) of the side-by-side gate/up launch where it applies (see gate_up_lines)."""
@@ -268,7 +265,7 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
     hq, hd, hs = quantize_q8(h, pack=slots or bool(loads[1] & 2), pdl_rows=x.shape[0])
     if slots:
-        return (q8_down_walk if cfg.down_walk else q8_down_slots)(hq, hd, ids, wts, down, dims, cfg)
+        return q8_down_slots(hq, hd, ids, wts, down, dims, cfg)
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
                    cfg.sums_slots(types, aligned, ids.numel() // dims[3]))
 
@@ -360,26 +357,6 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:
     tv.moe_down_slots_q8_kernel[(T, -(-D // bn))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp, BN=bn, NBLK=nblk,
         ASM=not _interpreting(), num_warps=warps, **pdl_launch(hq.device, T))
-    return y
-
-
-def q8_down_walk(hq, hd, ids, wts, down, dims, cfg: MoEConfig) -> torch.Tensor:
-    """``q8_down_slots``'s sums from ``moe_down_walk_q8_kernel``: ``cfg.down_walk``'s programs per multiprocessor
-    for each token, each walking a run of blocks of rows."""
-    from tierlm.kernels import triton_mmvq as tv
-
-    E, I, D, K = dims
-    T = ids.numel() // K
-    bn, dnb, dw, per_sm, *cap = cfg.down_walk
-    kp = 1 << (K - 1).bit_length()
-    nblk, warps = tv.fit_step(dnb, dw, I)
-    sms = device_info(hq.device)[1] if hq.is_cuda else 4
-    G = max(1, min(-(-D // bn), sms * per_sm))
-    y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
-    tv.moe_down_walk_q8_kernel[(G, T)](
-        hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, G, KP=kp,
-        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, **pdl_launch(hq.device, T),
-        **({"maxnreg": cap[0]} if cap and not _interpreting() else {}))
     return y
 
 

@@ -892,32 +892,3 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + t * D + rows, y, mask=rows < D)
-
-
-@triton.jit
-def moe_down_walk_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK, G,
-                            KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                            PDL: tl.constexpr = False):
-    """``moe_down_slots_q8_kernel``'s sums (a token's TOPK slots side by side, added in a fixed order in registers)
-    in G programs per token that each walk blocks of BN rows G apart: program (g, t) takes row blocks g, g + G, ... of
-    the nrb = cdiv(D, BN), so the programs' counts differ by one block at most, and the programs running at once read
-    neighbouring rows, as a launch of one program per block does. With G the programs the device holds at once,
-    every program starts in the first wave and none waits for a second."""
-    pdl_enter(PDL)
-    g = tl.program_id(0)
-    t = tl.program_id(1).to(tl.int64)
-    nrb = tl.cdiv(D, BN)
-    rows = tl.arange(0, BN)
-    for b in range(g, nrb, G):
-        row0 = b * BN
-        r = tl.arange(0, KP * BN)
-        slot = r // BN
-        p = t * TOPK + tl.minimum(slot, TOPK - 1)
-        e = tl.load(ids_ptr + p)
-        valid = (e >= 0) & (e < E) & (slot < TOPK)
-        wrow = down_ptr + tl.where(valid, e, 0).to(tl.int64) * es_d + tl.minimum(row0 + r % BN, D - 1).to(
-            tl.int64) * rb_d
-        a = _q4k_rows32p((hq_ptr + p * I).to(tl.pointer_type(tl.int32)), hd_ptr + p * (I // 16), wrow, 0, nb_d, 1, I,
-                         KP * BN, NBLK, ASM, False, 1, True)[0]
-        y = tl.sum(tl.reshape(tl.where(valid, a * tl.load(wts_ptr + p), 0.0), [KP, BN]), axis=0)
-        tl.store(y_ptr + t * D + row0 + rows, y, mask=row0 + rows < D)
