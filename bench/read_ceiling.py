@@ -99,7 +99,7 @@ MOE_GU_SLOTS = [((2, 2, 1), (4, 2, 8)), ((1, 4, 1), (2, 2, 4)), ((1, 2, 1), (4, 
 # in the same run, read-ceiling-NVIDIA_H200-fused.json.)
 # --moe-parts: (rows, blocks, warps) of the Q4_K down launch with a token's slots side by side (MoEConfig.down_slots),
 # and steps of the aligned Q6_K down launch (MoEConfig.aligned_step)
-MOE_SLOT_STEPS = [(4, 1, 4), (8, 1, 8), (2, 1, 2), (4, 1, 8), (2, 4, 4), (8, 1, 4), (4, 2, 4), (2, 2, 2)]
+MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 4), (2, 2, 2), (4, 2, 4), (8, 1, 8), (4, 1, 8)]
 # (read-ceiling-NVIDIA_H200-down-walk-runs.json timed (1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2) and
 # (2, 2, 1): all slower than the default (2, 4, 1))
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
