@@ -401,9 +401,10 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                 got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
                 assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots
             return [("h quantized, packed for the slots' launch", [lambda: quantize_q8(h, pack=True)], 0),
-                    ("down, the slots side by side (default)",
-                     [lambda ids=ids: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, cfg) for ids in sets],
-                     down_bytes),
+                    *[(f"down, the slots side by side{' (default)' if early == cfg.early else ''}"
+                       f"{'' if early else ', weights not loaded before the wait'}",
+                       [lambda ids=ids, early=early: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, cfg, early)
+                        for ids in sets], down_bytes) for early in (cfg.early, not cfg.early)],
                     *[(f"down, the slots side by side, step {c.down_slots}",
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c) for ids in sets],
                        down_bytes) for c in steps]]
@@ -425,17 +426,20 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             return out
 
         parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
-                 ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,
-                                                                 aligned) for ids in sets], up_bytes),
+                 *[(f"gate/up{'' if early else ', weights not loaded before the wait'}",
+                    [lambda ids=ids, early=early: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,
+                                                                     aligned, early) for ids in sets], up_bytes)
+                   for early in (cfg.early, not cfg.early)],
                  ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
                  ("down", down_calls(False), down_bytes),
                  ("down, slots summed in it", down_calls(True), down_bytes),
                  ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0),
                  *slots_parts(),
                  *flat_parts(),
-                 ("whole layer", [lambda ids=ids: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types,
-                                                                    config=cfg, aligned=aligned) for ids in sets],
-                  up_bytes + down_bytes)]
+                 *[(f"whole layer{'' if c.early else ', weights not loaded before the wait'}",
+                    [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
+                                                            aligned=aligned) for ids in sets], up_bytes + down_bytes)
+                   for c in (cfg, replace(cfg, early=not cfg.early))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

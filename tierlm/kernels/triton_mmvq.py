@@ -340,8 +340,30 @@ def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM:
 
 
 @triton.jit
+def _q4k_lines(wrow, kb0, BN: tl.constexpr, NBLK: tl.constexpr):
+    """The (L, 1) int32 pointers of a ``_q4k_rows32p`` step's lines (NBLK blocks of BN rows, L = NBLK * BN) from
+    block kb0, and the (L,) block index of each line."""
+    L: tl.constexpr = NBLK * BN
+    kb = kb0 + tl.arange(0, L) // BN
+    wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
+    return tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16]), kb
+
+
+@triton.jit
+def q4k_first_step(wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr):
+    """The weight words of ``_q4k_rows32p``'s first step (header, nibbles; zeros past kb1), for a kernel to load
+    before its grid-dependency wait (``pdl_enter``): weights are no launch's output, so their first bytes can be on
+    their way while the launch before finishes. Passed back as ``_q4k_rows32p``'s PRE words."""
+    pw, kb = _q4k_lines(wrow, kb0, BN, NBLK)
+    w = tl.arange(0, 32)[None, :]
+    live = (kb < kb1)[:, None]
+    return tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+
+
+@triton.jit
 def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                 PF: tl.constexpr = False, MR: tl.constexpr = 1, XROW: tl.constexpr = False):
+                 PF: tl.constexpr = False, MR: tl.constexpr = 1, XROW: tl.constexpr = False,
+                 PRE: tl.constexpr = False, hv0=0, q0=0):
     """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2), for up to
     MR (<= 4) activation rows at once. Returns four (BN,) float32 sums (zeros past MR).
 
@@ -355,7 +377,8 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     last). PF (MR = 1): each step first loads the next step's weight bytes (masked past kb1), so a
     warp has two steps of them in flight. XROW (MR = 1): ``xq32`` and ``xd_ptr`` are (BN,) pointers, the activation
     row of each weight row (16-byte aligned, as rows of K int8 and K // 16 pairs are), so one step may dot the rows of
-    several experts with several activation rows."""
+    several experts with several activation rows. PRE (MR = 1, no PF): the first step's weight words ``hv0``, ``q0``
+    were loaded by the caller (``q4k_first_step``)."""
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
     w = tl.arange(0, 32)[None, :]
@@ -365,9 +388,7 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     se = 16 * (c % 2)  # bit of group 2c's byte in word 3 (groups 4..7) or words 1 and 2 (0..3)
     sa = se + tl.where(hi, 2, 0)  # shift of words 1, 2: their top bits to bits 4, 5 for groups 4..7
     ma = tl.where(hi, 0x3030, 0x3F3F)  # bits taken from words 1, 2; the others from word 3
-    kb = kb0 + i // BN  # (L,)
-    wr = tl.reshape(tl.broadcast_to(wrow[None, :], [NBLK, BN]), [L])[:, None]
-    pw = tl.multiple_of((wr + kb[:, None] * 144).to(tl.pointer_type(tl.int32)), [16, 16])  # (L, 1)
+    pw, kb = _q4k_lines(wrow, kb0, BN, NBLK)  # (L, 1), (L,)
     if XROW:
         tl.static_assert(MR == 1, "an activation row per weight row, one activation row each")
         xq_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xq32[None, :], [NBLK, BN]), [L])[:, None], [16, 16])
@@ -396,12 +417,20 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
             hv, q, live = nhv, nq, nlive
     else:
         kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
-        for k in range(kb0, kfull, NBLK):
+        start = kb0
+        tail = kfull < kb1
+        if PRE:  # the first step, masked past kb1, on the words loaded before; then the whole steps after it
+            tl.static_assert(MR == 1, "the first step loaded by the caller: one activation row")
+            xl, xh, v = _q4k_acts(px, pd, (kb < kb1)[:, None], True)
+            a0 += _q4k_math(hv0, q0, xl, xh, v, sa, se, ma, ASM)
+            start = kb0 + NBLK
+            tail = tail & (kfull > kb0)  # with fewer than NBLK blocks the first step was the only one
+        for k in range(start, kfull, NBLK):
             o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
             p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3, None,
                                          sa, se, ma, ASM, False, MR)
             a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
-        if kfull < kb1:
+        if tail:
             o = kfull - kb0
             p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3,
                                          (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, MR)
@@ -799,13 +828,18 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
                      ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                     PDL: tl.constexpr = False, GU: tl.constexpr = False):
+                     PDL: tl.constexpr = False, GU: tl.constexpr = False, EARLY: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``). PDL: see
     ``pdl_enter``. GU (Q4_K gate and up, the lean step): a step's lines hold the BN gate rows and the BN up rows side
-    by side, so one loop walks both matrices (instead of one loop over the gate rows, then one over the up rows)."""
-    pdl_enter(PDL)
+    by side, so one loop walks both matrices (instead of one loop over the gate rows, then one over the up rows).
+    EARLY (GU): ids is read, and the first step's weights loaded, before the grid-dependency wait; only for ids
+    written two launches before this one or earlier (the launch just before, x's quantizer, waits for them), as
+    ``moe._moe_pairs_q8`` launches it."""
+    tl.static_assert(GU or not EARLY, "the first step loaded early: gate and up side by side")
+    if not EARLY:
+        pdl_enter(PDL)
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
     e = tl.load(ids_ptr + t)
@@ -819,8 +853,14 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
         isup = r >= BN
         n = tl.minimum(row0 + r % BN, I - 1).to(tl.int64)
         wrow = tl.where(isup, up_ptr + e * es_u + n * rb_u, gate_ptr + e * es_g + n * rb_g)
-        a = _q4k_rows32p(xq.to(tl.pointer_type(tl.int32)), xd, wrow, 0, tl.where(valid, nb_g, 0), 1, D, 2 * BN, NBLK,
-                         ASM)[0]
+        nb = tl.where(valid, nb_g, 0)
+        if EARLY:
+            hv0, q0 = q4k_first_step(wrow, 0, nb, 2 * BN, NBLK)
+            pdl_enter(PDL)
+            a = _q4k_rows32p(xq.to(tl.pointer_type(tl.int32)), xd, wrow, 0, nb, 1, D, 2 * BN, NBLK, ASM, PRE=True,
+                             hv0=hv0, q0=q0)[0]
+        else:
+            a = _q4k_rows32p(xq.to(tl.pointer_type(tl.int32)), xd, wrow, 0, nb, 1, D, 2 * BN, NBLK, ASM)[0]
         g = tl.sum(tl.reshape(tl.where(isup, 0.0, a), [2, BN]), axis=0)
         u = tl.sum(tl.reshape(tl.where(isup, a, 0.0), [2, BN]), axis=0)
     else:
@@ -867,14 +907,18 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
 @triton.jit
 def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                             PDL: tl.constexpr = False):
+                             PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
     slots in a fixed order in registers: the slots' sum without a launch of its own, and without the sequential walk
     of ``moe_down_q8_kernel``'s SUM, whose programs run TOPK times as long. Program (t, block of BN rows); float32
-    (T, D). An expert id outside [0, E) adds nothing (its lanes' sums are dropped, whatever they read)."""
-    pdl_enter(PDL)
+    (T, D). An expert id outside [0, E) adds nothing (its lanes' sums are dropped, whatever they read). EARLY: ids and
+    wts are read, and the first step's weights loaded, before the grid-dependency wait; only for ids and wts written
+    two launches before this one or earlier (the launch just before, h's quantizer, waits for them), as
+    ``moe._moe_pairs_q8`` launches it."""
+    if not EARLY:
+        pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * BN
     r = tl.arange(0, KP * BN)
@@ -887,8 +931,14 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     wrow = down_ptr + e * es_d + n.to(tl.int64) * rb_d
     xq = (hq_ptr + p * I).to(tl.pointer_type(tl.int32))
     xd = hd_ptr + p * (I // 16)
-    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True)[0]
-    a = tl.where(valid, a * tl.load(wts_ptr + p), 0.0)
+    wt = tl.load(wts_ptr + p)
+    if EARLY:
+        hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK)
+        pdl_enter(PDL)
+        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True, True, hv0, q0)[0]
+    else:
+        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True)[0]
+    a = tl.where(valid, a * wt, 0.0)
     y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_ptr + t * D + rows, y, mask=rows < D)
