@@ -426,10 +426,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             return out
 
         parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
-                 *[(f"gate/up{'' if early else ', weights not loaded before the wait'}",
-                    [lambda ids=ids, early=early: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,
-                                                                     aligned, early) for ids in sets], up_bytes)
-                   for early in (cfg.early, not cfg.early)],
+                 ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,
+                                                                 aligned) for ids in sets], up_bytes),
                  ("h quantized", [lambda: quantize_q8(h, pack=bool(ld & 2))], 0),
                  ("down", down_calls(False), down_bytes),
                  ("down, slots summed in it", down_calls(True), down_bytes),

@@ -74,7 +74,7 @@ def test_only_hopper_forms_use_pdl():
 
 # what a kernel launched with EARLY may read before its grid-dependency wait: the expert ids and weights (written two
 # launches before it or earlier) and the weights themselves
-EARLY_READS = {"ids_ptr", "wts_ptr", "gate_ptr", "up_ptr", "down_ptr"}
+EARLY_READS = {"ids_ptr", "wts_ptr", "down_ptr"}
 _REG = re.compile(r"%[a-z]+\d+")
 
 
@@ -108,7 +108,7 @@ def test_pdl_kernels_wait_before_touching_memory(v):
     """A kernel launched with programmatic dependent launch may start while the launch before it still runs: it must
     wait (griddepcontrol.wait) before its first global load, store or atomic, or it reads what that launch has not
     written yet, or overwrites what it still reads (a freed buffer the allocator handed on). With EARLY (the MoE's
-    gate/up and slots' down launches) it loads ids, wts and its first weights before the wait, and nothing else: no
+    slots' down launch) it loads ids, wts and its first weights before the wait, and nothing else: no
     load before the wait has an address made from another pointer argument (the activations), and nothing is
     written."""
     ptx = aot.compile_variant(v, 90).asm["ptx"]

@@ -297,8 +297,7 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
     types = (q_up, q_up, q_down)
     sums = sorted({cfg.sums_slots(types, aligned, 1), cfg.sums_slots(types, aligned, 2)})  # at one token and more
     out = [Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
-                   dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul, GU=bool(side),
-                        EARLY=bool(side) and cfg.early),
+                   dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul, GU=bool(side)),
                    a_up, uw, tags=dict(act="fp32", qtype=q_up))]
     if cfg.slots_down(types, 1):
         sb, snb, sw = cfg.down_slots

@@ -74,8 +74,9 @@ class MoEConfig:
     down_slots: tuple = ()  # int8 decode of Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
     # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch
     slots_max_tokens: int = 1  # ... up to this many tokens
-    early: bool = True  # the side-by-side gate/up launch and the slots' down launch read ids and load their first
-    # step's weights before the grid-dependency wait of a programmatic dependent launch (see moe_up_q8_kernel)
+    early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
+    # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
+    # 23.72 us at one token (bench/results/read-ceiling-NVIDIA_H200-early.json)
 
     def gate_up_step(self, types, loads: int) -> tuple | None:
         """The (rows, blocks, warps) of the side-by-side gate/up launch where it applies (see gate_up_lines)."""
@@ -264,11 +265,9 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     loads = q8_loads(cfg, types, gate, up, down, aligned)
     slots = dims[3] > 1 and cfg.slots_down(types, x.shape[0])
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
-    # ids and wts were written before x's quantizer, and each launch waits for the one before it: the gate/up and
-    # slots' launches may read them before their own wait (cfg.early)
-    h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned, early=cfg.early)
+    h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
     hq, hd, hs = quantize_q8(h, pack=slots or bool(loads[1] & 2), pdl_rows=x.shape[0])
-    if slots:
+    if slots:  # ids and wts were written before x's quantizer, and each launch waits for the one before it
         return q8_down_slots(hq, hd, ids, wts, down, dims, cfg, early=cfg.early)
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
                    cfg.sums_slots(types, aligned, ids.numel() // dims[3]))
@@ -293,9 +292,8 @@ def _aligned_words(aligned: bool, K: int, weights) -> tuple[int, tuple | None]:
 
 
 def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: int,
-               aligned: bool = False, early: bool = False) -> torch.Tensor:
-    """The int8 gate/up launch on quantized x: h (P, I) float32. ``early``: ids was written before the launch that
-    wrote xq (``moe_up_q8_kernel``'s EARLY, where gate and up are side by side)."""
+               aligned: bool = False) -> torch.Tensor:
+    """The int8 gate/up launch on quantized x: h (P, I) float32."""
     from tierlm.kernels import triton_mmvq as tv
 
     (gt, ut, dt), (E, I, D, K) = types, dims
@@ -313,7 +311,7 @@ def q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg: MoEConfig, loads: in
         xq, xd, xs, gate, up, h, ids, E, I, D, D // tv.BLOCK_ELEMS[int(gt)], D // tv.BLOCK_ELEMS[int(ut)],
         gate.shape[2], up.shape[2], gate[0].numel(), up[0].numel(), K, GATE_T=int(gt), UP_T=int(ut), BN=ub,
         NBLK=nblk, LOADS=loads, num_warps=warps, ASM=not _interpreting(), PF=cfg.mmvq_pf, ALIGNED=words,
-        GU=bool(side), EARLY=bool(side) and early, **pdl_launch(xq.device, P // K))
+        GU=bool(side), **pdl_launch(xq.device, P // K))
     return h
 
 
@@ -338,8 +336,7 @@ def swiglu_q8(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_type, 
     types = (*types, types[0])  # no down matrix: its type only fills the triple the launch helpers take
     loads = q8_loads(cfg, types, gate, up, gate, aligned)[0]
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads & 2))
-    return q8_gate_up(xq, xd, xs, _zero_ids(x.device, T), gate, up, types, (1, I, D, 1), cfg, loads, aligned,
-                      early=cfg.early)  # the ids are no launch's output
+    return q8_gate_up(xq, xd, xs, _zero_ids(x.device, T), gate, up, types, (1, I, D, 1), cfg, loads, aligned)
 
 
 @functools.lru_cache(maxsize=None)

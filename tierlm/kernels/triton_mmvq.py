@@ -828,18 +828,15 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
                      es_g, es_u, TOPK,
                      GATE_T: tl.constexpr, UP_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
                      ASM: tl.constexpr, PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                     PDL: tl.constexpr = False, GU: tl.constexpr = False, EARLY: tl.constexpr = False):
+                     PDL: tl.constexpr = False, GU: tl.constexpr = False):
     """h[p, n] = silu(gate_e[n] . x[token]) * (up_e[n] . x[token]) for pair p = program 0 (expert
     e = ids[p], token p // TOPK), rows n of program 1's block; float32 (P, I). An expert id outside
     [0, E) reads nothing and gives zeros. ALIGNED: Q6_K experts in the aligned layout (``mmvq_rows``). PDL: see
     ``pdl_enter``. GU (Q4_K gate and up, the lean step): a step's lines hold the BN gate rows and the BN up rows side
     by side, so one loop walks both matrices (instead of one loop over the gate rows, then one over the up rows).
-    EARLY (GU): ids is read, and the first step's weights loaded, before the grid-dependency wait; only for ids
-    written two launches before this one or earlier (the launch just before, x's quantizer, waits for them), as
-    ``moe._moe_pairs_q8`` launches it."""
-    tl.static_assert(GU or not EARLY, "the first step loaded early: gate and up side by side")
-    if not EARLY:
-        pdl_enter(PDL)
+    (Its first step's weights loaded before the grid-dependency wait, as ``moe_down_slots_q8_kernel``'s EARLY does,
+    measured 1.1-1.2 us slower on an H200: bench/results/read-ceiling-NVIDIA_H200-early.json.)"""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     row0 = tl.program_id(1) * BN
     e = tl.load(ids_ptr + t)
@@ -853,14 +850,8 @@ def moe_up_q8_kernel(xq_ptr, xd_ptr, xs_ptr, gate_ptr, up_ptr, h_ptr, ids_ptr, E
         isup = r >= BN
         n = tl.minimum(row0 + r % BN, I - 1).to(tl.int64)
         wrow = tl.where(isup, up_ptr + e * es_u + n * rb_u, gate_ptr + e * es_g + n * rb_g)
-        nb = tl.where(valid, nb_g, 0)
-        if EARLY:
-            hv0, q0 = q4k_first_step(wrow, 0, nb, 2 * BN, NBLK)
-            pdl_enter(PDL)
-            a = _q4k_rows32p(xq.to(tl.pointer_type(tl.int32)), xd, wrow, 0, nb, 1, D, 2 * BN, NBLK, ASM, PRE=True,
-                             hv0=hv0, q0=q0)[0]
-        else:
-            a = _q4k_rows32p(xq.to(tl.pointer_type(tl.int32)), xd, wrow, 0, nb, 1, D, 2 * BN, NBLK, ASM)[0]
+        a = _q4k_rows32p(xq.to(tl.pointer_type(tl.int32)), xd, wrow, 0, tl.where(valid, nb_g, 0), 1, D, 2 * BN, NBLK,
+                         ASM)[0]
         g = tl.sum(tl.reshape(tl.where(isup, 0.0, a), [2, BN]), axis=0)
         u = tl.sum(tl.reshape(tl.where(isup, a, 0.0), [2, BN]), axis=0)
     else:
