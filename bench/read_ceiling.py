@@ -99,7 +99,8 @@ MOE_GU_SLOTS = [((2, 2, 1), (4, 2, 8)), ((1, 4, 1), (2, 2, 4)), ((1, 2, 1), (4, 
 # in the same run, read-ceiling-NVIDIA_H200-fused.json.)
 # --moe-parts: (rows, blocks, warps) of the Q4_K down launch with a token's slots side by side (MoEConfig.down_slots),
 # and steps of the aligned Q6_K down launch (MoEConfig.aligned_step)
-MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 4), (2, 2, 2), (4, 2, 4), (8, 1, 8), (4, 1, 8)]
+MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 4), (2, 2, 2), (4, 2, 4), (8, 1, 8),
+                  (4, 1, 8)]
 # (read-ceiling-NVIDIA_H200-down-walk-runs.json timed (1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2) and
 # (2, 2, 1): all slower than the default (2, 4, 1))
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
@@ -305,7 +306,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     if args.moe_parts:
-        moe_parts(bw, row, aligned=True, down_types=[T[n] for n in args.down_types.split(",")])  # Q6_K experts as the layers hold them on a GPU
+        # Q6_K experts aligned, as the layers hold them on a GPU
+        moe_parts(bw, row, aligned=True, down_types=[T[n] for n in args.down_types.split(",")])
     moe_cfgs = [("default", MOE_DEFAULT)]
     if args.loads:
         moe_cfgs += [(f"up {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_loads=ld, mmvq_up=(r, nb, wp)))

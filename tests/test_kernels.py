@@ -554,7 +554,8 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
     dims = (gate.shape[0], gate.shape[1], x.shape[1], ids.shape[1])
     # down rows of I = 512 (2 blocks): with 2 blocks a step, only the first step, loaded before the wait (cfg.early);
     # with 1, the first then a whole one
-    for side, slots in (((2, 2, 1), (4, 2, 8)), ((4, 2, 4), (2, 2, 4)), ((1, 4, 1), (1, 2, 2)), ((2, 1, 1), (1, 1, 1))):
+    for side, slots in (((2, 2, 1), (4, 2, 8)), ((4, 2, 4), (2, 2, 4)), ((1, 4, 1), (1, 2, 2)),
+                        ((2, 1, 1), (1, 1, 1))):
         cfg = replace(moe.DEFAULT, gate_up_lines=side, down_slots=slots, slots_max_tokens=T_)
         loads = moe.q8_loads(cfg, types, gate, up, dn, aligned)
         xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
@@ -566,7 +567,7 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
         assert out.shape == x.shape and rel(out, ref) <= 1e-4, (side, slots)
         late = moe_quant(x, ids, wts, gate, up, dn, *types, config=replace(cfg, early=False), aligned=aligned)
         assert torch.equal(out, late), (side, slots)  # the same sums, whenever the first weights were loaded
-    if down_type == T.Q4_K:  # down rows of 3 blocks, 2 a step: the first step loaded before the wait, then a partial one
+    if down_type == T.Q4_K:  # down rows of 3 blocks, 2 a step: the first step, loaded before the wait, then a partial
         gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=45, I=768)
         cfg = replace(moe.DEFAULT, down_slots=(4, 2, 8), slots_max_tokens=T_)
         out = moe_quant(x, ids, wts, gate, up, down, *types, config=cfg)
