@@ -199,6 +199,8 @@ def main() -> None:
                     "at 1 and 4 tokens (Q6_K down experts aligned, as the layers hold them)")
     ap.add_argument("--moe-parts", action="store_true", help="also time the int8 MoE at one token launch by launch")
     ap.add_argument("--down-types", default="Q6_K,Q4_K", help="--moe-parts: the down experts' types")
+    ap.add_argument("--allocations", type=int, default=1, help="--moe-parts: run it this many times, each on newly "
+                    "allocated experts (how much where the weights land moves the launches)")
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
@@ -307,7 +309,7 @@ def main() -> None:
 
     if args.moe_parts:
         # Q6_K experts aligned, as the layers hold them on a GPU
-        moe_parts(bw, row, aligned=True, down_types=[T[n] for n in args.down_types.split(",")])
+        moe_parts(bw, row, aligned=True, down_types=[T[n] for n in args.down_types.split(",")] * args.allocations)
     moe_cfgs = [("default", MOE_DEFAULT)]
     if args.loads:
         moe_cfgs += [(f"up {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_loads=ld, mmvq_up=(r, nb, wp)))
@@ -362,12 +364,14 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
     """The default int8 MoE decode at one token launch by launch (x quantized, gate/up, h quantized, down, down with
     the slots summed in it, the slots summed, and where the default runs them side by side, the slots' down launch)
     beside the whole call, each launch's weight bytes against copy bandwidth; ``aligned``: Q6_K experts in the aligned
-    layout, as the layers hold them on a GPU."""
+    layout, as the layers hold them on a GPU. A down type listed again runs again on newly allocated experts."""
     import statistics
 
     from tierlm.kernels import moe as moe_mod
 
-    for down_type in down_types:
+    spacers = []  # kept: each set of experts is allocated past those of the sets before it, on other pages
+    for i, down_type in enumerate(down_types):
+        spacers.append(torch.empty((i + 1) * (48 << 20), dtype=torch.uint8, device="cuda"))
         gate, up, down, types = moe_weights(types=(T.Q4_K, T.Q4_K, down_type), aligned=aligned)
         E, I, D, K = gate.shape[0], gate.shape[1], MOE["D"], MOE["K"]
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -443,7 +447,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}
-            row(what=f"moe part, down {down_type.name}: {what}", us=s * 1e6, **kw)
+            row(what=f"moe part, down {down_type.name}: {what}", us=s * 1e6, allocation=int(gate.data_ptr()), **kw)
         del gate, up, down
         torch.cuda.empty_cache()
 
