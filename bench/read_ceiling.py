@@ -184,6 +184,16 @@ def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, 
                                                    PF=pf, num_warps=warps, maxnreg=maxnreg)
 
 
+def flat_calls(bufs, warps: int, unroll: int) -> list:
+    """One ``flat_read_kernel`` launch per int32 buffer of ``bufs`` (all of one size): programs of ``warps`` warps,
+    each thread ``unroll`` 16-byte loads."""
+    n_words, words = bufs[0].numel(), 4 * 32 * warps
+    grid = (triton.cdiv(n_words, words * unroll),)
+    sink = torch.empty(grid[0], dtype=torch.int32, device=bufs[0].device)
+    return [lambda b=b: flat_read_kernel[grid](b, sink, n_words, WORDS=words, UNROLL=unroll, num_warps=warps)
+            for b in bufs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
@@ -231,16 +241,10 @@ def main() -> None:
         w = random_weight(t, N, K, copies)
         nbytes = w[0].numel()
         pct = lambda s: nbytes / s / bw * 100  # noqa: E731
-        n_words = nbytes // 4
         for warps, unroll in FLAT if "flat" not in args.skip else ():
-            words = 4 * 32 * warps
-            grid = (triton.cdiv(n_words, words * unroll),)
-            out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
-            s = graph_time([lambda i=i: flat_read_kernel[grid](w[i].view(torch.int32).view(-1), out, n_words,
-                                                                WORDS=words, UNROLL=unroll, num_warps=warps)
-                            for i in range(copies)])
-            row(what=f"flat read {warps}w x{unroll} ({words * unroll * 4} B/program)", shape=name, us=s * 1e6,
-                pct=pct(s))
+            s = graph_time(flat_calls([w[i].view(torch.int32).view(-1) for i in range(copies)], warps, unroll))
+            row(what=f"flat read {warps}w x{unroll} ({4 * 32 * warps * unroll * 4} B/program)", shape=name,
+                us=s * 1e6, pct=pct(s))
         bn, nblk, warps = MMVQ_TILES[t]
         nb, wp = tv.fit_step(nblk, warps, K)
         outp = torch.empty(N, dtype=torch.int32, device="cuda")
@@ -419,16 +423,9 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             """A flat read of the down launch's bytes (and of the gate/up launch's) in one launch: their ceiling."""
             out = []
             for what, nbytes in (("down", down_bytes), ("gate/up", up_bytes)):
-                n_words = int(nbytes) // 4
-                bufs = [torch.empty(n_words, dtype=torch.int32, device="cuda") for _ in range(4)]
-                for warps, unroll in ((4, 4), (8, 2), (1, 1)):
-                    words = 4 * 32 * warps
-                    grid = (triton.cdiv(n_words, words * unroll),)
-                    sink = torch.empty(grid[0], dtype=torch.int32, device="cuda")
-                    out.append((f"flat read of the {what} launch's bytes {warps}w x{unroll}",
-                                [lambda b=b, grid=grid, sink=sink, words=words, unroll=unroll, warps=warps:
-                                 flat_read_kernel[grid](b, sink, n_words, WORDS=words, UNROLL=unroll, num_warps=warps)
-                                 for b in bufs], nbytes))
+                bufs = [torch.empty(int(nbytes) // 4, dtype=torch.int32, device="cuda") for _ in range(4)]
+                out += [(f"flat read of the {what} launch's bytes {warps}w x{unroll}", flat_calls(bufs, warps, unroll),
+                         nbytes) for warps, unroll in ((4, 4), (8, 2), (1, 1))]
             return out
 
         parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),

@@ -5,9 +5,9 @@ out[t] = sum_k weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, k
 On CUDA this is two Triton launches plus one sum over the k slots, whatever the number of experts:
 decode (few token-expert pairs) runs each pair as a matrix-vector product straight from ``ids``
 (with int8 activations: x and h quantized first; Q4_K gate and up rows side by side in one loop; at
-one token the down launch adds the slots itself, so no sum launch); prefill sorts the pairs by expert so each expert's weights are read once per tile of up to
-``block_m`` pairs and multiplied with tensor-core tiles. On CPU it is the reference (a loop over
-the experts that are used, each dequantized). ``moe_dense`` runs the same kernels on unquantized
+one token the down launch adds the slots itself, so no sum launch); prefill sorts the pairs by expert
+so each expert's weights are read once per tile of up to ``block_m`` pairs and multiplied with
+tensor-core tiles. On CPU it is the reference (a loop over the experts that are used, each dequantized). ``moe_dense`` runs the same kernels on unquantized
 fp16/bf16/fp32 stacked weights.
 
 Glossary: T = tokens, K = experts per token, P = T * K (token, slot) pairs, E = experts,
@@ -359,8 +359,8 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     nblk, warps = tv.fit_step(dnb, dw, I)
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_slots_q8_kernel[(T, -(-D // bn))](
-        hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp, BN=bn, NBLK=nblk,
-        ASM=not _interpreting(), num_warps=warps, EARLY=early, **pdl_launch(hq.device, T))
+        hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
+        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, **pdl_launch(hq.device, T))
     return y
 
 

@@ -923,12 +923,11 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     xq = (hq_ptr + p * I).to(tl.pointer_type(tl.int32))
     xd = hd_ptr + p * (I // 16)
     wt = tl.load(wts_ptr + p)
+    hv0, q0 = 0, 0
     if EARLY:
         hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK)
         pdl_enter(PDL)
-        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True, True, hv0, q0)[0]
-    else:
-        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True)[0]
+    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True, EARLY, hv0, q0)[0]
     a = tl.where(valid, a * wt, 0.0)
     y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
     rows = row0 + tl.arange(0, BN)
