@@ -216,6 +216,12 @@ def main() -> None:
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
                     "moe[:rows,blocks,warps,loads of the gate/up launch] | moe-q4k[:down_slots] | moe-q6k-aligned")
     args = ap.parse_args()
+    down_types = [n.strip().upper() for n in args.down_types.split(",")]
+    if bad := [n for n in down_types if n not in ("Q4_K", "Q6_K")]:
+        ap.error(f"--down-types: {', '.join(bad)} is not a down experts' type the MoE timings build; use Q4_K, Q6_K "
+                 "or both, comma-separated")
+    if args.allocations < 1:
+        ap.error(f"--allocations must be 1 or more (got {args.allocations})")
     if args.profile:
         return profile_launch(args)
     dev = torch.cuda.get_device_properties(0)
@@ -313,7 +319,7 @@ def main() -> None:
 
     if args.moe_parts:
         # Q6_K experts aligned, as the layers hold them on a GPU
-        moe_parts(bw, row, aligned=True, down_types=[T[n] for n in args.down_types.split(",")] * args.allocations)
+        moe_parts(bw, row, aligned=True, down_types=[T[n] for n in down_types] * args.allocations)
     moe_cfgs = [("default", MOE_DEFAULT)]
     if args.loads:
         moe_cfgs += [(f"up {r}x{nb} {wp}w loads={ld}", replace(MOE_DEFAULT, mmvq_loads=ld, mmvq_up=(r, nb, wp)))
