@@ -103,6 +103,13 @@ MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 
                   (4, 1, 8)]
 # (read-ceiling-NVIDIA_H200-down-walk-runs.json timed (1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2) and
 # (2, 2, 1): all slower than the default (2, 4, 1))
+# ... with each step's next weights loaded before its math (MoEConfig.slots_pf)
+MOE_SLOT_PF_STEPS = [(4, 2, 8), (4, 1, 8), (4, 2, 4), (2, 2, 4), (4, 1, 4)]
+# ... (step, next weights loaded first, registers per thread capped at)
+MOE_SLOT_CAPS = [((4, 2, 8), False, 40), ((4, 2, 8), False, 32), ((4, 2, 8), True, 48), ((4, 1, 8), True, 40)]
+# bare walks of the slots' launch (slots_walk_kernel): (step, activations read too, next weights loaded first)
+MOE_SLOT_WALKS = [((4, 2, 8), False, False), ((4, 2, 8), True, False), ((4, 2, 8), True, True),
+                  ((4, 1, 8), True, False), ((4, 1, 8), True, True)]
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -171,6 +178,47 @@ def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBL
                              [16, 16])
         acc ^= tl.load(blk + w % 4) + tl.load(blk + 4 + w)
     tl.store(out_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def slots_walk_kernel(hq_ptr, hd_ptr, down_ptr, out_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK, KP: tl.constexpr,
+                      BN: tl.constexpr, NBLK: tl.constexpr, ACTS: tl.constexpr, PF: tl.constexpr):
+    """``triton_mmvq.moe_down_slots_q8_kernel``'s walk (same programs, lines and steps: its experts' weight words and,
+    with ACTS, each slot's activation words and (xd, xs) pairs) with the words xored together instead of multiplied:
+    the launch's ceiling for its access pattern. PF: each step's next weight words loaded before this one's xor."""
+    t = tl.program_id(0).to(tl.int64)
+    row0 = tl.program_id(1) * BN
+    r = tl.arange(0, KP * BN)
+    slot = r // BN
+    p = t * TOPK + tl.minimum(slot, TOPK - 1)
+    e = tl.load(ids_ptr + p)
+    e = tl.where((e >= 0) & (e < E), e, 0).to(tl.int64)
+    wrow = down_ptr + e * es_d + tl.minimum(row0 + r % BN, D - 1).to(tl.int64) * rb_d
+    L: tl.constexpr = NBLK * KP * BN
+    pw, kb = tv._q4k_lines(wrow, 0, KP * BN, NBLK)
+    w = tl.arange(0, 32)[None, :]
+    hc = w // 4
+    xq = tl.reshape(tl.broadcast_to((hq_ptr + p * I).to(tl.pointer_type(tl.int32))[None, :], [NBLK, KP * BN]),
+                    [L])[:, None]
+    xd = tl.reshape(tl.broadcast_to((hd_ptr + p * (I // 16)).to(tl.pointer_type(tl.int32))[None, :],
+                                    [NBLK, KP * BN]), [L])[:, None]
+    px = tl.multiple_of(xq, [16, 16]) + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4
+    pd = tl.multiple_of(xd + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    acc = tl.zeros([L, 32], dtype=tl.int32)
+    if PF:
+        hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
+    for k in range(0, nb_d, NBLK):  # nb_d a multiple of NBLK here (I = 2048)
+        if PF:
+            nk = tl.minimum(k + NBLK, nb_d - NBLK)
+            nhv, nq = tl.load(pw + nk * 36 + w % 4), tl.load(pw + nk * 36 + 4 + w)
+        else:
+            hv, q = tl.load(pw + k * 36 + w % 4), tl.load(pw + k * 36 + 4 + w)
+        acc ^= hv + q
+        if ACTS:
+            acc ^= tl.load(px + k * 64) + tl.load(px + k * 64 + 8) + tl.load(pd + k * 16)
+        if PF:
+            hv, q = nhv, nq
+    tl.store(out_ptr + t * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 def mmvq_alone(xq, xd, xs, w, t, N, K, bn, nblk, warps, out, loads=0, pf=False, maxnreg=None):
@@ -413,7 +461,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             pq, pd, _ = quantize_q8(h, pack=True)
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
             steps = [replace(cfg, down_slots=s) for s in MOE_SLOT_STEPS]
-            for c in steps:  # the same sums in another order: float rounding apart
+            pf = [replace(cfg, down_slots=s, slots_pf=True) for s in MOE_SLOT_PF_STEPS]
+            for c in steps + pf:  # the same sums in another order: float rounding apart
                 got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
                 assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots
             return [("h quantized, packed for the slots' launch", [lambda: quantize_q8(h, pack=True)], 0),
@@ -423,7 +472,45 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                         for ids in sets], down_bytes) for early in (cfg.early, not cfg.early)],
                     *[(f"down, the slots side by side, step {c.down_slots}",
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c) for ids in sets],
-                       down_bytes) for c in steps]]
+                       down_bytes) for c in steps],
+                    *[(f"down, the slots side by side, step {c.down_slots}, next weights loaded first (PF)",
+                       [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, c.early)
+                        for ids in sets], down_bytes) for c in pf],
+                    *[(f"down, the slots side by side, step {st}{', PF' if pf_ else ''}, registers capped at {cap}",
+                       capped_calls(st, pf_, cap), down_bytes) for st, pf_, cap in MOE_SLOT_CAPS],
+                    *[(f"bare walk of the slots' launch, step {st}{', activations too' if acts else ''}"
+                       f"{', PF' if wpf else ''}", walk_calls(st, acts, wpf), down_bytes)
+                      for st, acts, wpf in MOE_SLOT_WALKS]]
+
+        def capped_calls(step, pf_: bool, cap: int):
+            """The slots' launch (early, as the default) with its registers per thread capped at ``cap``: more
+            programs per SM, if it does not spill."""
+            bn, nb, warps = step
+            nblk, warps = tv.fit_step(nb, warps, I)
+            pq, pd, _ = quantize_q8(h, pack=True)
+            y_ = torch.empty(1, D, dtype=torch.float32, device="cuda")
+            want = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, replace(cfg, down_slots=step, slots_pf=pf_))
+
+            def call(ids):
+                tv.moe_down_slots_q8_kernel[(1, -(-D // bn))](
+                    pq, pd, down, y_, wts, ids, E, I, D, I // 256, down.shape[2], down[0].numel(), K, KP=8, BN=bn,
+                    NBLK=nblk, ASM=True, num_warps=warps, EARLY=True, PF=pf_, maxnreg=cap,
+                    **moe_mod.pdl_launch(pq.device, 1))
+            call(sets[0])
+            assert ((y_ - want).norm() / want.norm()).item() < 1e-6, (step, pf_, cap)
+            return [lambda ids=ids: call(ids) for ids in sets]
+
+        def walk_calls(step, acts: bool, pf_: bool):
+            """``slots_walk_kernel`` launches on each set of ids: the slots' launch's loads, xored (registers capped at
+            48, as many programs per SM as the launch holds)."""
+            bn, nb, warps = step
+            nblk, warps = tv.fit_step(nb, warps, I)
+            grid = (1, -(-D // bn))
+            sink = torch.empty(grid[1], dtype=torch.int32, device="cuda")
+            pq, pd, _ = quantize_q8(h, pack=True)
+            return [lambda ids=ids: slots_walk_kernel[grid](pq, pd, down, sink, ids, E, I, D, I // 256, down.shape[2],
+                                                             down[0].numel(), K, KP=8, BN=bn, NBLK=nblk, ACTS=acts,
+                                                             PF=pf_, num_warps=warps, maxnreg=48) for ids in sets]
 
         def flat_parts():
             """A flat read of the down launch's bytes (and of the gate/up launch's) in one launch: their ceiling."""
@@ -443,10 +530,11 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0),
                  *slots_parts(),
                  *flat_parts(),
-                 *[(f"whole layer{'' if c.early else ', weights not loaded before the wait'}",
+                 *[(f"whole layer{'' if c.early else ', weights not loaded before the wait'}"
+                    f"{', slots launch with PF' if c.slots_pf else ''}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
-                   for c in (cfg, replace(cfg, early=not cfg.early))]]
+                   for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, slots_pf=True))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

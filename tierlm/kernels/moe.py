@@ -77,6 +77,7 @@ class MoEConfig:
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
     # 23.72 us at one token (bench/results/read-ceiling-NVIDIA_H200-early.json)
+    slots_pf: bool = False  # the slots' down launch loads each step's next weights before its math (PF)
 
     def gate_up_step(self, types, loads: int) -> tuple | None:
         """The (rows, blocks, warps) of the side-by-side gate/up launch where it applies (see gate_up_lines)."""
@@ -360,7 +361,8 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_slots_q8_kernel[(T, -(-D // bn))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
-        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, **pdl_launch(hq.device, T))
+        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PF=cfg.slots_pf,
+        **pdl_launch(hq.device, T))
     return y
 
 

@@ -375,9 +375,9 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     a step's weight words are loaded, masked and decoded once for all rows; ``nact`` of them are
     real (K int8 apart, their (xd, xs) pairs K // 16 floats apart; rows past ``nact`` repeat the
     last). PF (MR = 1): each step first loads the next step's weight bytes (masked past kb1), so a
-    warp has two steps of them in flight. XROW (MR = 1): ``xq32`` and ``xd_ptr`` are (BN,) pointers, the activation
+    warp has two steps of them in flight (with PRE, the first step's are the caller's). XROW (MR = 1): ``xq32`` and ``xd_ptr`` are (BN,) pointers, the activation
     row of each weight row (16-byte aligned, as rows of K int8 and K // 16 pairs are), so one step may dot the rows of
-    several experts with several activation rows. PRE (MR = 1, no PF): the first step's weight words ``hv0``, ``q0``
+    several experts with several activation rows. PRE (MR = 1): the first step's weight words ``hv0``, ``q0``
     were loaded by the caller (``q4k_first_step``)."""
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
@@ -406,7 +406,10 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     if PF:
         tl.static_assert(MR == 1, "prefetch with one activation row")
         live = (kb < kb1)[:, None]
-        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+        if PRE:
+            hv, q = hv0, q0
+        else:
+            hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
         for k in range(kb0, kb1, NBLK):
             o = k - kb0
             nlive = (kb + o + NBLK < kb1)[:, None]
@@ -898,7 +901,7 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
 @triton.jit
 def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                             PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+                             PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
@@ -907,7 +910,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     (T, D). An expert id outside [0, E) adds nothing (its lanes' sums are dropped, whatever they read). EARLY: ids and
     wts are read, and the first step's weights loaded, before the grid-dependency wait; only for ids and wts written
     two launches before this one or earlier (the launch just before, h's quantizer, waits for them), as
-    ``moe._moe_pairs_q8`` launches it."""
+    ``moe._moe_pairs_q8`` launches it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF)."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -927,7 +930,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     if EARLY:
         hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK)
         pdl_enter(PDL)
-    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, False, 1, True, EARLY, hv0, q0)[0]
+    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY, hv0, q0)[0]
     a = tl.where(valid, a * wt, 0.0)
     y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
     rows = row0 + tl.arange(0, BN)
