@@ -107,9 +107,16 @@ MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 
 MOE_SLOT_PF_STEPS = [(4, 2, 8), (4, 1, 8), (4, 2, 4), (2, 2, 4), (4, 1, 4)]
 # ... (step, next weights loaded first, registers per thread capped at)
 MOE_SLOT_CAPS = [((4, 2, 8), False, 40), ((4, 2, 8), False, 32), ((4, 2, 8), True, 48), ((4, 1, 8), True, 40)]
-# bare walks of the slots' launch (slots_walk_kernel): (step, activations read too, next weights loaded first)
-MOE_SLOT_WALKS = [((4, 2, 8), False, False), ((4, 2, 8), True, False), ((4, 2, 8), True, True),
-                  ((4, 1, 8), True, False), ((4, 1, 8), True, True)]
+# ... (step, next weights loaded first, (weight loads' cache modifier, activation loads' eviction policy))
+MOE_SLOT_CACHES = [((4, 2, 8), False, (".cg", "")), ((4, 2, 8), False, (".cg", "evict_last")),
+                   ((4, 2, 8), False, ("", "evict_last")), ((4, 2, 8), False, (".cs", "")),
+                   ((4, 2, 8), True, (".cg", "")), ((4, 1, 8), False, (".cg", "")), ((8, 1, 8), False, (".cg", "")),
+                   ((2, 2, 4), False, (".cg", "")), ((1, 1, 1), False, (".cg", "")), ((1, 2, 2), False, (".cg", "")),
+                   ((8, 2, 8), False, (".cg", "")), ((16, 1, 8), False, (".cg", ""))]
+# bare walks of the slots' launch (slots_walk_kernel): (step, activations read too, next weights loaded first,
+# the weight loads' cache modifier)
+MOE_SLOT_WALKS = [((4, 2, 8), False, False, ""), ((4, 2, 8), True, False, ""), ((4, 2, 8), True, False, ".cg"),
+                  ((4, 1, 8), True, True, ""), ((4, 1, 8), True, True, ".cg")]
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -182,10 +189,12 @@ def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBL
 
 @triton.jit
 def slots_walk_kernel(hq_ptr, hd_ptr, down_ptr, out_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK, KP: tl.constexpr,
-                      BN: tl.constexpr, NBLK: tl.constexpr, ACTS: tl.constexpr, PF: tl.constexpr):
+                      BN: tl.constexpr, NBLK: tl.constexpr, ACTS: tl.constexpr, PF: tl.constexpr,
+                      WCM: tl.constexpr = ""):
     """``triton_mmvq.moe_down_slots_q8_kernel``'s walk (same programs, lines and steps: its experts' weight words and,
     with ACTS, each slot's activation words and (xd, xs) pairs) with the words xored together instead of multiplied:
-    the launch's ceiling for its access pattern. PF: each step's next weight words loaded before this one's xor."""
+    the launch's ceiling for its access pattern. PF: each step's next weight words loaded before this one's xor; WCM:
+    the weight loads' cache modifier."""
     t = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * BN
     r = tl.arange(0, KP * BN)
@@ -206,13 +215,15 @@ def slots_walk_kernel(hq_ptr, hd_ptr, down_ptr, out_ptr, ids_ptr, E, I, D, nb_d,
     pd = tl.multiple_of(xd + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
     acc = tl.zeros([L, 32], dtype=tl.int32)
     if PF:
-        hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
+        hv, q = tl.load(pw + w % 4, cache_modifier=WCM), tl.load(pw + 4 + w, cache_modifier=WCM)
     for k in range(0, nb_d, NBLK):  # nb_d a multiple of NBLK here (I = 2048)
         if PF:
             nk = tl.minimum(k + NBLK, nb_d - NBLK)
-            nhv, nq = tl.load(pw + nk * 36 + w % 4), tl.load(pw + nk * 36 + 4 + w)
+            nhv = tl.load(pw + nk * 36 + w % 4, cache_modifier=WCM)
+            nq = tl.load(pw + nk * 36 + 4 + w, cache_modifier=WCM)
         else:
-            hv, q = tl.load(pw + k * 36 + w % 4), tl.load(pw + k * 36 + 4 + w)
+            hv = tl.load(pw + k * 36 + w % 4, cache_modifier=WCM)
+            q = tl.load(pw + k * 36 + 4 + w, cache_modifier=WCM)
         acc ^= hv + q
         if ACTS:
             acc ^= tl.load(px + k * 64) + tl.load(px + k * 64 + 8) + tl.load(pd + k * 16)
@@ -462,7 +473,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
             steps = [replace(cfg, down_slots=s) for s in MOE_SLOT_STEPS]
             pf = [replace(cfg, down_slots=s, slots_pf=True) for s in MOE_SLOT_PF_STEPS]
-            for c in steps + pf:  # the same sums in another order: float rounding apart
+            caches = [replace(cfg, down_slots=s, slots_pf=f, slots_cache=c) for s, f, c in MOE_SLOT_CACHES]
+            for c in steps + pf + caches:  # the same sums in another order: float rounding apart
                 got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
                 assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots
             return [("h quantized, packed for the slots' launch", [lambda: quantize_q8(h, pack=True)], 0),
@@ -478,9 +490,13 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                         for ids in sets], down_bytes) for c in pf],
                     *[(f"down, the slots side by side, step {st}{', PF' if pf_ else ''}, registers capped at {cap}",
                        capped_calls(st, pf_, cap), down_bytes) for st, pf_, cap in MOE_SLOT_CAPS],
+                    *[(f"down, the slots side by side, step {c.down_slots}{', PF' if c.slots_pf else ''}, weight loads "
+                       f"{c.slots_cache[0] or 'plain'}, activation loads {c.slots_cache[1] or 'plain'}",
+                       [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, c.early)
+                        for ids in sets], down_bytes) for c in caches],
                     *[(f"bare walk of the slots' launch, step {st}{', activations too' if acts else ''}"
-                       f"{', PF' if wpf else ''}", walk_calls(st, acts, wpf), down_bytes)
-                      for st, acts, wpf in MOE_SLOT_WALKS]]
+                       f"{', PF' if wpf else ''}{', weight loads ' + wcm if wcm else ''}",
+                       walk_calls(st, acts, wpf, wcm), down_bytes) for st, acts, wpf, wcm in MOE_SLOT_WALKS]]
 
         def capped_calls(step, pf_: bool, cap: int):
             """The slots' launch (early, as the default) with its registers per thread capped at ``cap``: more
@@ -500,7 +516,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             assert ((y_ - want).norm() / want.norm()).item() < 1e-6, (step, pf_, cap)
             return [lambda ids=ids: call(ids) for ids in sets]
 
-        def walk_calls(step, acts: bool, pf_: bool):
+        def walk_calls(step, acts: bool, pf_: bool, wcm: str):
             """``slots_walk_kernel`` launches on each set of ids: the slots' launch's loads, xored (registers capped at
             48, as many programs per SM as the launch holds)."""
             bn, nb, warps = step
@@ -510,7 +526,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             pq, pd, _ = quantize_q8(h, pack=True)
             return [lambda ids=ids: slots_walk_kernel[grid](pq, pd, down, sink, ids, E, I, D, I // 256, down.shape[2],
                                                              down[0].numel(), K, KP=8, BN=bn, NBLK=nblk, ACTS=acts,
-                                                             PF=pf_, num_warps=warps, maxnreg=48) for ids in sets]
+                                                             PF=pf_, WCM=wcm, num_warps=warps, maxnreg=48)
+                    for ids in sets]
 
         def flat_parts():
             """A flat read of the down launch's bytes (and of the gate/up launch's) in one launch: their ceiling."""
@@ -531,10 +548,12 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  *slots_parts(),
                  *flat_parts(),
                  *[(f"whole layer{'' if c.early else ', weights not loaded before the wait'}"
-                    f"{', slots launch with PF' if c.slots_pf else ''}",
+                    f"{', slots launch with PF' if c.slots_pf else ''}"
+                    f"{', slots launch weight loads ' + c.slots_cache[0] if c.slots_cache[0] else ''}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
-                   for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, slots_pf=True))]]
+                   for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, slots_pf=True),
+                             replace(cfg, slots_cache=(".cg", "")))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

@@ -78,6 +78,8 @@ class MoEConfig:
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
     # 23.72 us at one token (bench/results/read-ceiling-NVIDIA_H200-early.json)
     slots_pf: bool = False  # the slots' down launch loads each step's next weights before its math (PF)
+    slots_cache: tuple = ("", "")  # the slots' down launch: its weight loads' cache modifier and its activation loads'
+    # eviction policy (moe_down_slots_q8_kernel's WCM, AEV)
 
     def gate_up_step(self, types, loads: int) -> tuple | None:
         """The (rows, blocks, warps) of the side-by-side gate/up launch where it applies (see gate_up_lines)."""
@@ -362,6 +364,7 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     tv.moe_down_slots_q8_kernel[(T, -(-D // bn))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
         BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PF=cfg.slots_pf,
+        WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1],
         **pdl_launch(hq.device, T))
     return y
 

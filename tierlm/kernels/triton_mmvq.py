@@ -307,34 +307,39 @@ def _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4k_acts(px, pd, live, MASK: tl.constexpr):
-    """One activation row's words for a ``_q4k_math`` step: low- and high-nibble words and (xd, xs) bits."""
+def _q4k_acts(px, pd, live, MASK: tl.constexpr, AEV: tl.constexpr = ""):
+    """One activation row's words for a ``_q4k_math`` step: low- and high-nibble words and (xd, xs) bits. AEV: the
+    loads' eviction policy ("evict_last": kept in L1 before the weights)."""
     if MASK:
-        return tl.load(px, mask=live, other=0), tl.load(px + 8, mask=live, other=0), tl.load(pd, mask=live, other=0)
-    return tl.load(px), tl.load(px + 8), tl.load(pd)
+        return (tl.load(px, mask=live, other=0, eviction_policy=AEV), tl.load(px + 8, mask=live, other=0,
+                                                                          eviction_policy=AEV),
+                tl.load(pd, mask=live, other=0, eviction_policy=AEV))
+    return tl.load(px, eviction_policy=AEV), tl.load(px + 8, eviction_policy=AEV), tl.load(pd, eviction_policy=AEV)
 
 
 @triton.jit
 def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr,
-                MR: tl.constexpr):
+                MR: tl.constexpr, WCM: tl.constexpr = "", AEV: tl.constexpr = ""):
     """One step of ``_q4k_rows32p``: the weight words loaded once, then each activation row's sums
-    (rows 1..3 at word offsets sx1..sx3 of xq and sd1..sd3 of the (xd, xs) pairs; zeros past MR)."""
+    (rows 1..3 at word offsets sx1..sx3 of xq and sd1..sd3 of the (xd, xs) pairs; zeros past MR). WCM: the weight
+    loads' cache modifier (".cg": not kept in L1); AEV: the activation loads' eviction policy."""
     w = tl.arange(0, 32)[None, :]
     if MASK:
-        hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+        hv = tl.load(pw + w % 4, mask=live, other=0, cache_modifier=WCM)
+        q = tl.load(pw + 4 + w, mask=live, other=0, cache_modifier=WCM)
     else:
-        hv, q = tl.load(pw + w % 4), tl.load(pw + 4 + w)
-    xl, xh, v = _q4k_acts(px, pd, live, MASK)
+        hv, q = tl.load(pw + w % 4, cache_modifier=WCM), tl.load(pw + 4 + w, cache_modifier=WCM)
+    xl, xh, v = _q4k_acts(px, pd, live, MASK, AEV)
     p0 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
     p1, p2, p3 = tl.zeros_like(p0), tl.zeros_like(p0), tl.zeros_like(p0)
     if MR > 1:
-        xl, xh, v = _q4k_acts(px + sx1, pd + sd1, live, MASK)
+        xl, xh, v = _q4k_acts(px + sx1, pd + sd1, live, MASK, AEV)
         p1 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
     if MR > 2:
-        xl, xh, v = _q4k_acts(px + sx2, pd + sd2, live, MASK)
+        xl, xh, v = _q4k_acts(px + sx2, pd + sd2, live, MASK, AEV)
         p2 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
     if MR > 3:
-        xl, xh, v = _q4k_acts(px + sx3, pd + sd3, live, MASK)
+        xl, xh, v = _q4k_acts(px + sx3, pd + sd3, live, MASK, AEV)
         p3 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
     return p0, p1, p2, p3
 
@@ -350,20 +355,21 @@ def _q4k_lines(wrow, kb0, BN: tl.constexpr, NBLK: tl.constexpr):
 
 
 @triton.jit
-def q4k_first_step(wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr):
+def q4k_first_step(wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, WCM: tl.constexpr = ""):
     """The weight words of ``_q4k_rows32p``'s first step (header, nibbles; zeros past kb1), for a kernel to load
     before its grid-dependency wait (``pdl_enter``): weights are no launch's output, so their first bytes can be on
     their way while the launch before finishes. Passed back as ``_q4k_rows32p``'s PRE words."""
     pw, kb = _q4k_lines(wrow, kb0, BN, NBLK)
     w = tl.arange(0, 32)[None, :]
     live = (kb < kb1)[:, None]
-    return tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+    return (tl.load(pw + w % 4, mask=live, other=0, cache_modifier=WCM),
+            tl.load(pw + 4 + w, mask=live, other=0, cache_modifier=WCM))
 
 
 @triton.jit
 def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                  PF: tl.constexpr = False, MR: tl.constexpr = 1, XROW: tl.constexpr = False,
-                 PRE: tl.constexpr = False, hv0=0, q0=0):
+                 PRE: tl.constexpr = False, hv0=0, q0=0, WCM: tl.constexpr = "", AEV: tl.constexpr = ""):
     """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2), for up to
     MR (<= 4) activation rows at once. Returns four (BN,) float32 sums (zeros past MR).
 
@@ -378,7 +384,8 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     warp has two steps of them in flight (with PRE, the first step's are the caller's). XROW (MR = 1): ``xq32`` and ``xd_ptr`` are (BN,) pointers, the activation
     row of each weight row (16-byte aligned, as rows of K int8 and K // 16 pairs are), so one step may dot the rows of
     several experts with several activation rows. PRE (MR = 1): the first step's weight words ``hv0``, ``q0``
-    were loaded by the caller (``q4k_first_step``)."""
+    were loaded by the caller (``q4k_first_step``). WCM, AEV: the weight loads' cache modifier and the activation
+    loads' eviction policy (``_q4k_step_m``)."""
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
     w = tl.arange(0, 32)[None, :]
@@ -409,13 +416,14 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
         if PRE:
             hv, q = hv0, q0
         else:
-            hv, q = tl.load(pw + w % 4, mask=live, other=0), tl.load(pw + 4 + w, mask=live, other=0)
+            hv = tl.load(pw + w % 4, mask=live, other=0, cache_modifier=WCM)
+            q = tl.load(pw + 4 + w, mask=live, other=0, cache_modifier=WCM)
         for k in range(kb0, kb1, NBLK):
             o = k - kb0
             nlive = (kb + o + NBLK < kb1)[:, None]
-            nhv = tl.load(pw + (o + NBLK) * 36 + w % 4, mask=nlive, other=0)
-            nq = tl.load(pw + (o + NBLK) * 36 + 4 + w, mask=nlive, other=0)
-            xl, xh, v = _q4k_acts(px + o * 64, pd + o * 16, live, True)
+            nhv = tl.load(pw + (o + NBLK) * 36 + w % 4, mask=nlive, other=0, cache_modifier=WCM)
+            nq = tl.load(pw + (o + NBLK) * 36 + 4 + w, mask=nlive, other=0, cache_modifier=WCM)
+            xl, xh, v = _q4k_acts(px + o * 64, pd + o * 16, live, True, AEV)
             a0 += _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
             hv, q, live = nhv, nq, nlive
     else:
@@ -424,19 +432,19 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
         tail = kfull < kb1
         if PRE:  # the first step, masked past kb1, on the words loaded before; then the whole steps after it
             tl.static_assert(MR == 1, "the first step loaded by the caller: one activation row")
-            xl, xh, v = _q4k_acts(px, pd, (kb < kb1)[:, None], True)
+            xl, xh, v = _q4k_acts(px, pd, (kb < kb1)[:, None], True, AEV)
             a0 += _q4k_math(hv0, q0, xl, xh, v, sa, se, ma, ASM)
             start = kb0 + NBLK
             tail = tail & (kfull > kb0)  # with fewer than NBLK blocks the first step was the only one
         for k in range(start, kfull, NBLK):
             o = k - kb0  # blocks from the first: a scalar, so the pointers keep their known alignment
             p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3, None,
-                                         sa, se, ma, ASM, False, MR)
+                                         sa, se, ma, ASM, False, MR, WCM, AEV)
             a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
         if tail:
             o = kfull - kb0
             p0, p1, p2, p3 = _q4k_step_m(pw + o * 36, px + o * 64, pd + o * 16, sx1, sx2, sx3, sd1, sd2, sd3,
-                                         (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, MR)
+                                         (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, MR, WCM, AEV)
             a0, a1, a2, a3 = a0 + p0, a1 + p1, a2 + p2, a3 + p3
     return (tl.sum(tl.reshape(tl.sum(a0, axis=1), [NBLK, BN]), axis=0),
             tl.sum(tl.reshape(tl.sum(a1, axis=1), [NBLK, BN]), axis=0),
@@ -901,7 +909,8 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
 @triton.jit
 def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
-                             PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False):
+                             PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False,
+                             WCM: tl.constexpr = "", AEV: tl.constexpr = ""):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
@@ -910,7 +919,8 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     (T, D). An expert id outside [0, E) adds nothing (its lanes' sums are dropped, whatever they read). EARLY: ids and
     wts are read, and the first step's weights loaded, before the grid-dependency wait; only for ids and wts written
     two launches before this one or earlier (the launch just before, h's quantizer, waits for them), as
-    ``moe._moe_pairs_q8`` launches it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF)."""
+    ``moe._moe_pairs_q8`` launches it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF). WCM, AEV: the weight loads' cache
+    modifier and the activation loads' eviction policy (``_q4k_step_m``)."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -928,9 +938,9 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     wt = tl.load(wts_ptr + p)
     hv0, q0 = 0, 0
     if EARLY:
-        hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK)
+        hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK, WCM)
         pdl_enter(PDL)
-    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY, hv0, q0)[0]
+    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY, hv0, q0, WCM, AEV)[0]
     a = tl.where(valid, a * wt, 0.0)
     y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
     rows = row0 + tl.arange(0, BN)
