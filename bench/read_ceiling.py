@@ -108,15 +108,16 @@ MOE_SLOT_PF_STEPS = [(4, 2, 8), (4, 1, 8), (4, 2, 4), (2, 2, 4), (4, 1, 4)]
 # ... (step, next weights loaded first, registers per thread capped at)
 MOE_SLOT_CAPS = [((4, 2, 8), False, 40), ((4, 2, 8), False, 32), ((4, 2, 8), True, 48), ((4, 1, 8), True, 40)]
 # ... (step, next weights loaded first, (weight loads' cache modifier, activation loads' eviction policy))
-MOE_SLOT_CACHES = [((4, 2, 8), False, (".cg", "")), ((4, 2, 8), False, (".cg", "evict_last")),
-                   ((4, 2, 8), False, ("", "evict_last")), ((4, 2, 8), False, (".cs", "")),
-                   ((4, 2, 8), True, (".cg", "")), ((4, 1, 8), False, (".cg", "")), ((8, 1, 8), False, (".cg", "")),
-                   ((2, 2, 4), False, (".cg", "")), ((1, 1, 1), False, (".cg", "")), ((1, 2, 2), False, (".cg", "")),
-                   ((8, 2, 8), False, (".cg", "")), ((16, 1, 8), False, (".cg", ""))]
+MOE_SLOT_CACHES = [((4, 2, 8), False, (1, 0)), ((4, 2, 8), False, (1, 1)),
+                   ((4, 2, 8), False, (0, 1)), ((4, 2, 8), False, (2, 0)),
+                   ((4, 2, 8), True, (1, 0)), ((4, 1, 8), False, (1, 0)), ((8, 1, 8), False, (1, 0)),
+                   ((2, 2, 4), False, (1, 0)), ((1, 1, 1), False, (1, 0)), ((1, 2, 2), False, (1, 0)),
+                   ((8, 2, 8), False, (1, 0)), ((16, 1, 8), False, (1, 0))]
 # bare walks of the slots' launch (slots_walk_kernel): (step, activations read too, next weights loaded first,
 # the weight loads' cache modifier)
-MOE_SLOT_WALKS = [((4, 2, 8), False, False, ""), ((4, 2, 8), True, False, ""), ((4, 2, 8), True, False, ".cg"),
-                  ((4, 1, 8), True, True, ""), ((4, 1, 8), True, True, ".cg")]
+MOE_SLOT_WALKS = [((4, 2, 8), False, False, 0), ((4, 2, 8), True, False, 0), ((4, 2, 8), True, False, 1),
+                  ((4, 1, 8), True, True, 0), ((4, 1, 8), True, True, 1)]
+CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: ".cs"}, {0: "plain", 1: "evict_last"}
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
@@ -190,11 +191,11 @@ def pattern8_kernel(w_ptr, out_ptr, N, row_bytes, nblocks, BN: tl.constexpr, NBL
 @triton.jit
 def slots_walk_kernel(hq_ptr, hd_ptr, down_ptr, out_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK, KP: tl.constexpr,
                       BN: tl.constexpr, NBLK: tl.constexpr, ACTS: tl.constexpr, PF: tl.constexpr,
-                      WCM: tl.constexpr = ""):
+                      WCM: tl.constexpr = 0):
     """``triton_mmvq.moe_down_slots_q8_kernel``'s walk (same programs, lines and steps: its experts' weight words and,
     with ACTS, each slot's activation words and (xd, xs) pairs) with the words xored together instead of multiplied:
     the launch's ceiling for its access pattern. PF: each step's next weight words loaded before this one's xor; WCM:
-    the weight loads' cache modifier."""
+    the weight loads' cache modifier (``triton_mmvq._ld``'s CM)."""
     t = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * BN
     r = tl.arange(0, KP * BN)
@@ -215,15 +216,13 @@ def slots_walk_kernel(hq_ptr, hd_ptr, down_ptr, out_ptr, ids_ptr, E, I, D, nb_d,
     pd = tl.multiple_of(xd + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
     acc = tl.zeros([L, 32], dtype=tl.int32)
     if PF:
-        hv, q = tl.load(pw + w % 4, cache_modifier=WCM), tl.load(pw + 4 + w, cache_modifier=WCM)
+        hv, q = tv._ld(pw + w % 4, None, False, WCM), tv._ld(pw + 4 + w, None, False, WCM)
     for k in range(0, nb_d, NBLK):  # nb_d a multiple of NBLK here (I = 2048)
         if PF:
             nk = tl.minimum(k + NBLK, nb_d - NBLK)
-            nhv = tl.load(pw + nk * 36 + w % 4, cache_modifier=WCM)
-            nq = tl.load(pw + nk * 36 + 4 + w, cache_modifier=WCM)
+            nhv, nq = tv._ld(pw + nk * 36 + w % 4, None, False, WCM), tv._ld(pw + nk * 36 + 4 + w, None, False, WCM)
         else:
-            hv = tl.load(pw + k * 36 + w % 4, cache_modifier=WCM)
-            q = tl.load(pw + k * 36 + 4 + w, cache_modifier=WCM)
+            hv, q = tv._ld(pw + k * 36 + w % 4, None, False, WCM), tv._ld(pw + k * 36 + 4 + w, None, False, WCM)
         acc ^= hv + q
         if ACTS:
             acc ^= tl.load(px + k * 64) + tl.load(px + k * 64 + 8) + tl.load(pd + k * 16)
@@ -491,11 +490,11 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                     *[(f"down, the slots side by side, step {st}{', PF' if pf_ else ''}, registers capped at {cap}",
                        capped_calls(st, pf_, cap), down_bytes) for st, pf_, cap in MOE_SLOT_CAPS],
                     *[(f"down, the slots side by side, step {c.down_slots}{', PF' if c.slots_pf else ''}, weight loads "
-                       f"{c.slots_cache[0] or 'plain'}, activation loads {c.slots_cache[1] or 'plain'}",
+                       f"{CACHE_MODIFIERS[c.slots_cache[0]]}, activation loads {EVICTION[c.slots_cache[1]]}",
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, c.early)
                         for ids in sets], down_bytes) for c in caches],
                     *[(f"bare walk of the slots' launch, step {st}{', activations too' if acts else ''}"
-                       f"{', PF' if wpf else ''}{', weight loads ' + wcm if wcm else ''}",
+                       f"{', PF' if wpf else ''}{', weight loads ' + CACHE_MODIFIERS[wcm] if wcm else ''}",
                        walk_calls(st, acts, wpf, wcm), down_bytes) for st, acts, wpf, wcm in MOE_SLOT_WALKS]]
 
         def capped_calls(step, pf_: bool, cap: int):
@@ -516,7 +515,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             assert ((y_ - want).norm() / want.norm()).item() < 1e-6, (step, pf_, cap)
             return [lambda ids=ids: call(ids) for ids in sets]
 
-        def walk_calls(step, acts: bool, pf_: bool, wcm: str):
+        def walk_calls(step, acts: bool, pf_: bool, wcm: int):
             """``slots_walk_kernel`` launches on each set of ids: the slots' launch's loads, xored (registers capped at
             48, as many programs per SM as the launch holds)."""
             bn, nb, warps = step
@@ -549,11 +548,11 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  *flat_parts(),
                  *[(f"whole layer{'' if c.early else ', weights not loaded before the wait'}"
                     f"{', slots launch with PF' if c.slots_pf else ''}"
-                    f"{', slots launch weight loads ' + c.slots_cache[0] if c.slots_cache[0] else ''}",
+                    f"{', slots launch weight loads ' + CACHE_MODIFIERS[c.slots_cache[0]] if c.slots_cache[0] else ''}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
                    for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, slots_pf=True),
-                             replace(cfg, slots_cache=(".cg", "")))]]
+                             replace(cfg, slots_cache=(1, 0)))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

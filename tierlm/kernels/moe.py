@@ -78,8 +78,8 @@ class MoEConfig:
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
     # 23.72 us at one token (bench/results/read-ceiling-NVIDIA_H200-early.json)
     slots_pf: bool = False  # the slots' down launch loads each step's next weights before its math (PF)
-    slots_cache: tuple = ("", "")  # the slots' down launch: its weight loads' cache modifier and its activation loads'
-    # eviction policy (moe_down_slots_q8_kernel's WCM, AEV)
+    slots_cache: tuple = (0, 0)  # the slots' down launch: its weight loads' cache modifier and its activation loads'
+    # eviction policy (moe_down_slots_q8_kernel's WCM, AEV: triton_mmvq._ld's codes)
 
     def gate_up_step(self, types, loads: int) -> tuple | None:
         """The (rows, blocks, warps) of the side-by-side gate/up launch where it applies (see gate_up_lines)."""

@@ -307,28 +307,47 @@ def _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4k_acts(px, pd, live, MASK: tl.constexpr, AEV: tl.constexpr = ""):
-    """One activation row's words for a ``_q4k_math`` step: low- and high-nibble words and (xd, xs) bits. AEV: the
-    loads' eviction policy ("evict_last": kept in L1 before the weights)."""
+def _ld(p, live, MASK: tl.constexpr, CM: tl.constexpr = 0, EV: tl.constexpr = 0):
+    """The values at p (zeros where MASK and not live). CM, the cache modifier: 0 none, 1 ".cg" (cached in L2, not
+    L1), 2 ".cs" (streamed); else EV, the eviction policy: 0 none, 1 "evict_last"."""
     if MASK:
-        return (tl.load(px, mask=live, other=0, eviction_policy=AEV), tl.load(px + 8, mask=live, other=0,
-                                                                          eviction_policy=AEV),
-                tl.load(pd, mask=live, other=0, eviction_policy=AEV))
-    return tl.load(px, eviction_policy=AEV), tl.load(px + 8, eviction_policy=AEV), tl.load(pd, eviction_policy=AEV)
+        if CM == 1:
+            return tl.load(p, mask=live, other=0, cache_modifier=".cg")
+        elif CM == 2:
+            return tl.load(p, mask=live, other=0, cache_modifier=".cs")
+        elif EV == 1:
+            return tl.load(p, mask=live, other=0, eviction_policy="evict_last")
+        else:
+            return tl.load(p, mask=live, other=0)
+    else:
+        if CM == 1:
+            return tl.load(p, cache_modifier=".cg")
+        elif CM == 2:
+            return tl.load(p, cache_modifier=".cs")
+        elif EV == 1:
+            return tl.load(p, eviction_policy="evict_last")
+        else:
+            return tl.load(p)
+
+
+@triton.jit
+def _q4k_acts(px, pd, live, MASK: tl.constexpr, AEV: tl.constexpr = 0):
+    """One activation row's words for a ``_q4k_math`` step: low- and high-nibble words and (xd, xs) bits. AEV: the
+    loads' eviction policy (``_ld``'s EV; 1: kept in L1 before the weights)."""
+    return _ld(px, live, MASK, 0, AEV), _ld(px + 8, live, MASK, 0, AEV), _ld(pd, live, MASK, 0, AEV)
 
 
 @triton.jit
 def _q4k_step_m(pw, px, pd, sx1, sx2, sx3, sd1, sd2, sd3, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr,
-                MR: tl.constexpr, WCM: tl.constexpr = "", AEV: tl.constexpr = ""):
+                MR: tl.constexpr, WCM: tl.constexpr = 0, AEV: tl.constexpr = 0):
     """One step of ``_q4k_rows32p``: the weight words loaded once, then each activation row's sums
     (rows 1..3 at word offsets sx1..sx3 of xq and sd1..sd3 of the (xd, xs) pairs; zeros past MR). WCM: the weight
-    loads' cache modifier (".cg": not kept in L1); AEV: the activation loads' eviction policy."""
+    loads' cache modifier (``_ld``'s CM; 1, ".cg": not kept in L1); AEV: the activation loads' eviction policy."""
     w = tl.arange(0, 32)[None, :]
     if MASK:
-        hv = tl.load(pw + w % 4, mask=live, other=0, cache_modifier=WCM)
-        q = tl.load(pw + 4 + w, mask=live, other=0, cache_modifier=WCM)
+        hv, q = _ld(pw + w % 4, live, True, WCM), _ld(pw + 4 + w, live, True, WCM)
     else:
-        hv, q = tl.load(pw + w % 4, cache_modifier=WCM), tl.load(pw + 4 + w, cache_modifier=WCM)
+        hv, q = _ld(pw + w % 4, None, False, WCM), _ld(pw + 4 + w, None, False, WCM)
     xl, xh, v = _q4k_acts(px, pd, live, MASK, AEV)
     p0 = _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
     p1, p2, p3 = tl.zeros_like(p0), tl.zeros_like(p0), tl.zeros_like(p0)
@@ -355,21 +374,20 @@ def _q4k_lines(wrow, kb0, BN: tl.constexpr, NBLK: tl.constexpr):
 
 
 @triton.jit
-def q4k_first_step(wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, WCM: tl.constexpr = ""):
+def q4k_first_step(wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, WCM: tl.constexpr = 0):
     """The weight words of ``_q4k_rows32p``'s first step (header, nibbles; zeros past kb1), for a kernel to load
     before its grid-dependency wait (``pdl_enter``): weights are no launch's output, so their first bytes can be on
     their way while the launch before finishes. Passed back as ``_q4k_rows32p``'s PRE words."""
     pw, kb = _q4k_lines(wrow, kb0, BN, NBLK)
     w = tl.arange(0, 32)[None, :]
     live = (kb < kb1)[:, None]
-    return (tl.load(pw + w % 4, mask=live, other=0, cache_modifier=WCM),
-            tl.load(pw + 4 + w, mask=live, other=0, cache_modifier=WCM))
+    return _ld(pw + w % 4, live, True, WCM), _ld(pw + 4 + w, live, True, WCM)
 
 
 @triton.jit
 def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                  PF: tl.constexpr = False, MR: tl.constexpr = 1, XROW: tl.constexpr = False,
-                 PRE: tl.constexpr = False, hv0=0, q0=0, WCM: tl.constexpr = "", AEV: tl.constexpr = ""):
+                 PRE: tl.constexpr = False, hv0=0, q0=0, WCM: tl.constexpr = 0, AEV: tl.constexpr = 0):
     """``_q4k_rows32`` in fewer instructions (LOADS & 8; (xd, xs) pairs as with LOADS & 2), for up to
     MR (<= 4) activation rows at once. Returns four (BN,) float32 sums (zeros past MR).
 
@@ -416,13 +434,12 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
         if PRE:
             hv, q = hv0, q0
         else:
-            hv = tl.load(pw + w % 4, mask=live, other=0, cache_modifier=WCM)
-            q = tl.load(pw + 4 + w, mask=live, other=0, cache_modifier=WCM)
+            hv, q = _ld(pw + w % 4, live, True, WCM), _ld(pw + 4 + w, live, True, WCM)
         for k in range(kb0, kb1, NBLK):
             o = k - kb0
             nlive = (kb + o + NBLK < kb1)[:, None]
-            nhv = tl.load(pw + (o + NBLK) * 36 + w % 4, mask=nlive, other=0, cache_modifier=WCM)
-            nq = tl.load(pw + (o + NBLK) * 36 + 4 + w, mask=nlive, other=0, cache_modifier=WCM)
+            nhv = _ld(pw + (o + NBLK) * 36 + w % 4, nlive, True, WCM)
+            nq = _ld(pw + (o + NBLK) * 36 + 4 + w, nlive, True, WCM)
             xl, xh, v = _q4k_acts(px + o * 64, pd + o * 16, live, True, AEV)
             a0 += _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM)
             hv, q, live = nhv, nq, nlive
@@ -910,7 +927,7 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
 def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                              PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False,
-                             WCM: tl.constexpr = "", AEV: tl.constexpr = ""):
+                             WCM: tl.constexpr = 0, AEV: tl.constexpr = 0):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
