@@ -117,7 +117,7 @@ MOE_SLOT_CACHES = [((4, 2, 8), False, (1, 0)), ((4, 2, 8), False, (1, 1)),
 # the weight loads' cache modifier)
 MOE_SLOT_WALKS = [((4, 2, 8), False, False, 0), ((4, 2, 8), True, False, 0), ((4, 2, 8), True, False, 1),
                   ((4, 1, 8), True, True, 0), ((4, 1, 8), True, True, 1)]
-CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: ".cs"}, {0: "plain", 1: "evict_last"}
+CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: "evict_first"}, {0: "plain", 1: "evict_last"}
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],

@@ -309,12 +309,12 @@ def _q4k_math(hv, q, xl, xh, v, sa, se, ma, ASM: tl.constexpr):
 @triton.jit
 def _ld(p, live, MASK: tl.constexpr, CM: tl.constexpr = 0, EV: tl.constexpr = 0):
     """The values at p (zeros where MASK and not live). CM, the cache modifier: 0 none, 1 ".cg" (cached in L2, not
-    L1), 2 ".cs" (streamed); else EV, the eviction policy: 0 none, 1 "evict_last"."""
+    L1), 2 the eviction policy "evict_first"; else EV, the eviction policy: 0 none, 1 "evict_last"."""
     if MASK:
         if CM == 1:
             return tl.load(p, mask=live, other=0, cache_modifier=".cg")
         elif CM == 2:
-            return tl.load(p, mask=live, other=0, cache_modifier=".cs")
+            return tl.load(p, mask=live, other=0, eviction_policy="evict_first")
         elif EV == 1:
             return tl.load(p, mask=live, other=0, eviction_policy="evict_last")
         else:
@@ -323,7 +323,7 @@ def _ld(p, live, MASK: tl.constexpr, CM: tl.constexpr = 0, EV: tl.constexpr = 0)
         if CM == 1:
             return tl.load(p, cache_modifier=".cg")
         elif CM == 2:
-            return tl.load(p, cache_modifier=".cs")
+            return tl.load(p, eviction_policy="evict_first")
         elif EV == 1:
             return tl.load(p, eviction_policy="evict_last")
         else:
