@@ -72,7 +72,8 @@ class MoEConfig:
     # warps) of a gate/up launch whose steps hold a program's gate rows and up rows side by side, one loop over both
     # matrices (the rows count those of each); instead of mmvq_up
     down_slots: tuple = ()  # int8 decode of Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
-    # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch
+    # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch; a
+    # fourth number G > 1: G blocks of those rows per program, sharing their activation loads
     slots_max_tokens: int = 1  # ... up to this many tokens
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
@@ -357,14 +358,15 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     E, I, D, K = dims
     P = ids.numel()
     T = P // K
-    bn, dnb, dw = cfg.down_slots
+    bn, dnb, dw, *groups = cfg.down_slots
+    g = groups[0] if groups else 1
     kp = 1 << (K - 1).bit_length()  # K rounded up to a power of two
     nblk, warps = tv.fit_step(dnb, dw, I)
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
-    tv.moe_down_slots_q8_kernel[(T, -(-D // bn))](
+    tv.moe_down_slots_q8_kernel[(T, -(-D // (bn * g)))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
         BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PF=cfg.slots_pf,
-        WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1],
+        WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1], G=g,
         **pdl_launch(hq.device, T))
     return y
 

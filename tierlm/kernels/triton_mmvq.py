@@ -470,6 +470,80 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
 
 
 @triton.jit
+def _q4k_step_g(p0, p1, p2, p3, px, pd, live, sa, se, ma, ASM: tl.constexpr, MASK: tl.constexpr, G: tl.constexpr):
+    """One step of ``_q4k_rows32g``: the weight words of up to 4 groups of lines (line pointers p0..p3; G of them
+    real), then the activation words of those lines once, then each group's sums (zeros past G)."""
+    w = tl.arange(0, 32)[None, :]
+    hv0, q0 = _ld(p0 + w % 4, live, MASK), _ld(p0 + 4 + w, live, MASK)
+    hv1, q1, hv2, q2, hv3, q3 = hv0, q0, hv0, q0, hv0, q0
+    if G > 1:
+        hv1, q1 = _ld(p1 + w % 4, live, MASK), _ld(p1 + 4 + w, live, MASK)
+    if G > 2:
+        hv2, q2 = _ld(p2 + w % 4, live, MASK), _ld(p2 + 4 + w, live, MASK)
+    if G > 3:
+        hv3, q3 = _ld(p3 + w % 4, live, MASK), _ld(p3 + 4 + w, live, MASK)
+    xl, xh, v = _q4k_acts(px, pd, live, MASK)
+    r0 = _q4k_math(hv0, q0, xl, xh, v, sa, se, ma, ASM)
+    r1, r2, r3 = tl.zeros_like(r0), tl.zeros_like(r0), tl.zeros_like(r0)
+    if G > 1:
+        r1 = _q4k_math(hv1, q1, xl, xh, v, sa, se, ma, ASM)
+    if G > 2:
+        r2 = _q4k_math(hv2, q2, xl, xh, v, sa, se, ma, ASM)
+    if G > 3:
+        r3 = _q4k_math(hv3, q3, xl, xh, v, sa, se, ma, ASM)
+    return r0, r1, r2, r3
+
+
+@triton.jit
+def _q4k_rows32g(xq32, xd_ptr, w0, w1, w2, w3, kb0, kb1, G: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
+                 ASM: tl.constexpr):
+    """``_q4k_rows32p`` with XROW (an activation row per weight row: (BN,) pointers ``xq32``, ``xd_ptr``) for G (<= 4)
+    groups of BN weight rows that share those activation rows: group g's rows at the (BN,) pointers w_g. A thread
+    holds the same lines of every group, so each step's activation words are loaded once for G groups: a program
+    reads its activations once per G * BN rows. Returns four (BN,) float32 sums (zeros past G)."""
+    tl.static_assert(G >= 1 and G <= 4, "1 to 4 groups of rows")
+    L: tl.constexpr = NBLK * BN
+    i = tl.arange(0, L)
+    w = tl.arange(0, 32)[None, :]
+    hc = w // 4
+    c = tl.arange(0, 8)[None, :] // 2  # as in _q4k_rows32p
+    hi = c >= 2
+    se = 16 * (c % 2)
+    sa = se + tl.where(hi, 2, 0)
+    ma = tl.where(hi, 0x3030, 0x3F3F)
+    p0, kb = _q4k_lines(w0, kb0, BN, NBLK)
+    p1, p2, p3 = p0, p0, p0
+    if G > 1:
+        p1 = _q4k_lines(w1, kb0, BN, NBLK)[0]
+    if G > 2:
+        p2 = _q4k_lines(w2, kb0, BN, NBLK)[0]
+    if G > 3:
+        p3 = _q4k_lines(w3, kb0, BN, NBLK)[0]
+    xq_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xq32[None, :], [NBLK, BN]), [L])[:, None], [16, 16])
+    xd_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xd_ptr.to(tl.pointer_type(tl.int32))[None, :], [NBLK, BN]),
+                                     [L])[:, None], [16, 16])
+    px = xq_l + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4
+    pd = tl.multiple_of(xd_l + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    a0 = tl.zeros([L, 8], dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+    for k in range(kb0, kfull, NBLK):
+        o = k - kb0
+        r0, r1, r2, r3 = _q4k_step_g(p0 + o * 36, p1 + o * 36, p2 + o * 36, p3 + o * 36, px + o * 64, pd + o * 16,
+                                     None, sa, se, ma, ASM, False, G)
+        a0, a1, a2, a3 = a0 + r0, a1 + r1, a2 + r2, a3 + r3
+    if kfull < kb1:
+        o = kfull - kb0
+        r0, r1, r2, r3 = _q4k_step_g(p0 + o * 36, p1 + o * 36, p2 + o * 36, p3 + o * 36, px + o * 64, pd + o * 16,
+                                     (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, G)
+        a0, a1, a2, a3 = a0 + r0, a1 + r1, a2 + r2, a3 + r3
+    return (tl.sum(tl.reshape(tl.sum(a0, axis=1), [NBLK, BN]), axis=0),
+            tl.sum(tl.reshape(tl.sum(a1, axis=1), [NBLK, BN]), axis=0),
+            tl.sum(tl.reshape(tl.sum(a2, axis=1), [NBLK, BN]), axis=0),
+            tl.sum(tl.reshape(tl.sum(a3, axis=1), [NBLK, BN]), axis=0))
+
+
+@triton.jit
 def _q6k_quad(A, B, H, i: tl.constexpr):
     """The four signed 6-bit weights of quarter i (elements 32i + 4w + 0..3 of a half) from a word w's
     ql bytes A (i = 0, 2) and B (i = 1, 3) and qh bits H, one per byte."""
@@ -927,7 +1001,7 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
 def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                              PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False,
-                             WCM: tl.constexpr = 0, AEV: tl.constexpr = 0):
+                             WCM: tl.constexpr = 0, AEV: tl.constexpr = 0, G: tl.constexpr = 1):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
@@ -937,11 +1011,12 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     wts are read, and the first step's weights loaded, before the grid-dependency wait; only for ids and wts written
     two launches before this one or earlier (the launch just before, h's quantizer, waits for them), as
     ``moe._moe_pairs_q8`` launches it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF). WCM, AEV: the weight loads' cache
-    modifier and the activation loads' eviction policy (``_q4k_step_m``)."""
+    modifier and the activation loads' eviction policy (``_q4k_step_m``). G > 1: a program is G blocks of BN rows
+    whose lines share a thread's activation words (``_q4k_rows32g``; EARLY then reads only ids and wts early)."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
-    row0 = tl.program_id(1) * BN
+    row0 = tl.program_id(1) * (BN * G)
     r = tl.arange(0, KP * BN)
     slot = r // BN
     p = t * TOPK + tl.minimum(slot, TOPK - 1)
@@ -953,12 +1028,34 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     xq = (hq_ptr + p * I).to(tl.pointer_type(tl.int32))
     xd = hd_ptr + p * (I // 16)
     wt = tl.load(wts_ptr + p)
-    hv0, q0 = 0, 0
-    if EARLY:
-        hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK, WCM)
-        pdl_enter(PDL)
-    a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY, hv0, q0, WCM, AEV)[0]
+    if G > 1:
+        if EARLY:
+            pdl_enter(PDL)
+        ge = down_ptr + e * es_d
+        w1 = ge + tl.minimum(row0 + BN + r % BN, D - 1).to(tl.int64) * rb_d
+        w2 = ge + tl.minimum(row0 + 2 * BN + r % BN, D - 1).to(tl.int64) * rb_d
+        w3 = ge + tl.minimum(row0 + 3 * BN + r % BN, D - 1).to(tl.int64) * rb_d
+        a0, a1, a2, a3 = _q4k_rows32g(xq, xd, wrow, w1, w2, w3, 0, nb_d, G, KP * BN, NBLK, ASM)
+        _slots_store(y_ptr + t * D, a0, valid, wt, row0, D, KP, BN)
+        _slots_store(y_ptr + t * D, a1, valid, wt, row0 + BN, D, KP, BN)
+        if G > 2:
+            _slots_store(y_ptr + t * D, a2, valid, wt, row0 + 2 * BN, D, KP, BN)
+        if G > 3:
+            _slots_store(y_ptr + t * D, a3, valid, wt, row0 + 3 * BN, D, KP, BN)
+    else:
+        hv0, q0 = 0, 0
+        if EARLY:
+            hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK, WCM)
+            pdl_enter(PDL)
+        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY, hv0, q0, WCM, AEV)[0]
+        _slots_store(y_ptr + t * D, a, valid, wt, row0, D, KP, BN)
+
+
+@triton.jit
+def _slots_store(y_row, a, valid, wt, row0, D, KP: tl.constexpr, BN: tl.constexpr):
+    """The slots' (KP * BN,) sums ``a`` of rows row0.. row0 + BN - 1, weighted (``wt``), added over the slots in a
+    fixed order (an invalid slot adds nothing) and stored at y_row."""
     a = tl.where(valid, a * wt, 0.0)
     y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
     rows = row0 + tl.arange(0, BN)
-    tl.store(y_ptr + t * D + rows, y, mask=rows < D)
+    tl.store(y_row + rows, y, mask=rows < D)
