@@ -104,8 +104,10 @@ MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 
 # (read-ceiling-NVIDIA_H200-down-walk-runs.json timed (1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2) and
 # (2, 2, 1): all slower than the default (2, 4, 1))
 # ... with G blocks of rows per program sharing their activation loads: (rows, blocks, warps, G)
-MOE_SLOT_GROUPS = [(4, 1, 8, 2), (4, 1, 8, 4), (4, 2, 8, 2), (2, 2, 4, 2), (1, 1, 1, 2), (1, 1, 1, 4), (4, 1, 4, 2),
-                   (2, 1, 4, 4), (1, 2, 2, 2), (2, 1, 4, 2)]
+MOE_SLOT_GROUPS = [(1, 1, 1, 2), (4, 1, 4, 2), (2, 1, 2, 2), (8, 1, 8, 2), (1, 1, 2, 2), (1, 2, 2, 2), (4, 1, 8, 4),
+                   (2, 1, 4, 4)]
+# (read-ceiling-NVIDIA_H200-slots-groups.json also timed (4, 1, 8, 2), (4, 2, 8, 2), (2, 2, 4, 2), (1, 1, 1, 4) and
+# (2, 1, 4, 2) with ids alone read before the wait: 59-71% of copy bandwidth, against 79.5-79.9% for (1, 1, 1, 2))
 # ... with each step's next weights loaded before its math (MoEConfig.slots_pf)
 MOE_SLOT_PF_STEPS = [(4, 2, 8), (4, 1, 8), (4, 2, 4), (2, 2, 4), (4, 1, 4)]
 # ... (step, next weights loaded first, registers per thread capped at)
@@ -476,7 +478,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             steps = [replace(cfg, down_slots=s) for s in MOE_SLOT_STEPS]
             pf = [replace(cfg, down_slots=s, slots_pf=True) for s in MOE_SLOT_PF_STEPS]
             caches = [replace(cfg, down_slots=s, slots_pf=f, slots_cache=c) for s, f, c in MOE_SLOT_CACHES]
-            groups = [replace(cfg, down_slots=s) for s in MOE_SLOT_GROUPS]
+            groups = [replace(cfg, down_slots=s, early=early) for s in MOE_SLOT_GROUPS for early in (True, False)]
             for c in steps + pf + caches + groups:  # the same sums in another order: float rounding apart
                 got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
                 assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots
@@ -491,7 +493,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                     *[(f"down, the slots side by side, step {c.down_slots}, next weights loaded first (PF)",
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, c.early)
                         for ids in sets], down_bytes) for c in pf],
-                    *[(f"down, the slots side by side, step {c.down_slots} (groups sharing activations; ids early)",
+                    *[(f"down, the slots side by side, step {c.down_slots} (groups sharing activations"
+                       f"{'' if c.early else '; weights not loaded before the wait'})",
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, c.early)
                         for ids in sets], down_bytes) for c in groups],
                     *[(f"down, the slots side by side, step {st}{', PF' if pf_ else ''}, registers capped at {cap}",
@@ -560,8 +563,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
                    for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, slots_pf=True),
-                             replace(cfg, slots_cache=(1, 0)), replace(cfg, down_slots=(4, 1, 8, 2)),
-                             replace(cfg, down_slots=(2, 2, 4, 2)))]]
+                             replace(cfg, slots_cache=(1, 0)), replace(cfg, down_slots=(4, 1, 4, 2)),
+                             replace(cfg, down_slots=(1, 1, 1, 2)))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

@@ -496,11 +496,12 @@ def _q4k_step_g(p0, p1, p2, p3, px, pd, live, sa, se, ma, ASM: tl.constexpr, MAS
 
 @triton.jit
 def _q4k_rows32g(xq32, xd_ptr, w0, w1, w2, w3, kb0, kb1, G: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr,
-                 ASM: tl.constexpr):
+                 ASM: tl.constexpr, PRE: tl.constexpr = False, h0=0, n0=0, h1=0, n1=0, h2=0, n2=0, h3=0, n3=0):
     """``_q4k_rows32p`` with XROW (an activation row per weight row: (BN,) pointers ``xq32``, ``xd_ptr``) for G (<= 4)
     groups of BN weight rows that share those activation rows: group g's rows at the (BN,) pointers w_g. A thread
     holds the same lines of every group, so each step's activation words are loaded once for G groups: a program
-    reads its activations once per G * BN rows. Returns four (BN,) float32 sums (zeros past G)."""
+    reads its activations once per G * BN rows. Returns four (BN,) float32 sums (zeros past G). PRE: the first step's
+    header and nibble words of group g, ``h_g`` and ``n_g``, were loaded by the caller (``q4k_first_step``)."""
     tl.static_assert(G >= 1 and G <= 4, "1 to 4 groups of rows")
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
@@ -527,12 +528,25 @@ def _q4k_rows32g(xq32, xd_ptr, w0, w1, w2, w3, kb0, kb1, G: tl.constexpr, BN: tl
     a0 = tl.zeros([L, 8], dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
     kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
-    for k in range(kb0, kfull, NBLK):
+    start = kb0
+    tail = kfull < kb1
+    if PRE:  # the first step, masked past kb1, on the words loaded before; then the whole steps after it
+        xl, xh, v = _q4k_acts(px, pd, (kb < kb1)[:, None], True)
+        a0 += _q4k_math(h0, n0, xl, xh, v, sa, se, ma, ASM)
+        if G > 1:
+            a1 += _q4k_math(h1, n1, xl, xh, v, sa, se, ma, ASM)
+        if G > 2:
+            a2 += _q4k_math(h2, n2, xl, xh, v, sa, se, ma, ASM)
+        if G > 3:
+            a3 += _q4k_math(h3, n3, xl, xh, v, sa, se, ma, ASM)
+        start = kb0 + NBLK
+        tail = tail & (kfull > kb0)  # with fewer than NBLK blocks the first step was the only one
+    for k in range(start, kfull, NBLK):
         o = k - kb0
         r0, r1, r2, r3 = _q4k_step_g(p0 + o * 36, p1 + o * 36, p2 + o * 36, p3 + o * 36, px + o * 64, pd + o * 16,
                                      None, sa, se, ma, ASM, False, G)
         a0, a1, a2, a3 = a0 + r0, a1 + r1, a2 + r2, a3 + r3
-    if kfull < kb1:
+    if tail:
         o = kfull - kb0
         r0, r1, r2, r3 = _q4k_step_g(p0 + o * 36, p1 + o * 36, p2 + o * 36, p3 + o * 36, px + o * 64, pd + o * 16,
                                      (kfull + i // BN < kb1)[:, None], sa, se, ma, ASM, True, G)
@@ -1012,7 +1026,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     two launches before this one or earlier (the launch just before, h's quantizer, waits for them), as
     ``moe._moe_pairs_q8`` launches it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF). WCM, AEV: the weight loads' cache
     modifier and the activation loads' eviction policy (``_q4k_step_m``). G > 1: a program is G blocks of BN rows
-    whose lines share a thread's activation words (``_q4k_rows32g``; EARLY then reads only ids and wts early)."""
+    whose lines share a thread's activation words (``_q4k_rows32g``; EARLY loads every group's first step)."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -1029,13 +1043,21 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     xd = hd_ptr + p * (I // 16)
     wt = tl.load(wts_ptr + p)
     if G > 1:
-        if EARLY:
-            pdl_enter(PDL)
         ge = down_ptr + e * es_d
         w1 = ge + tl.minimum(row0 + BN + r % BN, D - 1).to(tl.int64) * rb_d
         w2 = ge + tl.minimum(row0 + 2 * BN + r % BN, D - 1).to(tl.int64) * rb_d
         w3 = ge + tl.minimum(row0 + 3 * BN + r % BN, D - 1).to(tl.int64) * rb_d
-        a0, a1, a2, a3 = _q4k_rows32g(xq, xd, wrow, w1, w2, w3, 0, nb_d, G, KP * BN, NBLK, ASM)
+        h0, n0, h1, n1, h2, n2, h3, n3 = 0, 0, 0, 0, 0, 0, 0, 0
+        if EARLY:
+            h0, n0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK)
+            h1, n1 = q4k_first_step(w1, 0, nb_d, KP * BN, NBLK)
+            if G > 2:
+                h2, n2 = q4k_first_step(w2, 0, nb_d, KP * BN, NBLK)
+            if G > 3:
+                h3, n3 = q4k_first_step(w3, 0, nb_d, KP * BN, NBLK)
+            pdl_enter(PDL)
+        a0, a1, a2, a3 = _q4k_rows32g(xq, xd, wrow, w1, w2, w3, 0, nb_d, G, KP * BN, NBLK, ASM, EARLY, h0, n0, h1, n1,
+                                      h2, n2, h3, n3)
         _slots_store(y_ptr + t * D, a0, valid, wt, row0, D, KP, BN)
         _slots_store(y_ptr + t * D, a1, valid, wt, row0 + BN, D, KP, BN)
         if G > 2:
