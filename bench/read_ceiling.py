@@ -104,8 +104,9 @@ MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 
 # (read-ceiling-NVIDIA_H200-down-walk-runs.json timed (1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2) and
 # (2, 2, 1): all slower than the default (2, 4, 1))
 # ... with G blocks of rows per program sharing their activation loads: (rows, blocks, warps, G)
-MOE_SLOT_GROUPS = [(1, 1, 1, 2), (4, 1, 4, 2), (2, 1, 2, 2), (8, 1, 8, 2), (1, 1, 2, 2), (1, 2, 2, 2), (4, 1, 8, 4),
-                   (2, 1, 4, 4)]
+MOE_SLOT_GROUPS = [(4, 2, 8), (1, 1, 1, 2), (4, 1, 4, 2), (2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 4, 2), (1, 2, 1, 2),
+                   (4, 1, 8, 4), (2, 1, 4, 4)]
+# (read-ceiling-NVIDIA_H200-slots-groups-early.json also timed (8, 1, 8, 2) and (1, 1, 2, 2): 43-71%)
 # (read-ceiling-NVIDIA_H200-slots-groups.json also timed (4, 1, 8, 2), (4, 2, 8, 2), (2, 2, 4, 2), (1, 1, 1, 4) and
 # (2, 1, 4, 2) with ids alone read before the wait: 59-71% of copy bandwidth, against 79.5-79.9% for (1, 1, 1, 2))
 # ... with each step's next weights loaded before its math (MoEConfig.slots_pf)
@@ -478,7 +479,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             steps = [replace(cfg, down_slots=s) for s in MOE_SLOT_STEPS]
             pf = [replace(cfg, down_slots=s, slots_pf=True) for s in MOE_SLOT_PF_STEPS]
             caches = [replace(cfg, down_slots=s, slots_pf=f, slots_cache=c) for s, f, c in MOE_SLOT_CACHES]
-            groups = [replace(cfg, down_slots=s, early=early) for s in MOE_SLOT_GROUPS for early in (True, False)]
+            groups = [replace(cfg, down_slots=s, early=early, early_weights=ew) for s in MOE_SLOT_GROUPS
+                      for early, ew in ((True, True), (True, False), (False, True))]
             for c in steps + pf + caches + groups:  # the same sums in another order: float rounding apart
                 got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
                 assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots
@@ -494,6 +496,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, c.early)
                         for ids in sets], down_bytes) for c in pf],
                     *[(f"down, the slots side by side, step {c.down_slots} (groups sharing activations"
+                       f"{'; ids alone read before the wait' if c.early and not c.early_weights else ''}"
                        f"{'' if c.early else '; weights not loaded before the wait'})",
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, c.early)
                         for ids in sets], down_bytes) for c in groups],
@@ -559,12 +562,15 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  *[(f"whole layer{'' if c.early else ', weights not loaded before the wait'}"
                     f"{', slots launch with PF' if c.slots_pf else ''}"
                     f"{', slots launch weight loads ' + CACHE_MODIFIERS[c.slots_cache[0]] if c.slots_cache[0] else ''}"
-                    f"{', slots launch step ' + str(c.down_slots) if len(c.down_slots) > 3 else ''}",
+                    f"{', slots launch step ' + str(c.down_slots) if len(c.down_slots) > 3 else ''}"
+                    f"{', ids alone read before the wait' if not c.early_weights else ''}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
                    for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, slots_pf=True),
-                             replace(cfg, slots_cache=(1, 0)), replace(cfg, down_slots=(4, 1, 4, 2)),
-                             replace(cfg, down_slots=(1, 1, 1, 2)))]]
+                             replace(cfg, slots_cache=(1, 0)),
+                             replace(cfg, down_slots=(4, 1, 4, 2), early_weights=False),
+                             replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
+                             replace(cfg, down_slots=(1, 2, 2, 2)))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

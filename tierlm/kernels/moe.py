@@ -78,6 +78,7 @@ class MoEConfig:
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
     # 23.72 us at one token (bench/results/read-ceiling-NVIDIA_H200-early.json)
+    early_weights: bool = True  # ... early: the first step's weights too (else ids and wts alone)
     slots_pf: bool = False  # the slots' down launch loads each step's next weights before its math (PF)
     slots_cache: tuple = (0, 0)  # the slots' down launch: its weight loads' cache modifier and its activation loads'
     # eviction policy (moe_down_slots_q8_kernel's WCM, AEV: triton_mmvq._ld's codes)
@@ -365,7 +366,7 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_slots_q8_kernel[(T, -(-D // (bn * g)))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
-        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PF=cfg.slots_pf,
+        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PRELOAD=cfg.early_weights, PF=cfg.slots_pf,
         WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1], G=g,
         **pdl_launch(hq.device, T))
     return y

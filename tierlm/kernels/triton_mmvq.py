@@ -1015,7 +1015,8 @@ def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr
 def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                              PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False,
-                             WCM: tl.constexpr = 0, AEV: tl.constexpr = 0, G: tl.constexpr = 1):
+                             WCM: tl.constexpr = 0, AEV: tl.constexpr = 0, G: tl.constexpr = 1,
+                             PRELOAD: tl.constexpr = True):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
@@ -1026,7 +1027,8 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     two launches before this one or earlier (the launch just before, h's quantizer, waits for them), as
     ``moe._moe_pairs_q8`` launches it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF). WCM, AEV: the weight loads' cache
     modifier and the activation loads' eviction policy (``_q4k_step_m``). G > 1: a program is G blocks of BN rows
-    whose lines share a thread's activation words (``_q4k_rows32g``; EARLY loads every group's first step)."""
+    whose lines share a thread's activation words (``_q4k_rows32g``; EARLY loads every group's first step). PRELOAD
+    false: EARLY reads ids and wts alone before the wait, the weights after it."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -1048,16 +1050,17 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
         w2 = ge + tl.minimum(row0 + 2 * BN + r % BN, D - 1).to(tl.int64) * rb_d
         w3 = ge + tl.minimum(row0 + 3 * BN + r % BN, D - 1).to(tl.int64) * rb_d
         h0, n0, h1, n1, h2, n2, h3, n3 = 0, 0, 0, 0, 0, 0, 0, 0
-        if EARLY:
+        if EARLY and PRELOAD:
             h0, n0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK)
             h1, n1 = q4k_first_step(w1, 0, nb_d, KP * BN, NBLK)
             if G > 2:
                 h2, n2 = q4k_first_step(w2, 0, nb_d, KP * BN, NBLK)
             if G > 3:
                 h3, n3 = q4k_first_step(w3, 0, nb_d, KP * BN, NBLK)
+        if EARLY:
             pdl_enter(PDL)
-        a0, a1, a2, a3 = _q4k_rows32g(xq, xd, wrow, w1, w2, w3, 0, nb_d, G, KP * BN, NBLK, ASM, EARLY, h0, n0, h1, n1,
-                                      h2, n2, h3, n3)
+        a0, a1, a2, a3 = _q4k_rows32g(xq, xd, wrow, w1, w2, w3, 0, nb_d, G, KP * BN, NBLK, ASM, EARLY and PRELOAD,
+                                      h0, n0, h1, n1, h2, n2, h3, n3)
         _slots_store(y_ptr + t * D, a0, valid, wt, row0, D, KP, BN)
         _slots_store(y_ptr + t * D, a1, valid, wt, row0 + BN, D, KP, BN)
         if G > 2:
@@ -1066,10 +1069,12 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
             _slots_store(y_ptr + t * D, a3, valid, wt, row0 + 3 * BN, D, KP, BN)
     else:
         hv0, q0 = 0, 0
-        if EARLY:
+        if EARLY and PRELOAD:
             hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK, WCM)
+        if EARLY:
             pdl_enter(PDL)
-        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY, hv0, q0, WCM, AEV)[0]
+        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY and PRELOAD, hv0, q0, WCM,
+                         AEV)[0]
         _slots_store(y_ptr + t * D, a, valid, wt, row0, D, KP, BN)
 
 
