@@ -104,15 +104,18 @@ MOE_SLOT_STEPS = [(1, 1, 1), (1, 2, 1), (2, 1, 1), (1, 2, 2), (2, 1, 2), (4, 1, 
 # (read-ceiling-NVIDIA_H200-down-walk-runs.json timed (1, 8, 1), (4, 2, 1), (1, 4, 1), (2, 8, 2), (4, 4, 2) and
 # (2, 2, 1): all slower than the default (2, 4, 1))
 # ... with G blocks of rows per program sharing their activation loads: (rows, blocks, warps, G)
-MOE_SLOT_GROUPS = [(4, 2, 8), (1, 1, 1, 2), (4, 1, 4, 2), (2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 4, 2), (1, 2, 1, 2),
-                   (4, 1, 8, 4), (2, 1, 4, 4)]
+MOE_SLOT_GROUPS = [(4, 2, 8), (1, 1, 1, 2), (4, 1, 4, 2), (2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 4, 2), (4, 1, 4, 3),
+                   (4, 1, 4, 4), (2, 1, 1, 2), (4, 1, 2, 2), (2, 1, 2, 4)]
+# (read-ceiling-NVIDIA_H200-slots-groups-ids.json also timed (1, 2, 1, 2), (4, 1, 8, 4) and (2, 1, 4, 4): at most 78%)
 # (read-ceiling-NVIDIA_H200-slots-groups-early.json also timed (8, 1, 8, 2) and (1, 1, 2, 2): 43-71%)
 # (read-ceiling-NVIDIA_H200-slots-groups.json also timed (4, 1, 8, 2), (4, 2, 8, 2), (2, 2, 4, 2), (1, 1, 1, 4) and
 # (2, 1, 4, 2) with ids alone read before the wait: 59-71% of copy bandwidth, against 79.5-79.9% for (1, 1, 1, 2))
 # ... with each step's next weights loaded before its math (MoEConfig.slots_pf)
 MOE_SLOT_PF_STEPS = [(4, 2, 8), (4, 1, 8), (4, 2, 4), (2, 2, 4), (4, 1, 4)]
 # ... (step, next weights loaded first, registers per thread capped at)
-MOE_SLOT_CAPS = [((4, 2, 8), False, 40), ((4, 2, 8), False, 32), ((4, 2, 8), True, 48), ((4, 1, 8), True, 40)]
+MOE_SLOT_CAPS = [((4, 2, 8), False, 40), ((4, 2, 8), False, 32), ((4, 2, 8), True, 48), ((4, 1, 8), True, 40),
+                 ((4, 1, 4, 2), False, 64), ((4, 1, 4, 2), False, 56), ((2, 1, 2, 2), False, 64),
+                 ((1, 1, 1, 2), False, 64)]
 # ... (step, next weights loaded first, (weight loads' cache modifier, activation loads' eviction policy))
 MOE_SLOT_CACHES = [((4, 2, 8), False, (1, 0)), ((4, 2, 8), False, (1, 1)),
                    ((4, 2, 8), False, (0, 1)), ((4, 2, 8), False, (2, 0)),
@@ -476,9 +479,10 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                                                                True) for ids in sets], down_bytes) for c in steps]
             pq, pd, _ = quantize_q8(h, pack=True)
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
-            steps = [replace(cfg, down_slots=s) for s in MOE_SLOT_STEPS]
-            pf = [replace(cfg, down_slots=s, slots_pf=True) for s in MOE_SLOT_PF_STEPS]
-            caches = [replace(cfg, down_slots=s, slots_pf=f, slots_cache=c) for s, f, c in MOE_SLOT_CACHES]
+            one = replace(cfg, early_weights=True)  # one group of rows a program: its first weights loaded early
+            steps = [replace(one, down_slots=s) for s in MOE_SLOT_STEPS]
+            pf = [replace(one, down_slots=s, slots_pf=True) for s in MOE_SLOT_PF_STEPS]
+            caches = [replace(one, down_slots=s, slots_pf=f, slots_cache=c) for s, f, c in MOE_SLOT_CACHES]
             groups = [replace(cfg, down_slots=s, early=early, early_weights=ew) for s in MOE_SLOT_GROUPS
                       for early, ew in ((True, True), (True, False), (False, True))]
             for c in steps + pf + caches + groups:  # the same sums in another order: float rounding apart
@@ -510,19 +514,29 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                        f"{', PF' if wpf else ''}{', weight loads ' + CACHE_MODIFIERS[wcm] if wcm else ''}",
                        walk_calls(st, acts, wpf, wcm), down_bytes) for st, acts, wpf, wcm in MOE_SLOT_WALKS]]
 
+        def layer_label(c) -> str:
+            """How a whole layer's MoEConfig differs from the default's, for its row's name."""
+            if c == cfg:
+                return ""
+            if not c.early:
+                return ", weights not loaded before the wait"
+            return f", slots launch step {c.down_slots}{', ids alone read before the wait' if not c.early_weights else ''}"
+
         def capped_calls(step, pf_: bool, cap: int):
-            """The slots' launch (early, as the default) with its registers per thread capped at ``cap``: more
-            programs per SM, if it does not spill."""
-            bn, nb, warps = step
+            """The slots' launch (early: with one group of rows its first weights, with several the ids alone) with its
+            registers per thread capped at ``cap``: more programs per SM, if it does not spill."""
+            bn, nb, warps, *groups = step
+            g = groups[0] if groups else 1
             nblk, warps = tv.fit_step(nb, warps, I)
             pq, pd, _ = quantize_q8(h, pack=True)
             y_ = torch.empty(1, D, dtype=torch.float32, device="cuda")
-            want = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, replace(cfg, down_slots=step, slots_pf=pf_))
+            c = replace(cfg, down_slots=step, slots_pf=pf_, early=True, early_weights=g == 1)
+            want = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c, True)
 
             def call(ids):
-                tv.moe_down_slots_q8_kernel[(1, -(-D // bn))](
+                tv.moe_down_slots_q8_kernel[(1, -(-D // (bn * g)))](
                     pq, pd, down, y_, wts, ids, E, I, D, I // 256, down.shape[2], down[0].numel(), K, KP=8, BN=bn,
-                    NBLK=nblk, ASM=True, num_warps=warps, EARLY=True, PF=pf_, maxnreg=cap,
+                    NBLK=nblk, ASM=True, num_warps=warps, EARLY=True, PRELOAD=g == 1, G=g, PF=pf_, maxnreg=cap,
                     **moe_mod.pdl_launch(pq.device, 1))
             call(sets[0])
             assert ((y_ - want).norm() / want.norm()).item() < 1e-6, (step, pf_, cap)
@@ -559,18 +573,12 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0),
                  *slots_parts(),
                  *flat_parts(),
-                 *[(f"whole layer{'' if c.early else ', weights not loaded before the wait'}"
-                    f"{', slots launch with PF' if c.slots_pf else ''}"
-                    f"{', slots launch weight loads ' + CACHE_MODIFIERS[c.slots_cache[0]] if c.slots_cache[0] else ''}"
-                    f"{', slots launch step ' + str(c.down_slots) if len(c.down_slots) > 3 else ''}"
-                    f"{', ids alone read before the wait' if not c.early_weights else ''}",
+                 *[(f"whole layer{layer_label(c)}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
-                   for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, slots_pf=True),
-                             replace(cfg, slots_cache=(1, 0)),
-                             replace(cfg, down_slots=(4, 1, 4, 2), early_weights=False),
+                   for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
                              replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
-                             replace(cfg, down_slots=(1, 2, 2, 2)))]]
+                             replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

@@ -135,7 +135,7 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # (H200, bench/results/kernels-NVIDIA_H200-int8.md, "Eleventh round"; the slots side by side were 1-3% slower at 4
 # tokens, so they stop at one)
 DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(1, 4, 1),
-                    down_slots=(4, 2, 8))
+                    down_slots=(4, 1, 4, 2), early_weights=False)
 
 
 def _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type):
