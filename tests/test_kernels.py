@@ -552,11 +552,14 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
     aligned = down_type == T.Q6_K
     dn = to_aligned(down) if aligned else down
     dims = (gate.shape[0], gate.shape[1], x.shape[1], ids.shape[1])
-    # down rows of I = 512 (2 blocks): with 2 blocks a step, only the first step, loaded before the wait (cfg.early);
-    # with 1, the first then a whole one
-    for side, slots in (((2, 2, 1), (4, 2, 8)), ((4, 2, 4), (2, 2, 4)), ((1, 4, 1), (1, 2, 2)),
-                        ((2, 1, 1), (1, 1, 1))):
-        cfg = replace(moe.DEFAULT, gate_up_lines=side, down_slots=slots, slots_max_tokens=T_)
+    # down rows of I = 512 (2 blocks): with 2 blocks a step, only the first step, loaded before the wait (cfg.early,
+    # early_weights) or after it; with 1, the first then a whole one; in one group of rows a program or in 2-3 groups
+    # sharing their activation loads (the default's form)
+    for side, slots, weights in (((2, 2, 1), (4, 2, 8), True), ((4, 2, 4), (2, 2, 4), False),
+                                 ((1, 4, 1), (1, 2, 2), True), ((2, 1, 1), (1, 1, 1), True),
+                                 ((1, 4, 1), (4, 1, 4, 2), False), ((2, 2, 1), (1, 2, 2, 2), True),
+                                 ((2, 1, 1), (2, 1, 1, 3), True)):
+        cfg = replace(moe.DEFAULT, gate_up_lines=side, down_slots=slots, early_weights=weights, slots_max_tokens=T_)
         loads = moe.q8_loads(cfg, types, gate, up, dn, aligned)
         xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
         h = [moe.q8_gate_up(xq, xd, xs, ids.reshape(-1), gate, up, types, dims, c, loads[0])
@@ -569,10 +572,12 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
         assert torch.equal(out, late), (side, slots)  # the same sums, whenever the first weights were loaded
     if down_type == T.Q4_K:  # down rows of 3 blocks, 2 a step: the first step, loaded before the wait, then a partial
         gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=45, I=768)
-        cfg = replace(moe.DEFAULT, down_slots=(4, 2, 8), slots_max_tokens=T_)
-        out = moe_quant(x, ids, wts, gate, up, down, *types, config=cfg)
-        assert rel(out, moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)) <= 1e-4
-        assert torch.equal(out, moe_quant(x, ids, wts, gate, up, down, *types, config=replace(cfg, early=False)))
+        for slots, weights in (((4, 2, 8), True), ((4, 1, 4, 2), False), ((2, 2, 4, 3), True)):
+            cfg = replace(moe.DEFAULT, down_slots=slots, early_weights=weights, slots_max_tokens=T_)
+            out = moe_quant(x, ids, wts, gate, up, down, *types, config=cfg)
+            assert rel(out, moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)) <= 1e-4, slots
+            late = moe_quant(x, ids, wts, gate, up, down, *types, config=replace(cfg, early=False))
+            assert torch.equal(out, late), slots
 
 
 @pytest.mark.gpu
@@ -970,6 +975,22 @@ def _interp_mmvq(gen: torch.Generator) -> None:
         got = moe._moe_pairs_q8(x, ids3.reshape(-1), wts3.reshape(-1), gate, up, down, types, (E, I, D, 3), wide)
         _interp_check("moe int8, three slots side by side", got,
                       moe_quant_q8_ref(x, ids3, wts3, gate, up, down, gt, gt, dt))
+        # groups of rows sharing their activation loads (down_slots' fourth number, as the default has): on rows of 3
+        # blocks (whole steps, or one then a partial one) and 20 output rows (the last program's rows past them
+        # clamped), with every group's first weights, or the ids alone, or nothing read before the wait: one result
+        down20 = _interp_weight(T.Q4_K, E * 20, 768, gen).view(E, 20, -1)
+        h = torch.randn(3, 768, generator=gen)
+        hq, hd, _ = quantize_q8(h, pack=True)
+        ids_g, wts_g = torch.tensor([4, -1, 2]), torch.rand(3, generator=gen)
+        dims_g = (E, 768, 20, 3)
+        one = moe.q8_down_slots(hq, hd, ids_g, wts_g, down20, dims_g, replace(fast, down_slots=(4, 1, 1)))
+        want = sum(wts_g[k] * (quant_matmul_q8_ref(h[k:k + 1], down20[ids_g[k]], T.Q4_K, 768)) for k in (0, 2))
+        _interp_check("moe int8 down, slots side by side, one group", one, want)
+        for step, early, weights in (((4, 1, 1, 2), True, False), ((4, 2, 1, 3), True, True),
+                                     ((4, 1, 1, 3), False, True)):
+            c = replace(fast, down_slots=step, early_weights=weights)
+            got = moe.q8_down_slots(hq, hd, ids_g, wts_g, down20, dims_g, c, early)
+            _interp_check(f"moe int8 down, groups {step}, early {early}, weights early {weights}", got, one)
 
 
 def _interp_aligned(gen: torch.Generator) -> None:
