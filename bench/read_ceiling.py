@@ -128,8 +128,6 @@ MOE_SLOT_WALKS = [((4, 2, 8), False, False, 0), ((4, 2, 8), True, False, 0), ((4
                   ((4, 1, 8), True, True, 0), ((4, 1, 8), True, True, 1)]
 CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: "evict_first"}, {0: "plain", 1: "evict_last"}
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
-# ... in two groups of rows sharing their activation loads (MoEConfig.aligned_groups = 2)
-MOE_Q6K_GROUPS = [(2, 4, 1), (2, 2, 1), (1, 4, 1), (2, 4, 2), (1, 2, 1), (4, 2, 1)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -476,13 +474,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             MOE_Q6K_STEPS."""
             if not cfg.slots_down(types, 1):
                 steps = [replace(cfg, aligned_step=s) for s in MOE_Q6K_STEPS] if aligned else []
-                steps += [replace(cfg, aligned_step=s, aligned_groups=2) for s in MOE_Q6K_GROUPS] if aligned else []
-                want = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, aligned, True)
-                for c in steps:  # the same sums in another order: float rounding apart
-                    got = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, c, ld, aligned, True)
-                    assert ((got - want).norm() / want.norm()).item() < 1e-5, c.aligned_step
-                return [(f"down, slots summed in it, step {c.aligned_step}"
-                         f"{', two groups sharing activations' if c.aligned_groups > 1 else ''}",
+                return [(f"down, slots summed in it, step {c.aligned_step}",
                          [lambda ids=ids, c=c: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, c, ld, aligned,
                                                                True) for ids in sets], down_bytes) for c in steps]
             pq, pd, _ = quantize_q8(h, pack=True)
@@ -522,20 +514,10 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                        f"{', PF' if wpf else ''}{', weight loads ' + CACHE_MODIFIERS[wcm] if wcm else ''}",
                        walk_calls(st, acts, wpf, wcm), down_bytes) for st, acts, wpf, wcm in MOE_SLOT_WALKS]]
 
-        if down_type == T.Q4_K:
-            layer_cfgs = (cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
-                          replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
-                          replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True))
-        else:  # the slots' launch is Q4_K's alone
-            layer_cfgs = (cfg, replace(cfg, aligned_groups=2), replace(cfg, aligned_groups=2, aligned_step=(2, 2, 1)),
-                          replace(cfg, aligned_groups=2, aligned_step=(1, 4, 1)))
-
         def layer_label(c) -> str:
             """How a whole layer's MoEConfig differs from the default's, for its row's name."""
             if c == cfg:
                 return ""
-            if c.aligned_groups > 1:
-                return f", aligned Q6_K down in two groups of rows, step {c.aligned_step or 'default'}"
             if not c.early:
                 return ", weights not loaded before the wait"
             return f", slots launch step {c.down_slots}{', ids alone read before the wait' if not c.early_weights else ''}"
@@ -594,7 +576,9 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  *[(f"whole layer{layer_label(c)}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
-                   for c in layer_cfgs]]
+                   for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
+                             replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
+                             replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True))]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

@@ -570,19 +570,6 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
         assert out.shape == x.shape and rel(out, ref) <= 1e-4, (side, slots)
         late = moe_quant(x, ids, wts, gate, up, dn, *types, config=replace(cfg, early=False), aligned=aligned)
         assert torch.equal(out, late), (side, slots)  # the same sums, whenever the first weights were loaded
-    if aligned:  # the down launch in two groups of rows sharing their activation loads: the same bits as in one; on
-        # rows of 2 blocks (one word a lane) and of 8 (four, DeepSeek-V3's), one step or a whole one then a partial one
-        for I, steps in ((512, ((2, 4, 1), (1, 2, 1))), (2048, ((2, 4, 1), (2, 2, 1), (1, 4, 1), (2, 4, 2)))):
-            if I != 512:
-                gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=46, I=I)
-                ids[0, 1] = -1
-                ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
-                dn = to_aligned(down)
-            for step in steps:
-                c = replace(moe.DEFAULT, aligned_step=step)
-                one = moe_quant(x, ids, wts, gate, up, dn, *types, config=c, aligned=True)
-                two = moe_quant(x, ids, wts, gate, up, dn, *types, config=replace(c, aligned_groups=2), aligned=True)
-                assert rel(two, ref) <= 1e-4 and torch.equal(two, one), (I, step)
     if down_type == T.Q4_K:  # down rows of 3 blocks, 2 a step: the first step, loaded before the wait, then a partial
         gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=45, I=768)
         for slots, weights in (((4, 2, 8), True), ((4, 1, 4, 2), False), ((2, 2, 4, 3), True)):
@@ -1071,24 +1058,6 @@ def _interp_aligned(gen: torch.Generator) -> None:
         for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):
             got = moe._moe_sorted(*args, c, True).view(n, K, D).sum(1)
             _interp_check(f"aligned moe sorted mmq={c.sorted_mmq} {gt.name}/{dt.name} I={I}", got, ref)
-    # the down launch of aligned Q6_K experts in two groups of rows sharing their activation loads (aligned_groups):
-    # rows of 8 blocks (4 words a lane) and of 6 (one word; a whole step, then a partial one), 22 output rows (the
-    # last program's past them clamped), the slots added in the launch or not: the same sums as one group
-    for I in (2048, 1536):
-        down = _interp_weight(T.Q6_K, E * 22, I, gen).view(E, 22, -1)
-        h = torch.randn(3, I, generator=gen)
-        hq, hd, hs = quantize_q8(h)
-        ids_g, wts_g = torch.tensor([4, -1, 2]), torch.rand(3, generator=gen)
-        types, dims = [T.Q4_K, T.Q4_K, T.Q6_K], (E, I, 22, 3)
-        want = sum(wts_g[k] * quant_matmul_q8_ref(h[k:k + 1], down[ids_g[k]], T.Q6_K, I) for k in (0, 2))
-        for step in ((2, 4, 1), (1, 2, 1)):
-            c = replace(moe.DEFAULT, aligned_step=step)
-            for sums in (True, False):
-                one = moe.q8_down(hq, hd, hs, ids_g, wts_g, to_aligned(down), types, dims, c, 0, True, sums)
-                two = moe.q8_down(hq, hd, hs, ids_g, wts_g, to_aligned(down), types, dims, replace(c, aligned_groups=2),
-                                  0, True, sums)
-                _interp_check(f"aligned Q6_K down, two groups {step} I={I} slots added {sums}", two, one, 0.0)
-            _interp_check(f"aligned Q6_K down, one group {step} I={I}", one.view(3, 22).sum(0), want[0])
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:

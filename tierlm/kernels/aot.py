@@ -307,9 +307,8 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
                            dict(KP=8, BN=sb, NBLK=snb, ASM=True, EARLY=cfg.early, PRELOAD=cfg.early_weights,
                                 G=groups[0] if groups else 1), ("I", "rb_d"), sw,
                            tags=dict(act="fp32", qtype=q_down)))
-    g = cfg.aligned_groups if aligned and q_down == tq.Q6_K else 1
     out += [Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}{'_sum' if sm else ''}", tv.moe_down_q8_kernel,
-                    down, dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=sm, G=g), a_down,
+                    down, dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=sm), a_down,
                     dw, tags=dict(act="fp32", qtype=q_down)) for sm in sums]
     if aligned:  # ALIGNED on the launches of Q6_K weights
         out = [aligned_q6k(v, w_up if v.fn is tv.moe_up_q8_kernel else w_down)

@@ -64,8 +64,6 @@ class MoEConfig:
     aligned_step: tuple = ()  # int8 decode of Q6_K experts in the aligned layout: (rows, blocks, warps), if not
     # quant_matmul.MMVQ_Q6K_ALIGNED_STEPS's for the rows' alignment
     down_sum: bool = False  # int8 decode: the down launch adds each token's K slots in registers (no sum launch)
-    aligned_groups: int = 1  # 2: the int8 down launch of aligned Q6_K experts runs two blocks of rows per program that
-    # share each step's activation loads (moe_down_q8_kernel's G)
     down_sum_aligned: bool = True  # ... at one token where the down experts are Q6_K in the aligned layout: H200,
     # 71.4 us (1.32x the read time) against 73.5 us; with Q4_K down experts it was slower, 70.5 against 66.9 us, as at
     # 4 tokens (bench/results/q6k-layout-moe-NVIDIA_H200-fold.json)
@@ -384,17 +382,15 @@ def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int,
     P = ids.numel()
     bn, dnb, dw, _ = cfg.down_step()
     words, step = _aligned_words(aligned, I, ((dt, down),))
-    g = 1
     if step:
         bn, dnb, dw = cfg.aligned_step or step
-        g = cfg.aligned_groups
     nblk, warps = tv.fit_step(dnb, dw, I)
     rows = P // K if sum_slots else P
     y = torch.empty(rows, D, dtype=torch.float32, device=hq.device)
-    tv.moe_down_q8_kernel[(rows, -(-D // (bn * g)))](
+    tv.moe_down_q8_kernel[(rows, -(-D // bn))](
         hq, hd, hs, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[int(dt)], down.shape[2], down[0].numel(), K,
         DOWN_T=int(dt), BN=bn, NBLK=nblk, ASM=not _interpreting(), PF=cfg.mmvq_pf,
-        LOADS=loads, ALIGNED=words, SUM=sum_slots, num_warps=warps, G=g,
+        LOADS=loads, ALIGNED=words, SUM=sum_slots, num_warps=warps,
         **pdl_launch(hq.device, P // K))
     return y
 

@@ -785,92 +785,6 @@ def _q6k_rows_a(xq32, xd_ptr, w_ptr, row0, N, row_bytes, kb0, kb1, BN: tl.conste
 
 
 @triton.jit
-def _q6k_dot_x(A, B, H, ps, pdd, x0, x1, x2, x3, xi, live, ASM: tl.constexpr, MASK: tl.constexpr):
-    """``_q6k_words_dot`` (WIDE) on activation words loaded by the caller: x0..x3 the quarters' (lanes, W) words, xi
-    the half's four xd as int32 bits (lanes, 4)."""
-    j4 = tl.arange(0, 4)[None, :]
-    if MASK:
-        d = _f16(tl.load(pdd, mask=live, other=0).to(tl.int32))
-        s0, s1 = tl.load(ps, mask=live, other=0).to(tl.int32), tl.load(ps + 2, mask=live, other=0).to(tl.int32)
-        s2, s3 = tl.load(ps + 4, mask=live, other=0).to(tl.int32), tl.load(ps + 6, mask=live, other=0).to(tl.int32)
-    else:
-        d = _f16(tl.load(pdd).to(tl.int32))
-        s0, s1 = tl.load(ps).to(tl.int32), tl.load(ps + 2).to(tl.int32)
-        s2, s3 = tl.load(ps + 4).to(tl.int32), tl.load(ps + 6).to(tl.int32)
-    part = (s0 * tl.sum(_dp4a(_q6k_quad(A, B, H, 0), x0, True, ASM), axis=1)).to(tl.float32) \
-        * tl.sum(tl.where(j4 == 0, xi, 0), axis=1).to(tl.float32, bitcast=True)
-    part += (s1 * tl.sum(_dp4a(_q6k_quad(A, B, H, 1), x1, True, ASM), axis=1)).to(tl.float32) \
-        * tl.sum(tl.where(j4 == 1, xi, 0), axis=1).to(tl.float32, bitcast=True)
-    part += (s2 * tl.sum(_dp4a(_q6k_quad(A, B, H, 2), x2, True, ASM), axis=1)).to(tl.float32) \
-        * tl.sum(tl.where(j4 == 2, xi, 0), axis=1).to(tl.float32, bitcast=True)
-    part += (s3 * tl.sum(_dp4a(_q6k_quad(A, B, H, 3), x3, True, ASM), axis=1)).to(tl.float32) \
-        * tl.sum(tl.where(j4 == 3, xi, 0), axis=1).to(tl.float32, bitcast=True)
-    return d * part
-
-
-@triton.jit
-def _q6k_step_ag(pa0, ph0, ps0, pd0, pa1, ph1, ps1, pd1, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr):
-    """One step of ``_q6k_rows_ag``: both groups' weight words, the activation words once, then each group's sums."""
-    if MASK:
-        lw = live[:, None]
-        A0, B0, H0 = tl.load(pa0, mask=lw, other=0), tl.load(pa0 + 8, mask=lw, other=0), tl.load(ph0, mask=lw, other=0)
-        A1, B1, H1 = tl.load(pa1, mask=lw, other=0), tl.load(pa1 + 8, mask=lw, other=0), tl.load(ph1, mask=lw, other=0)
-        x0, x1 = tl.load(px, mask=lw, other=0), tl.load(px + 8, mask=lw, other=0)
-        x2, x3 = tl.load(px + 16, mask=lw, other=0), tl.load(px + 24, mask=lw, other=0)
-        xi = tl.load(pd[:, None] + tl.arange(0, 4)[None, :], mask=lw, other=0.0).to(tl.int32, bitcast=True)
-    else:
-        A0, B0, H0 = tl.load(pa0), tl.load(pa0 + 8), tl.load(ph0)
-        A1, B1, H1 = tl.load(pa1), tl.load(pa1 + 8), tl.load(ph1)
-        x0, x1, x2, x3 = tl.load(px), tl.load(px + 8), tl.load(px + 16), tl.load(px + 24)
-        xi = tl.load(pd[:, None] + tl.arange(0, 4)[None, :]).to(tl.int32, bitcast=True)
-    return (_q6k_dot_x(A0, B0, H0, ps0, pd0, x0, x1, x2, x3, xi, live, ASM, MASK),
-            _q6k_dot_x(A1, B1, H1, ps1, pd1, x0, x1, x2, x3, xi, live, ASM, MASK))
-
-
-@triton.jit
-def _q6k_rows_ag(xq32, xd_ptr, w_ptr, row0, N, row_bytes, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr,
-                 W: tl.constexpr, ASM: tl.constexpr):
-    """``_q6k_rows_a`` for two groups of BN rows, row0.. and row0 + BN..: a thread holds the same lanes of both, so
-    each step's activation words and xd are loaded once for the two. Returns two (BN,) float32 sums."""
-    LPB: tl.constexpr = 16 // W
-    t = tl.arange(0, NBLK * BN * LPB)
-    line = t // LPB
-    h = (t % LPB) // (LPB // 2)
-    wq = (t % (LPB // 2)) * W
-    kb = kb0 + line // BN
-    rs = (row_bytes // (4 * W)) * (4 * W)
-    wr0 = w_ptr + tl.minimum(row0 + line % BN, N - 1).to(tl.int64) * rs
-    wr1 = w_ptr + tl.minimum(row0 + BN + line % BN, N - 1).to(tl.int64) * rs
-    wv = tl.arange(0, W)[None, :]
-    b0, b1 = wr0 + kb * 208, wr1 + kb * 208
-    pa0 = (b0 + 64 * h + 4 * wq).to(tl.pointer_type(tl.int32))[:, None] + wv
-    pa1 = (b1 + 64 * h + 4 * wq).to(tl.pointer_type(tl.int32))[:, None] + wv
-    ph0 = (b0 + 128 + 32 * h + 4 * wq).to(tl.pointer_type(tl.int32))[:, None] + wv
-    ph1 = (b1 + 128 + 32 * h + 4 * wq).to(tl.pointer_type(tl.int32))[:, None] + wv
-    ps0 = (b0 + 192 + 8 * h + (wq >> 2)).to(tl.pointer_type(tl.int8))
-    ps1 = (b1 + 192 + 8 * h + (wq >> 2)).to(tl.pointer_type(tl.int8))
-    pd0 = (wr0 + (row_bytes // 210) * 208).to(tl.pointer_type(tl.uint16)) + kb
-    pd1 = (wr1 + (row_bytes // 210) * 208).to(tl.pointer_type(tl.uint16)) + kb
-    px = xq32 + (kb * 64 + 32 * h + wq)[:, None] + wv
-    pd = tl.multiple_of(xd_ptr + kb * 8 + 4 * h, 16)
-    a0 = tl.zeros([NBLK * BN * LPB], dtype=tl.float32)
-    a1 = a0
-    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
-    for k in range(kb0, kfull, NBLK):
-        o = k - kb0
-        r0, r1 = _q6k_step_ag(pa0 + o * 52, ph0 + o * 52, ps0 + o * 208, pd0 + o, pa1 + o * 52, ph1 + o * 52,
-                              ps1 + o * 208, pd1 + o, px + o * 64, pd + o * 8, None, ASM, False)
-        a0, a1 = a0 + r0, a1 + r1
-    if kfull < kb1:
-        o = kfull - kb0
-        r0, r1 = _q6k_step_ag(pa0 + o * 52, ph0 + o * 52, ps0 + o * 208, pd0 + o, pa1 + o * 52, ph1 + o * 52,
-                              ps1 + o * 208, pd1 + o, px + o * 64, pd + o * 8, kfull + line // BN < kb1, ASM, True)
-        a0, a1 = a0 + r0, a1 + r1
-    return (tl.sum(tl.sum(tl.reshape(a0, [NBLK, BN, LPB]), axis=2), axis=0),
-            tl.sum(tl.sum(tl.reshape(a1, [NBLK, BN, LPB]), axis=2), axis=0))
-
-
-@triton.jit
 def _q80_fetch(wrow, kb, w):
     """One Q8_0 step: the quant words (BN, NB, 8) and d (BN, NB, 1)."""
     b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
@@ -1078,47 +992,23 @@ def _gate_up_rows(xq, xd, xs, gate_ptr, up_ptr, row0, I, rb_g, rb_u, nb_g, nb_u,
 def moe_down_q8_kernel(hq_ptr, hd_ptr, hs_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK,
                        DOWN_T: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                        PF: tl.constexpr = False, LOADS: tl.constexpr = 0, ALIGNED: tl.constexpr = 0,
-                       SUM: tl.constexpr = False, PDL: tl.constexpr = False, G: tl.constexpr = 1):
+                       SUM: tl.constexpr = False, PDL: tl.constexpr = False):
     """y[p, n] = wts[p] * (down_e[n] . h[p]) with h quantized like x; float32 (P, D). SUM: program row 0 is a token
     t, and y[t, n] (T, D) is the sum of its TOPK pairs' rows, added in slot order in registers (the slots' sum
-    without a launch of its own). ALIGNED: see ``mmvq_rows``. PDL: see ``pdl_enter``. G = 2 (aligned Q6_K): a program
-    is two blocks of BN rows whose lanes share each step's activation loads (``_q6k_rows_ag``)."""
+    without a launch of its own). ALIGNED: see ``mmvq_rows``. PDL: see ``pdl_enter``."""
     pdl_enter(PDL)
-    if G > 1:
-        tl.static_assert(G == 2 and DOWN_T == 14 and ALIGNED != 0, "two groups of rows: aligned Q6_K")
-        row0 = tl.program_id(1) * (2 * BN)
-        rows = row0 + tl.arange(0, BN)
-        lo = tl.program_id(0).to(tl.int64) * (TOPK if SUM else 1)
-        acc0 = tl.zeros([BN], dtype=tl.float32)
-        acc1 = acc0
-        for p in range(lo, lo + (TOPK if SUM else 1)):
-            e = tl.load(ids_ptr + p)
-            valid = (e >= 0) & (e < E)
-            e = tl.where(valid, e, 0).to(tl.int64)
-            wt = tl.load(wts_ptr + p)
-            r0, r1 = _q6k_rows_ag((hq_ptr + p * I).to(tl.pointer_type(tl.int32)),
-                                  hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)),
-                                  down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0), BN, NBLK, ALIGNED,
-                                  ASM)
-            acc0 += wt * r0
-            acc1 += wt * r1
-        yrow = y_ptr + tl.program_id(0).to(tl.int64) * D
-        tl.store(yrow + rows, acc0, mask=rows < D)
-        tl.store(yrow + rows + BN, acc1, mask=rows + BN < D)
-    else:
-        row0 = tl.program_id(1) * BN
-        rows = row0 + tl.arange(0, BN)
-        lo = tl.program_id(0).to(tl.int64) * (TOPK if SUM else 1)
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for p in range(lo, lo + (TOPK if SUM else 1)):
-            e = tl.load(ids_ptr + p)
-            valid = (e >= 0) & (e < E)
-            e = tl.where(valid, e, 0).to(tl.int64)
-            acc += tl.load(wts_ptr + p) * mmvq_rows(
-                hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32),
-                down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS,
-                ALIGNED)
-        tl.store(y_ptr + tl.program_id(0).to(tl.int64) * D + rows, acc, mask=rows < D)
+    row0 = tl.program_id(1) * BN
+    rows = row0 + tl.arange(0, BN)
+    lo = tl.program_id(0).to(tl.int64) * (TOPK if SUM else 1)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for p in range(lo, lo + (TOPK if SUM else 1)):
+        e = tl.load(ids_ptr + p)
+        valid = (e >= 0) & (e < E)
+        e = tl.where(valid, e, 0).to(tl.int64)
+        acc += tl.load(wts_ptr + p) * mmvq_rows(
+            hq_ptr + p * I, hd_ptr + p * ((2 if LOADS & 2 else 1) * (I // 32)), hs_ptr + p * (I // 32),
+            down_ptr + e * es_d, row0, D, rb_d, 0, tl.where(valid, nb_d, 0), DOWN_T, BN, NBLK, ASM, PF, LOADS, ALIGNED)
+    tl.store(y_ptr + tl.program_id(0).to(tl.int64) * D + rows, acc, mask=rows < D)
 
 
 @triton.jit
