@@ -520,7 +520,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                 return ""
             if not c.early:
                 return ", weights not loaded before the wait"
-            return f", slots launch step {c.down_slots}{', ids alone read before the wait' if not c.early_weights else ''}"
+            ids = ", ids alone read before the wait" if not c.early_weights else ""
+            return f", slots launch step {c.down_slots}{ids}"
 
         def capped_calls(step, pf_: bool, cap: int):
             """The slots' launch (early: with one group of rows its first weights, with several the ids alone) with its
@@ -576,7 +577,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  *[(f"whole layer{layer_label(c)}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
-                   for c in (cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
+                   for c in (cfg, replace(cfg, early=not cfg.early),
+                             replace(cfg, down_slots=(4, 2, 8), early_weights=True),
                              replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
                              replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True))]]
         for what, calls, nbytes in parts:

@@ -78,10 +78,12 @@ class MoEConfig:
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
     # 23.72 us at one token (bench/results/read-ceiling-NVIDIA_H200-early.json)
-    early_weights: bool = True  # ... early: the first step's weights too (else ids and wts alone)
-    slots_pf: bool = False  # the slots' down launch loads each step's next weights before its math (PF)
+    early_weights: bool = True  # ... early: the first step's weights too (else ids and wts alone; with two groups of
+    # rows a program, ids alone measured 19.54-19.81 us against 20.41-20.52 us, read-ceiling-NVIDIA_H200-slots-*.json)
+    slots_pf: bool = False  # the slots' down launch loads each step's next weights before its math (PF; no gain on an
+    # H200: 70.8-73.7% of copy bandwidth against 70.3-73.2%)
     slots_cache: tuple = (0, 0)  # the slots' down launch: its weight loads' cache modifier and its activation loads'
-    # eviction policy (moe_down_slots_q8_kernel's WCM, AEV: triton_mmvq._ld's codes)
+    # eviction policy (moe_down_slots_q8_kernel's WCM, AEV: triton_mmvq._ld's codes; no gain on an H200)
 
     def gate_up_step(self, types, loads: int) -> tuple | None:
         """The (rows, blocks, warps) of the side-by-side gate/up launch where it applies (see gate_up_lines)."""
@@ -133,7 +135,9 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # token, a token's slots side by side in a Q4_K down launch (4 rows x 2 blocks x 8 slots, 8 warps): about 1.28-1.30x
 # the read time with Q4_K down experts at one token (1.39-1.40x before), 1.23-1.24x with aligned Q6_K ones (1.28x)
 # (H200, bench/results/kernels-NVIDIA_H200-int8.md, "Eleventh round"; the slots side by side were 1-3% slower at 4
-# tokens, so they stop at one)
+# tokens, so they stop at one). That down launch in two groups of 4 rows x 1 block x 8 slots, 4 warps, sharing their
+# activation loads, the ids read before the grid-dependency wait: 79.7-82.2% of copy bandwidth against 70.7-73.2% for
+# one group (1.12x), the layer 1.19-1.24x the read time against 1.25-1.29x ("Fourteenth round")
 DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(1, 4, 1),
                     down_slots=(4, 1, 4, 2), early_weights=False)
 
@@ -366,9 +370,8 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_slots_q8_kernel[(T, -(-D // (bn * g)))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
-        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PRELOAD=cfg.early_weights, PF=cfg.slots_pf,
-        WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1], G=g,
-        **pdl_launch(hq.device, T))
+        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PRELOAD=cfg.early_weights,
+        PF=cfg.slots_pf, WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1], G=g, **pdl_launch(hq.device, T))
     return y
 
 

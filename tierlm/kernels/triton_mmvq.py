@@ -399,11 +399,11 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     a step's weight words are loaded, masked and decoded once for all rows; ``nact`` of them are
     real (K int8 apart, their (xd, xs) pairs K // 16 floats apart; rows past ``nact`` repeat the
     last). PF (MR = 1): each step first loads the next step's weight bytes (masked past kb1), so a
-    warp has two steps of them in flight (with PRE, the first step's are the caller's). XROW (MR = 1): ``xq32`` and ``xd_ptr`` are (BN,) pointers, the activation
-    row of each weight row (16-byte aligned, as rows of K int8 and K // 16 pairs are), so one step may dot the rows of
-    several experts with several activation rows. PRE (MR = 1): the first step's weight words ``hv0``, ``q0``
-    were loaded by the caller (``q4k_first_step``). WCM, AEV: the weight loads' cache modifier and the activation
-    loads' eviction policy (``_q4k_step_m``)."""
+    warp has two steps of them in flight (with PRE, the first step's are the caller's). XROW (MR = 1): ``xq32`` and
+    ``xd_ptr`` are (BN,) pointers, the activation row of each weight row (16-byte aligned, as rows of K int8 and
+    K // 16 pairs are), so one step may dot the rows of several experts with several activation rows. PRE (MR = 1):
+    the first step's weight words ``hv0``, ``q0`` were loaded by the caller (``q4k_first_step``). WCM, AEV: the weight
+    loads' cache modifier and the activation loads' eviction policy (``_q4k_step_m``)."""
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
     w = tl.arange(0, 32)[None, :]
@@ -1025,10 +1025,11 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     (T, D). An expert id outside [0, E) adds nothing (its lanes' sums are dropped, whatever they read). EARLY: ids and
     wts are read, and the first step's weights loaded, before the grid-dependency wait; only for ids and wts written
     two launches before this one or earlier (the launch just before, h's quantizer, waits for them), as
-    ``moe._moe_pairs_q8`` launches it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF). WCM, AEV: the weight loads' cache
-    modifier and the activation loads' eviction policy (``_q4k_step_m``). G > 1: a program is G blocks of BN rows
-    whose lines share a thread's activation words (``_q4k_rows32g``; EARLY loads every group's first step). PRELOAD
-    false: EARLY reads ids and wts alone before the wait, the weights after it."""
+    ``moe._moe_pairs_q8`` launches it; PRELOAD false: EARLY reads ids and wts alone before the wait, every weight after
+    it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF). WCM, AEV: the weight loads' cache
+    modifier and the activation loads' eviction policy (``_q4k_step_m``). G > 1: a program is G blocks of BN rows whose
+    lines share a thread's activation words (``_q4k_rows32g``; with EARLY and PRELOAD, every group's first step is
+    loaded before the wait); it takes no PF, WCM or AEV."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -1045,6 +1046,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     xd = hd_ptr + p * (I // 16)
     wt = tl.load(wts_ptr + p)
     if G > 1:
+        tl.static_assert(not PF and WCM == 0 and AEV == 0, "row groups: no PF, WCM or AEV")
         ge = down_ptr + e * es_d
         w1 = ge + tl.minimum(row0 + BN + r % BN, D - 1).to(tl.int64) * rb_d
         w2 = ge + tl.minimum(row0 + 2 * BN + r % BN, D - 1).to(tl.int64) * rb_d
@@ -1073,8 +1075,8 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
             hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK, WCM)
         if EARLY:
             pdl_enter(PDL)
-        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY and PRELOAD, hv0, q0, WCM,
-                         AEV)[0]
+        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY and PRELOAD, hv0, q0,
+                         WCM, AEV)[0]
         _slots_store(y_ptr + t * D, a, valid, wt, row0, D, KP, BN)
 
 
