@@ -216,13 +216,8 @@ def slots_walk_kernel(hq_ptr, hd_ptr, down_ptr, out_ptr, ids_ptr, E, I, D, nb_d,
     L: tl.constexpr = NBLK * KP * BN
     pw, kb = tv._q4k_lines(wrow, 0, KP * BN, NBLK)
     w = tl.arange(0, 32)[None, :]
-    hc = w // 4
-    xq = tl.reshape(tl.broadcast_to((hq_ptr + p * I).to(tl.pointer_type(tl.int32))[None, :], [NBLK, KP * BN]),
-                    [L])[:, None]
-    xd = tl.reshape(tl.broadcast_to((hd_ptr + p * (I // 16)).to(tl.pointer_type(tl.int32))[None, :],
-                                    [NBLK, KP * BN]), [L])[:, None]
-    px = tl.multiple_of(xq, [16, 16]) + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4
-    pd = tl.multiple_of(xd + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    px, pd = tv._q4k_act_ptrs((hq_ptr + p * I).to(tl.pointer_type(tl.int32)), hd_ptr + p * (I // 16), kb, KP * BN,
+                              NBLK, True)
     acc = tl.zeros([L, 32], dtype=tl.int32)
     if PF:
         hv, q = tv._ld(pw + w % 4, None, False, WCM), tv._ld(pw + 4 + w, None, False, WCM)
@@ -462,6 +457,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
         xq, xd, xs = quantize_q8(x, pack=bool(lu & 2))
         h = moe_mod.q8_gate_up(xq, xd, xs, sets[0], gate, up, types, dims, cfg, lu, aligned)
         hq, hd, hs = quantize_q8(h, pack=bool(ld & 2))
+        pq, pd, _ = quantize_q8(h, pack=True)  # h as the slots' launch takes it
         y = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, aligned)
 
         def down_calls(sums: bool):
@@ -477,7 +473,6 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                 return [(f"down, slots summed in it, step {c.aligned_step}",
                          [lambda ids=ids, c=c: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, c, ld, aligned,
                                                                True) for ids in sets], down_bytes) for c in steps]
-            pq, pd, _ = quantize_q8(h, pack=True)
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
             one = replace(cfg, early_weights=True)  # one group of rows a program: its first weights loaded early
             steps = [replace(one, down_slots=s) for s in MOE_SLOT_STEPS]
@@ -526,22 +521,12 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
         def capped_calls(step, pf_: bool, cap: int):
             """The slots' launch (early: with one group of rows its first weights, with several the ids alone) with its
             registers per thread capped at ``cap``: more programs per SM, if it does not spill."""
-            bn, nb, warps, *groups = step
-            g = groups[0] if groups else 1
-            nblk, warps = tv.fit_step(nb, warps, I)
-            pq, pd, _ = quantize_q8(h, pack=True)
-            y_ = torch.empty(1, D, dtype=torch.float32, device="cuda")
-            c = replace(cfg, down_slots=step, slots_pf=pf_, early=True, early_weights=g == 1)
+            c = replace(cfg, down_slots=step, slots_pf=pf_, early_weights=len(step) < 4)
             want = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c, True)
-
-            def call(ids):
-                tv.moe_down_slots_q8_kernel[(1, -(-D // (bn * g)))](
-                    pq, pd, down, y_, wts, ids, E, I, D, I // 256, down.shape[2], down[0].numel(), K, KP=8, BN=bn,
-                    NBLK=nblk, ASM=True, num_warps=warps, EARLY=True, PRELOAD=g == 1, G=g, PF=pf_, maxnreg=cap,
-                    **moe_mod.pdl_launch(pq.device, 1))
-            call(sets[0])
-            assert ((y_ - want).norm() / want.norm()).item() < 1e-6, (step, pf_, cap)
-            return [lambda ids=ids: call(ids) for ids in sets]
+            got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c, True, maxnreg=cap)
+            assert ((got - want).norm() / want.norm()).item() < 1e-6, (step, pf_, cap)
+            return [lambda ids=ids: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, True, maxnreg=cap)
+                    for ids in sets]
 
         def walk_calls(step, acts: bool, pf_: bool, wcm: int):
             """``slots_walk_kernel`` launches on each set of ids: the slots' launch's loads, xored (registers capped at
@@ -550,7 +535,6 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             nblk, warps = tv.fit_step(nb, warps, I)
             grid = (1, -(-D // bn))
             sink = torch.empty(grid[1], dtype=torch.int32, device="cuda")
-            pq, pd, _ = quantize_q8(h, pack=True)
             return [lambda ids=ids: slots_walk_kernel[grid](pq, pd, down, sink, ids, E, I, D, I // 256, down.shape[2],
                                                              down[0].numel(), K, KP=8, BN=bn, NBLK=nblk, ACTS=acts,
                                                              PF=pf_, WCM=wcm, num_warps=warps, maxnreg=48)

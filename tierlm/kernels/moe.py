@@ -7,8 +7,8 @@ decode (few token-expert pairs) runs each pair as a matrix-vector product straig
 (with int8 activations: x and h quantized first; Q4_K gate and up rows side by side in one loop; at
 one token the down launch adds the slots itself, so no sum launch); prefill sorts the pairs by expert
 so each expert's weights are read once per tile of up to ``block_m`` pairs and multiplied with
-tensor-core tiles. On CPU it is the reference (a loop over the experts that are used, each dequantized). ``moe_dense`` runs the same kernels on unquantized
-fp16/bf16/fp32 stacked weights.
+tensor-core tiles. On CPU it is the reference (a loop over the experts that are used, each dequantized).
+``moe_dense`` runs the same kernels on unquantized fp16/bf16/fp32 stacked weights.
 
 Glossary: T = tokens, K = experts per token, P = T * K (token, slot) pairs, E = experts,
 D = hidden size, I = expert intermediate size.
@@ -354,10 +354,12 @@ def _zero_ids(device: torch.device, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int64, device=device)
 
 
-def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = False) -> torch.Tensor:
+def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = False,
+                  maxnreg: int | None = None) -> torch.Tensor:
     """The int8 down launch of Q4_K experts with a token's K slots side by side (``moe_down_slots_q8_kernel``) on
     quantized h with packed (xd, xs) pairs ``hd``: y (T, D) float32, the slots weighted and added. ``early``: ids and
-    wts were written before the launch that wrote hq (the kernel's EARLY)."""
+    wts were written before the launch that wrote hq (the kernel's EARLY). ``maxnreg``: a cap on the
+    launch's registers per thread (timings)."""
     from tierlm.kernels import triton_mmvq as tv
 
     E, I, D, K = dims
@@ -371,7 +373,8 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     tv.moe_down_slots_q8_kernel[(T, -(-D // (bn * g)))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
         BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PRELOAD=cfg.early_weights,
-        PF=cfg.slots_pf, WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1], G=g, **pdl_launch(hq.device, T))
+        PF=cfg.slots_pf, WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1], G=g, maxnreg=maxnreg,
+        **pdl_launch(hq.device, T))
     return y
 
 

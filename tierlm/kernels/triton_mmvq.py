@@ -385,6 +385,37 @@ def q4k_first_step(wrow, kb0, kb1, BN: tl.constexpr, NBLK: tl.constexpr, WCM: tl
 
 
 @triton.jit
+def _q4k_piece_shifts():
+    """For ``_q4k_math`` over a step's (lines, 8) pieces: the shift ``sa`` and mask ``ma`` of header words 1 and 2 and
+    the shift ``se`` of word 3 that give each piece's two scales and two mins."""
+    c = tl.arange(0, 8)[None, :] // 2  # the chunk of each piece, over (L, 8): low nibbles of group 2c, high of 2c + 1
+    hi = c >= 2  # groups 4..7: low 4 bits in header word 3, top 2 bits in words 1 and 2
+    se = 16 * (c % 2)  # bit of group 2c's byte in word 3 (groups 4..7) or words 1 and 2 (0..3)
+    sa = se + tl.where(hi, 2, 0)  # shift of words 1, 2: their top bits to bits 4, 5 for groups 4..7
+    ma = tl.where(hi, 0x3030, 0x3F3F)  # bits taken from words 1, 2; the others from word 3
+    return sa, se, ma
+
+
+@triton.jit
+def _q4k_act_ptrs(xq32, xd_ptr, kb, BN: tl.constexpr, NBLK: tl.constexpr, XROW: tl.constexpr):
+    """The (L, 32) int32 pointers of a ``_q4k_math`` step's activation words of the low nibbles (the high ones are 8
+    words on) and (xd, xs) words, for lines of blocks ``kb`` (L,). XROW: ``xq32`` and ``xd_ptr`` are (BN,) pointers,
+    the activation row of each weight row (16-byte aligned), repeated over the step's NBLK blocks."""
+    L: tl.constexpr = NBLK * BN
+    w = tl.arange(0, 32)[None, :]
+    hc = w // 4
+    if XROW:
+        xq_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xq32[None, :], [NBLK, BN]), [L])[:, None], [16, 16])
+        xd_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xd_ptr.to(tl.pointer_type(tl.int32))[None, :], [NBLK, BN]),
+                                         [L])[:, None], [16, 16])
+    else:
+        xq_l, xd_l = xq32, xd_ptr.to(tl.pointer_type(tl.int32))
+    px = xq_l + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
+    pd = tl.multiple_of(xd_l + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    return px, pd
+
+
+@triton.jit
 def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                  PF: tl.constexpr = False, MR: tl.constexpr = 1, XROW: tl.constexpr = False,
                  PRE: tl.constexpr = False, hv0=0, q0=0, WCM: tl.constexpr = 0, AEV: tl.constexpr = 0):
@@ -407,22 +438,10 @@ def _q4k_rows32p(xq32, xd_ptr, wrow, kb0, kb1, nact, K, BN: tl.constexpr, NBLK: 
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
     w = tl.arange(0, 32)[None, :]
-    hc = w // 4
-    c = tl.arange(0, 8)[None, :] // 2  # the chunk of each piece, over (L, 8): low nibbles of group 2c, high of 2c + 1
-    hi = c >= 2  # groups 4..7: low 4 bits in header word 3, top 2 bits in words 1 and 2
-    se = 16 * (c % 2)  # bit of group 2c's byte in word 3 (groups 4..7) or words 1 and 2 (0..3)
-    sa = se + tl.where(hi, 2, 0)  # shift of words 1, 2: their top bits to bits 4, 5 for groups 4..7
-    ma = tl.where(hi, 0x3030, 0x3F3F)  # bits taken from words 1, 2; the others from word 3
+    sa, se, ma = _q4k_piece_shifts()
     pw, kb = _q4k_lines(wrow, kb0, BN, NBLK)  # (L, 1), (L,)
-    if XROW:
-        tl.static_assert(MR == 1, "an activation row per weight row, one activation row each")
-        xq_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xq32[None, :], [NBLK, BN]), [L])[:, None], [16, 16])
-        xd_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xd_ptr.to(tl.pointer_type(tl.int32))[None, :], [NBLK, BN]),
-                                         [L])[:, None], [16, 16])
-    else:
-        xq_l, xd_l = xq32, xd_ptr.to(tl.pointer_type(tl.int32))
-    px = xq_l + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
-    pd = tl.multiple_of(xd_l + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    tl.static_assert(MR == 1 or not XROW, "an activation row per weight row, one activation row each")
+    px, pd = _q4k_act_ptrs(xq32, xd_ptr, kb, BN, NBLK, XROW)
     kw, dw = K // 4, K // 16  # xq words and (xd, xs) words per activation row (K is a multiple of 256)
     sx1, sx2, sx3 = tl.minimum(1, nact - 1) * kw, tl.minimum(2, nact - 1) * kw, tl.minimum(3, nact - 1) * kw
     sd1, sd2, sd3 = tl.minimum(1, nact - 1) * dw, tl.minimum(2, nact - 1) * dw, tl.minimum(3, nact - 1) * dw
@@ -505,13 +524,7 @@ def _q4k_rows32g(xq32, xd_ptr, w0, w1, w2, w3, kb0, kb1, G: tl.constexpr, BN: tl
     tl.static_assert(G >= 1 and G <= 4, "1 to 4 groups of rows")
     L: tl.constexpr = NBLK * BN
     i = tl.arange(0, L)
-    w = tl.arange(0, 32)[None, :]
-    hc = w // 4
-    c = tl.arange(0, 8)[None, :] // 2  # as in _q4k_rows32p
-    hi = c >= 2
-    se = 16 * (c % 2)
-    sa = se + tl.where(hi, 2, 0)
-    ma = tl.where(hi, 0x3030, 0x3F3F)
+    sa, se, ma = _q4k_piece_shifts()
     p0, kb = _q4k_lines(w0, kb0, BN, NBLK)
     p1, p2, p3 = p0, p0, p0
     if G > 1:
@@ -520,11 +533,7 @@ def _q4k_rows32g(xq32, xd_ptr, w0, w1, w2, w3, kb0, kb1, G: tl.constexpr, BN: tl
         p2 = _q4k_lines(w2, kb0, BN, NBLK)[0]
     if G > 3:
         p3 = _q4k_lines(w3, kb0, BN, NBLK)[0]
-    xq_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xq32[None, :], [NBLK, BN]), [L])[:, None], [16, 16])
-    xd_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xd_ptr.to(tl.pointer_type(tl.int32))[None, :], [NBLK, BN]),
-                                     [L])[:, None], [16, 16])
-    px = xq_l + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4
-    pd = tl.multiple_of(xd_l + kb[:, None] * 16, [16, 16]) + 4 * (hc // 2) + w % 4
+    px, pd = _q4k_act_ptrs(xq32, xd_ptr, kb, BN, NBLK, True)
     a0 = tl.zeros([L, 8], dtype=tl.float32)
     a1, a2, a3 = a0, a0, a0
     kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
