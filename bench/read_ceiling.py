@@ -128,6 +128,12 @@ MOE_SLOT_WALKS = [((4, 2, 8), False, False, 0), ((4, 2, 8), True, False, 0), ((4
                   ((4, 1, 8), True, True, 0), ((4, 1, 8), True, True, 1)]
 CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: "evict_first"}, {0: "plain", 1: "evict_last"}
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
+MOE_Q6K_LAYER = [(1, 4, 4, 2), (1, 2, 2, 2), (1, 4, 4)]  # ... timed in whole layers too
+# ... (rows, blocks, warps, G) of the aligned Q6_K down launch with a token's slots side by side
+# (MoEConfig.down_slots_aligned): 16 / W lanes a block (4 on DeepSeek-V3's down rows), G blocks of rows a program
+MOE_Q6K_SLOTS = [(1, 4, 4), (1, 8, 8), (1, 2, 2), (2, 4, 8), (2, 2, 4), (1, 4, 2), (2, 2, 2), (1, 4, 4, 2),
+                 (1, 2, 2, 2), (1, 8, 8, 2), (2, 2, 4, 2), (1, 4, 2, 2), (2, 2, 2, 2), (1, 1, 1, 2), (1, 2, 1, 2),
+                 (1, 4, 4, 4), (1, 2, 2, 4), (1, 1, 1, 4), (2, 4, 8, 2)]
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -468,11 +474,23 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             """The default's down at one token where it is the slots' launch (Q4_K down experts), and the same sums
             in the steps of MOE_SLOT_STEPS; for aligned Q6_K down experts, the down launch with the steps of
             MOE_Q6K_STEPS."""
-            if not cfg.slots_down(types, 1):
+            if types[2] == T.Q6_K:
                 steps = [replace(cfg, aligned_step=s) for s in MOE_Q6K_STEPS] if aligned else []
-                return [(f"down, slots summed in it, step {c.aligned_step}",
-                         [lambda ids=ids, c=c: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, c, ld, aligned,
-                                                               True) for ids in sets], down_bytes) for c in steps]
+                slots = [replace(cfg, down_slots_aligned=s) for s in MOE_Q6K_SLOTS] if aligned else []
+                if slots:
+                    ref = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, aligned, True)
+                for c in slots:  # the same sums in another order: float rounding apart
+                    got = moe_mod.q8_down_slots(hq, hd, sets[0], wts, down, dims, c, aligned_q6k=True)
+                    assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots_aligned
+                return [*[(f"down, slots summed in it, step {c.aligned_step}",
+                           [lambda ids=ids, c=c: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, c, ld,
+                                                                 aligned, True) for ids in sets], down_bytes)
+                          for c in steps],
+                        *[(f"down, the slots side by side, step {c.down_slots_aligned}{early}",
+                           [lambda ids=ids, c=c, e=e: moe_mod.q8_down_slots(hq, hd, ids, wts, down, dims, c, e,
+                                                                            aligned_q6k=True) for ids in sets],
+                           down_bytes) for c in slots for e, early in ((True, ""), (False, ", ids after the wait"))
+                          if e or c is slots[0]]]
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
             one = replace(cfg, early_weights=True)  # one group of rows a program: its first weights loaded early
             steps = [replace(one, down_slots=s) for s in MOE_SLOT_STEPS]
@@ -509,10 +527,21 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                        f"{', PF' if wpf else ''}{', weight loads ' + CACHE_MODIFIERS[wcm] if wcm else ''}",
                        walk_calls(st, acts, wpf, wcm), down_bytes) for st, acts, wpf, wcm in MOE_SLOT_WALKS]]
 
+        def layer_cfgs() -> list:
+            """The whole layers timed: the default, and forms of its down launch for these down experts."""
+            if types[2] == T.Q6_K:
+                return [cfg, replace(cfg, down_slots_aligned=()),
+                        *[replace(cfg, down_slots_aligned=s) for s in MOE_Q6K_LAYER if s != cfg.down_slots_aligned]]
+            return [cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
+                    replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
+                    replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True)]
+
         def layer_label(c) -> str:
             """How a whole layer's MoEConfig differs from the default's, for its row's name."""
             if c == cfg:
                 return ""
+            if c.down_slots_aligned != cfg.down_slots_aligned:
+                return f", aligned Q6_K slots launch step {c.down_slots_aligned or None}"
             if not c.early:
                 return ", weights not loaded before the wait"
             ids = ", ids alone read before the wait" if not c.early_weights else ""
@@ -561,10 +590,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  *[(f"whole layer{layer_label(c)}",
                     [lambda ids=ids, c=c: moe_mod.moe_quant(x, ids[None], wts[None], gate, up, down, *types, config=c,
                                                             aligned=aligned) for ids in sets], up_bytes + down_bytes)
-                   for c in (cfg, replace(cfg, early=not cfg.early),
-                             replace(cfg, down_slots=(4, 2, 8), early_weights=True),
-                             replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
-                             replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True))]]
+                   for c in layer_cfgs()]]
         for what, calls, nbytes in parts:
             s = graph_time(calls)
             kw = dict(pct=nbytes / s / bw * 100) if nbytes else {}

@@ -571,6 +571,22 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
         assert out.shape == x.shape and rel(out, ref) <= 1e-4, (side, slots)
         late = moe_quant(x, ids, wts, gate, up, dn, *types, config=replace(cfg, early=False), aligned=aligned)
         assert torch.equal(out, late), (side, slots)  # the same sums, whenever the first weights were loaded
+    if down_type == T.Q6_K:  # aligned: a token's slots side by side in the down launch too, in 1-3 groups of rows, on
+        # down rows of 2, 6 and 8 blocks (1, 1 and 4 words a lane; a partial last step at 6), 1024 of them (three groups
+        # of rows a program: the last program's past them clamped)
+        for I, steps in ((512, [(1, 2, 2), (2, 1, 1, 3)]), (1536, [(1, 4, 4, 2)]), (2048, [(1, 4, 4, 2), (2, 2, 4)])):
+            gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=46, I=I, D=1024)
+            ids[0, 5] = 99  # an id past the experts adds nothing
+            ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
+            dn = to_aligned(down)
+            for step in steps:
+                cfg = replace(moe.DEFAULT, down_slots_aligned=step, slots_max_tokens=T_)
+                assert cfg.sums_slots(types, True, T_) and not cfg.slots_down(types, T_, False)
+                _poison_cache()
+                out = moe_quant(x, ids, wts, gate, up, dn, *types, config=cfg, aligned=True)
+                assert out.shape == x.shape and rel(out, ref) <= 1e-4, (I, step)
+                late = moe_quant(x, ids, wts, gate, up, dn, *types, config=replace(cfg, early=False), aligned=True)
+                assert torch.equal(out, late), (I, step)  # the ids read before the wait or after it: the same sums
     if down_type == T.Q4_K:  # down rows of 3 blocks, 2 a step: the first step, loaded before the wait, then a partial
         gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=45, I=768)
         for slots, weights in (((4, 2, 8), True), ((4, 1, 4, 2), False), ((2, 2, 4, 3), True)):

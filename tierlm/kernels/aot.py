@@ -299,13 +299,15 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
     out = [Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
                    dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul, GU=bool(side)),
                    a_up, uw, tags=dict(act="fp32", qtype=q_up))]
-    if cfg.slots_down(types, 1):
-        sb, snb, sw, *groups = cfg.down_slots
+    if cfg.slots_down(types, 1, aligned):
+        sb, snb, sw, *groups = cfg.slots_step(types, aligned)
+        q6 = q_down == tq.Q6_K  # aligned: ALIGNED set below
         slots = dict(hq_ptr="*i8", hd_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32", ids_ptr="*i64",
                      E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32")
         out.append(Variant(f"moe_down_slots_q8_{q_down}", tv.moe_down_slots_q8_kernel, slots,
-                           dict(KP=8, BN=sb, NBLK=snb, ASM=True, EARLY=cfg.early, PRELOAD=cfg.early_weights,
-                                G=groups[0] if groups else 1), ("I", "rb_d"), sw,
+                           dict(KP=8, BN=sb, NBLK=snb, ASM=True, EARLY=cfg.early,
+                                PRELOAD=cfg.early_weights and not q6, G=groups[0] if groups else 1, DOWN_T=q_down),
+                           ("I", "rb_d"), sw,
                            tags=dict(act="fp32", qtype=q_down)))
     out += [Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}{'_sum' if sm else ''}", tv.moe_down_q8_kernel,
                     down, dict(DOWN_T=q_down, BN=db, NBLK=dnb, ASM=True, PF=cfg.mmvq_pf, LOADS=dl, SUM=sm), a_down,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tierlm.kernels.quant_matmul import (FUSED_TYPES, MMVQ_STEPS, KernelInputError, _interpreting, _word_aligned,
-                                         aligned_step, device_info, mmvq_loads, pdl_launch, quantize_q8,
+                                         aligned_step, device_info, mmvq_loads, pdl_launch, q6k_words, quantize_q8,
                                          quantize_q8_ref)
 from tierlm.kernels.q6k_layout import from_aligned
 from tierlm.weights.formats import GGMLType, dequantize
@@ -74,6 +74,7 @@ class MoEConfig:
     down_slots: tuple = ()  # int8 decode of Q4_K down experts: (rows, blocks, warps) of a down launch that runs a
     # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch; a
     # fourth number G > 1: G blocks of those rows per program, sharing their activation loads
+    down_slots_aligned: tuple = ()  # ... of aligned Q6_K down experts (down_slots' form, on the aligned step)
     slots_max_tokens: int = 1  # ... up to this many tokens
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
@@ -90,13 +91,20 @@ class MoEConfig:
         ok = self.gate_up_lines and types[0] == types[1] == GGMLType.Q4_K and loads & 8
         return self.gate_up_lines if ok else None
 
-    def slots_down(self, types, tokens: int) -> bool:
-        """Whether the int8 down launch is ``moe_down_slots_q8_kernel`` (see down_slots)."""
-        return bool(self.down_slots) and types[2] == GGMLType.Q4_K and tokens <= self.slots_max_tokens
+    def slots_down(self, types, tokens: int, aligned: bool = False) -> bool:
+        """Whether the int8 down launch is ``moe_down_slots_q8_kernel`` (see down_slots, down_slots_aligned)."""
+        step = self.slots_step(types, aligned)
+        return bool(step) and tokens <= self.slots_max_tokens
+
+    def slots_step(self, types, aligned: bool = False) -> tuple:
+        """The (rows, blocks, warps[, groups]) of the slots' down launch for these down experts, or ()."""
+        if types[2] == GGMLType.Q4_K:
+            return self.down_slots
+        return self.down_slots_aligned if aligned and types[2] == GGMLType.Q6_K else ()
 
     def sums_slots(self, types, aligned: bool, tokens: int) -> bool:
         """Whether the int8 down launch adds each token's slots itself (see down_slots, down_sum, down_sum_aligned)."""
-        return self.slots_down(types, tokens) or self.down_sum or (
+        return self.slots_down(types, tokens, aligned) or self.down_sum or (
             self.down_sum_aligned and aligned and types[2] == GGMLType.Q6_K and tokens == 1)
 
     def up_step(self) -> tuple[int, int, int, int]:
@@ -272,12 +280,13 @@ def _moe_pairs_q8(x, ids, wts, gate, up, down, types, dims, cfg: MoEConfig, alig
     one launch (one program per pair and block of rows), h quantized, then down. Returns y (P, D), or (T, D) with
     ``cfg.sums_slots``."""
     loads = q8_loads(cfg, types, gate, up, down, aligned)
-    slots = dims[3] > 1 and cfg.slots_down(types, x.shape[0])
+    slots = dims[3] > 1 and cfg.slots_down(types, x.shape[0], aligned)
+    q6 = types[2] == GGMLType.Q6_K  # aligned, where the slots' launch takes them
     xq, xd, xs = quantize_q8(x.contiguous(), pack=bool(loads[0] & 2))
     h = q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, loads[0], aligned)
-    hq, hd, hs = quantize_q8(h, pack=slots or bool(loads[1] & 2), pdl_rows=x.shape[0])
+    hq, hd, hs = quantize_q8(h, pack=(slots and not q6) or bool(loads[1] & 2), pdl_rows=x.shape[0])
     if slots:  # ids and wts were written before x's quantizer, and each launch waits for the one before it
-        return q8_down_slots(hq, hd, ids, wts, down, dims, cfg, early=cfg.early)
+        return q8_down_slots(hq, hd, ids, wts, down, dims, cfg, early=cfg.early, aligned_q6k=q6)
     return q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, loads[1], aligned,
                    cfg.sums_slots(types, aligned, ids.numel() // dims[3]))
 
@@ -355,25 +364,28 @@ def _zero_ids(device: torch.device, n: int) -> torch.Tensor:
 
 
 def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = False,
-                  maxnreg: int | None = None) -> torch.Tensor:
+                  maxnreg: int | None = None, aligned_q6k: bool = False) -> torch.Tensor:
     """The int8 down launch of Q4_K experts with a token's K slots side by side (``moe_down_slots_q8_kernel``) on
     quantized h with packed (xd, xs) pairs ``hd``: y (T, D) float32, the slots weighted and added. ``early``: ids and
     wts were written before the launch that wrote hq (the kernel's EARLY). ``maxnreg``: a cap on the
-    launch's registers per thread (timings)."""
+    launch's registers per thread (timings). ``aligned_q6k``: the experts are Q6_K in the aligned layout and ``hd``
+    h's unpacked xd (the step of ``cfg.down_slots_aligned``; ids alone read before the wait)."""
     from tierlm.kernels import triton_mmvq as tv
 
     E, I, D, K = dims
     P = ids.numel()
     T = P // K
-    bn, dnb, dw, *groups = cfg.down_slots
+    bn, dnb, dw, *groups = cfg.down_slots_aligned if aligned_q6k else cfg.down_slots
+    words = q6k_words(I, down) if aligned_q6k else 0
     g = groups[0] if groups else 1
     kp = 1 << (K - 1).bit_length()  # K rounded up to a power of two
     nblk, warps = tv.fit_step(dnb, dw, I)
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_slots_q8_kernel[(T, -(-D // (bn * g)))](
         hq, hd, down, y, wts, ids, E, I, D, I // tv.BLOCK_ELEMS[tv.Q4_K], down.shape[2], down[0].numel(), K, KP=kp,
-        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early, PRELOAD=cfg.early_weights,
-        PF=cfg.slots_pf, WCM=cfg.slots_cache[0], AEV=cfg.slots_cache[1], G=g, maxnreg=maxnreg,
+        BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early,
+        PRELOAD=cfg.early_weights and not aligned_q6k, PF=cfg.slots_pf, WCM=cfg.slots_cache[0],
+        AEV=cfg.slots_cache[1], G=g, maxnreg=maxnreg, DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, ALIGNED=words,
         **pdl_launch(hq.device, T))
     return y
 

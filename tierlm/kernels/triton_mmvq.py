@@ -794,6 +794,132 @@ def _q6k_rows_a(xq32, xd_ptr, w_ptr, row0, N, row_bytes, kb0, kb1, BN: tl.conste
 
 
 @triton.jit
+def _spread_lines(v, NBLK: tl.constexpr, L: tl.constexpr, LPB: tl.constexpr):
+    """(L,) values of a step's lines -> (NBLK * L * LPB,) over its lanes: lane t works on line (t // LPB) % L."""
+    return tl.reshape(tl.broadcast_to(v[None, :, None], [NBLK, L, LPB]), [NBLK * L * LPB])
+
+
+@triton.jit
+def _q6k_group_words(r, kb, h, wq, nbr, live, MASK: tl.constexpr, W: tl.constexpr):
+    """One group's weight words of a ``_q6k_rows_ag`` step, from its lanes' row pointers ``r`` (uint8, 4 W-byte
+    aligned): ql words A (quarters 0, 2) and B (1, 3) and qh words H, (lanes, W) int32; the two scale words of the
+    lane's half (lanes, 2) int32 (its four scales are bytes q, q + 2, 4 + q, 6 + q, q = wq // 4); d (lanes,) float32."""
+    wv = tl.arange(0, W)[None, :]
+    j2 = tl.arange(0, 2)[None, :]
+    body = r + kb * 208
+    pa = tl.multiple_of(body + 64 * h + 4 * wq, 4 * W).to(tl.pointer_type(tl.int32))[:, None] + wv
+    ph = tl.multiple_of(body + 128 + 32 * h + 4 * wq, 4 * W).to(tl.pointer_type(tl.int32))[:, None] + wv
+    ps = tl.multiple_of(body + 192 + 8 * h, 8).to(tl.pointer_type(tl.int32))[:, None] + j2
+    pdd = (r + nbr * 208).to(tl.pointer_type(tl.uint16)) + kb
+    lw = live[:, None] if MASK else None
+    A, B, H, S = _ld(pa, lw, MASK), _ld(pa + 8, lw, MASK), _ld(ph, lw, MASK), _ld(ps, lw, MASK)
+    return A, B, H, S, _f16(_ld(pdd, live, MASK).to(tl.int32))
+
+
+@triton.jit
+def _q6k_group_dot(A, B, H, S, d, x0, x1, x2, x3, xi, sh, ASM: tl.constexpr):
+    """One group's sums of a ``_q6k_rows_ag`` step: the four quarters' dp4a sums of its words with the activation
+    words x0..x3 (lanes, W), times their scales (bytes of S shifted by ``sh``) and xd (xi: the half's four xd bits,
+    (lanes, 4)), times d."""
+    j2 = tl.arange(0, 2)[None, :]
+    j4 = tl.arange(0, 4)[None, :]
+    s01 = tl.sum(tl.where(j2 == 0, S, 0), axis=1) >> sh  # scales of quarters 0 and 1 in bytes 0 and 2
+    s23 = tl.sum(tl.where(j2 == 1, S, 0), axis=1) >> sh  # of quarters 2 and 3
+    part = tl.zeros([d.shape[0]], dtype=tl.float32)
+    for i in tl.static_range(4):
+        if i == 0:
+            xw = x0
+        elif i == 1:
+            xw = x1
+        elif i == 2:
+            xw = x2
+        else:
+            xw = x3
+        sw = s01 if i < 2 else s23
+        sc = (sw << (24 - 16 * (i % 2))) >> 24  # the signed scale byte
+        s = tl.sum(_dp4a(_q6k_quad(A, B, H, i), xw, True, ASM), axis=1)
+        xdi = tl.sum(tl.where(j4 == i, xi, 0), axis=1).to(tl.float32, bitcast=True)
+        part += (sc * s).to(tl.float32) * xdi
+    return d * part
+
+
+@triton.jit
+def _q6k_step_ag(r0, r1, r2, r3, kb, h, wq, sh, nbr, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr,
+                 G: tl.constexpr, W: tl.constexpr):
+    """One step of ``_q6k_rows_ag``: the weight words of up to 4 groups (lanes' row pointers r0..r3; G of them real),
+    then the activation words and xd of the step once, then each group's sums (zeros past G)."""
+    A0, B0, H0, S0, d0 = _q6k_group_words(r0, kb, h, wq, nbr, live, MASK, W)
+    A1, B1, H1, S1, d1 = A0, B0, H0, S0, d0
+    A2, B2, H2, S2, d2 = A0, B0, H0, S0, d0
+    A3, B3, H3, S3, d3 = A0, B0, H0, S0, d0
+    if G > 1:
+        A1, B1, H1, S1, d1 = _q6k_group_words(r1, kb, h, wq, nbr, live, MASK, W)
+    if G > 2:
+        A2, B2, H2, S2, d2 = _q6k_group_words(r2, kb, h, wq, nbr, live, MASK, W)
+    if G > 3:
+        A3, B3, H3, S3, d3 = _q6k_group_words(r3, kb, h, wq, nbr, live, MASK, W)
+    lw = live[:, None] if MASK else None
+    j4 = tl.arange(0, 4)[None, :]
+    x0, x1, x2, x3 = _ld(px, lw, MASK), _ld(px + 8, lw, MASK), _ld(px + 16, lw, MASK), _ld(px + 24, lw, MASK)
+    xi = _ld(pd[:, None] + j4, lw, MASK).to(tl.int32, bitcast=True)
+    g0 = _q6k_group_dot(A0, B0, H0, S0, d0, x0, x1, x2, x3, xi, sh, ASM)
+    g1, g2, g3 = tl.zeros_like(g0), tl.zeros_like(g0), tl.zeros_like(g0)
+    if G > 1:
+        g1 = _q6k_group_dot(A1, B1, H1, S1, d1, x0, x1, x2, x3, xi, sh, ASM)
+    if G > 2:
+        g2 = _q6k_group_dot(A2, B2, H2, S2, d2, x0, x1, x2, x3, xi, sh, ASM)
+    if G > 3:
+        g3 = _q6k_group_dot(A3, B3, H3, S3, d3, x0, x1, x2, x3, xi, sh, ASM)
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _q6k_rows_ag(xq32, xd_ptr, w0, w1, w2, w3, nbr, kb0, kb1, G: tl.constexpr, L: tl.constexpr, NBLK: tl.constexpr,
+                 W: tl.constexpr, ASM: tl.constexpr):
+    """Aligned Q6_K rows (``_q6k_rows_a``'s lanes and math) with an activation row per line: (L,) pointers ``xq32``
+    (int32) and ``xd_ptr`` (float32, one xd per 32 values), each 16-byte aligned, and G (<= 4) groups of L weight rows
+    that share them, group g's rows at the (L,) uint8 pointers w_g (4 W-byte aligned, with ``nbr`` blocks each).
+    A lane holds the same words of every group, so each step's activation words and xd are loaded once for G rows;
+    a lane's four scales come from one 8-byte load. Whole steps unmasked, the last partial one masked. Returns four
+    (L,) float32 sums (zeros past G)."""
+    tl.static_assert(G >= 1 and G <= 4, "1 to 4 groups of rows")
+    LPB: tl.constexpr = 16 // W  # lanes per block
+    t = tl.arange(0, NBLK * L * LPB)
+    h = (t % LPB) // (LPB // 2)  # the lane's half of its block and first word in it
+    wq = (t % (LPB // 2)) * W
+    sh = 8 * (wq // 4)  # its scales' byte in each pair
+    kb = kb0 + t // (L * LPB)
+    r0 = tl.multiple_of(_spread_lines(w0, NBLK, L, LPB), 4 * W)
+    r1, r2, r3 = r0, r0, r0
+    if G > 1:
+        r1 = tl.multiple_of(_spread_lines(w1, NBLK, L, LPB), 4 * W)
+    if G > 2:
+        r2 = tl.multiple_of(_spread_lines(w2, NBLK, L, LPB), 4 * W)
+    if G > 3:
+        r3 = tl.multiple_of(_spread_lines(w3, NBLK, L, LPB), 4 * W)
+    xq_t = tl.multiple_of(_spread_lines(xq32, NBLK, L, LPB), 16)
+    xd_t = tl.multiple_of(_spread_lines(xd_ptr, NBLK, L, LPB), 16)
+    px = tl.multiple_of(xq_t + kb * 64 + 32 * h + wq, 4 * W)[:, None] + tl.arange(0, W)[None, :]
+    pd = tl.multiple_of(xd_t + kb * 8 + 4 * h, 16)
+    a0 = tl.zeros([NBLK * L * LPB], dtype=tl.float32)
+    a1, a2, a3 = a0, a0, a0
+    kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
+    for k in range(kb0, kfull, NBLK):
+        o = k - kb0
+        g0, g1, g2, g3 = _q6k_step_ag(r0, r1, r2, r3, kb + o, h, wq, sh, nbr, px + o * 64, pd + o * 8, None, ASM,
+                                      False, G, W)
+        a0, a1, a2, a3 = a0 + g0, a1 + g1, a2 + g2, a3 + g3
+    if kfull < kb1:
+        o = kfull - kb0
+        g0, g1, g2, g3 = _q6k_step_ag(r0, r1, r2, r3, kb + o, h, wq, sh, nbr, px + o * 64, pd + o * 8, kb + o < kb1,
+                                      ASM, True, G, W)
+        a0, a1, a2, a3 = a0 + g0, a1 + g1, a2 + g2, a3 + g3
+    return (tl.sum(tl.sum(tl.reshape(a0, [NBLK, L, LPB]), axis=2), axis=0),
+            tl.sum(tl.sum(tl.reshape(a1, [NBLK, L, LPB]), axis=2), axis=0),
+            tl.sum(tl.sum(tl.reshape(a2, [NBLK, L, LPB]), axis=2), axis=0),
+            tl.sum(tl.sum(tl.reshape(a3, [NBLK, L, LPB]), axis=2), axis=0))
+
+@triton.jit
 def _q80_fetch(wrow, kb, w):
     """One Q8_0 step: the quant words (BN, NB, 8) and d (BN, NB, 1)."""
     b16 = (wrow[:, None] + kb[None, :] * 34).to(tl.pointer_type(tl.uint16))[:, :, None]  # (BN, NB, 1)
@@ -1025,7 +1151,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                              PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False,
                              WCM: tl.constexpr = 0, AEV: tl.constexpr = 0, G: tl.constexpr = 1,
-                             PRELOAD: tl.constexpr = True):
+                             PRELOAD: tl.constexpr = True, DOWN_T: tl.constexpr = 12, ALIGNED: tl.constexpr = 0):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
@@ -1038,7 +1164,9 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     it. PF: each step first loads the next step's weights (``_q4k_rows32p``'s PF). WCM, AEV: the weight loads' cache
     modifier and the activation loads' eviction policy (``_q4k_step_m``). G > 1: a program is G blocks of BN rows whose
     lines share a thread's activation words (``_q4k_rows32g``; with EARLY and PRELOAD, every group's first step is
-    loaded before the wait); it takes no PF, WCM or AEV."""
+    loaded before the wait); it takes no PF, WCM or AEV. DOWN_T = 14: Q6_K down experts in the aligned layout, ALIGNED
+    words a lane (``_q6k_rows_ag``, h's xd unpacked: one per 32 values at hd_ptr), in 1 to 4 groups of BN rows; EARLY
+    reads ids and wts alone before the wait (no PRELOAD), and there is no PF, WCM or AEV."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -1052,14 +1180,22 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     n = tl.minimum(row0 + r % BN, D - 1)
     wrow = down_ptr + e * es_d + n.to(tl.int64) * rb_d
     xq = (hq_ptr + p * I).to(tl.pointer_type(tl.int32))
-    xd = hd_ptr + p * (I // 16)
     wt = tl.load(wts_ptr + p)
-    if G > 1:
-        tl.static_assert(not PF and WCM == 0 and AEV == 0, "row groups: no PF, WCM or AEV")
-        ge = down_ptr + e * es_d
-        w1 = ge + tl.minimum(row0 + BN + r % BN, D - 1).to(tl.int64) * rb_d
-        w2 = ge + tl.minimum(row0 + 2 * BN + r % BN, D - 1).to(tl.int64) * rb_d
-        w3 = ge + tl.minimum(row0 + 3 * BN + r % BN, D - 1).to(tl.int64) * rb_d
+    ge = down_ptr + e * es_d
+    w1 = ge + tl.minimum(row0 + BN + r % BN, D - 1).to(tl.int64) * rb_d
+    w2 = ge + tl.minimum(row0 + 2 * BN + r % BN, D - 1).to(tl.int64) * rb_d
+    w3 = ge + tl.minimum(row0 + 3 * BN + r % BN, D - 1).to(tl.int64) * rb_d
+    if DOWN_T == 14:
+        tl.static_assert(ALIGNED > 0 and not PF and WCM == 0 and AEV == 0 and not (EARLY and PRELOAD),
+                         "aligned Q6_K down experts: ALIGNED words a lane; no PF, WCM, AEV or PRELOAD")
+        if EARLY:
+            pdl_enter(PDL)
+        a0, a1, a2, a3 = _q6k_rows_ag(xq, hd_ptr + p * (I // 32), wrow, w1, w2, w3, nb_d, 0, nb_d, G, KP * BN, NBLK,
+                                      ALIGNED, ASM)
+        _groups_store(y_ptr + t * D, a0, a1, a2, a3, valid, wt, row0, D, KP, BN, G)
+    elif G > 1:
+        tl.static_assert(DOWN_T == 12 and not PF and WCM == 0 and AEV == 0, "row groups: no PF, WCM or AEV")
+        xd = hd_ptr + p * (I // 16)
         h0, n0, h1, n1, h2, n2, h3, n3 = 0, 0, 0, 0, 0, 0, 0, 0
         if EARLY and PRELOAD:
             h0, n0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK)
@@ -1072,20 +1208,16 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
             pdl_enter(PDL)
         a0, a1, a2, a3 = _q4k_rows32g(xq, xd, wrow, w1, w2, w3, 0, nb_d, G, KP * BN, NBLK, ASM, EARLY and PRELOAD,
                                       h0, n0, h1, n1, h2, n2, h3, n3)
-        _slots_store(y_ptr + t * D, a0, valid, wt, row0, D, KP, BN)
-        _slots_store(y_ptr + t * D, a1, valid, wt, row0 + BN, D, KP, BN)
-        if G > 2:
-            _slots_store(y_ptr + t * D, a2, valid, wt, row0 + 2 * BN, D, KP, BN)
-        if G > 3:
-            _slots_store(y_ptr + t * D, a3, valid, wt, row0 + 3 * BN, D, KP, BN)
+        _groups_store(y_ptr + t * D, a0, a1, a2, a3, valid, wt, row0, D, KP, BN, G)
     else:
+        tl.static_assert(DOWN_T == 12, "Q4_K or aligned Q6_K down experts")
         hv0, q0 = 0, 0
         if EARLY and PRELOAD:
             hv0, q0 = q4k_first_step(wrow, 0, nb_d, KP * BN, NBLK, WCM)
         if EARLY:
             pdl_enter(PDL)
-        a = _q4k_rows32p(xq, xd, wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True, EARLY and PRELOAD, hv0, q0,
-                         WCM, AEV)[0]
+        a = _q4k_rows32p(xq, hd_ptr + p * (I // 16), wrow, 0, nb_d, 1, I, KP * BN, NBLK, ASM, PF, 1, True,
+                         EARLY and PRELOAD, hv0, q0, WCM, AEV)[0]
         _slots_store(y_ptr + t * D, a, valid, wt, row0, D, KP, BN)
 
 
@@ -1097,3 +1229,15 @@ def _slots_store(y_row, a, valid, wt, row0, D, KP: tl.constexpr, BN: tl.constexp
     y = tl.sum(tl.reshape(a, [KP, BN]), axis=0)
     rows = row0 + tl.arange(0, BN)
     tl.store(y_row + rows, y, mask=rows < D)
+
+
+@triton.jit
+def _groups_store(y_row, a0, a1, a2, a3, valid, wt, row0, D, KP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """``_slots_store`` of G groups' sums a0..a3, group g's rows row0 + g * BN ..."""
+    _slots_store(y_row, a0, valid, wt, row0, D, KP, BN)
+    if G > 1:
+        _slots_store(y_row, a1, valid, wt, row0 + BN, D, KP, BN)
+    if G > 2:
+        _slots_store(y_row, a2, valid, wt, row0 + 2 * BN, D, KP, BN)
+    if G > 3:
+        _slots_store(y_row, a3, valid, wt, row0 + 3 * BN, D, KP, BN)
