@@ -128,12 +128,14 @@ MOE_SLOT_WALKS = [((4, 2, 8), False, False, 0), ((4, 2, 8), True, False, 0), ((4
                   ((4, 1, 8), True, True, 0), ((4, 1, 8), True, True, 1)]
 CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: "evict_first"}, {0: "plain", 1: "evict_last"}
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
-MOE_Q6K_LAYER = [(1, 4, 4, 2), (1, 2, 2, 2), (1, 4, 4)]  # ... timed in whole layers too
+MOE_Q6K_LAYER = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2)]  # ... timed in whole layers too
 # ... (rows, blocks, warps, G) of the aligned Q6_K down launch with a token's slots side by side
 # (MoEConfig.down_slots_aligned): 16 / W lanes a block (4 on DeepSeek-V3's down rows), G blocks of rows a program
-MOE_Q6K_SLOTS = [(1, 4, 4), (1, 8, 8), (1, 2, 2), (2, 4, 8), (2, 2, 4), (1, 4, 2), (2, 2, 2), (1, 4, 4, 2),
-                 (1, 2, 2, 2), (1, 8, 8, 2), (2, 2, 4, 2), (1, 4, 2, 2), (2, 2, 2, 2), (1, 1, 1, 2), (1, 2, 1, 2),
-                 (1, 4, 4, 4), (1, 2, 2, 4), (1, 1, 1, 4), (2, 4, 8, 2)]
+MOE_Q6K_SLOTS = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2), (2, 2, 2), (1, 2, 2, 4), (2, 1, 2, 2), (4, 1, 4, 2),
+                 (2, 1, 1, 2), (1, 2, 2, 3), (2, 2, 4, 3), (1, 2, 1, 1), (4, 2, 8, 2), (2, 1, 2, 3)]
+# (read-ceiling-NVIDIA_H200-q6k-slots.json also timed (1, 4, 4), (1, 8, 8), (1, 2, 2), (2, 4, 8), (2, 2, 4),
+# (1, 4, 2), (1, 4, 4, 2), (1, 8, 8, 2), (1, 4, 2, 2), (2, 2, 2, 2), (1, 2, 1, 2), (1, 4, 4, 4), (1, 1, 1, 4) and
+# (2, 4, 8, 2): 60-77% of copy bandwidth, against 78.6-80.6% for (1, 2, 2, 2), (2, 2, 4, 2) and (1, 1, 1, 2))
 # extra (rows, blocks per step, warps) of the product kernel, timed with --steps
 STEPS = {T.Q4_K: [(4, 8, 2), (8, 4, 2), (4, 8, 1), (2, 8, 1), (4, 4, 1), (8, 8, 4), (4, 16, 4), (8, 8, 2)],
          T.Q6_K: [(4, 4, 1), (8, 2, 1), (4, 4, 2), (2, 4, 1), (8, 4, 2), (8, 2, 2)]}
@@ -531,7 +533,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             """The whole layers timed: the default, and forms of its down launch for these down experts."""
             if types[2] == T.Q6_K:
                 return [cfg, replace(cfg, down_slots_aligned=()),
-                        *[replace(cfg, down_slots_aligned=s) for s in MOE_Q6K_LAYER if s != cfg.down_slots_aligned]]
+                        *[replace(cfg, down_slots_aligned=s, early=e) for s in MOE_Q6K_LAYER for e in (True, False)
+                          if s != cfg.down_slots_aligned or not e]]
             return [cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
                     replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
                     replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True)]
@@ -540,8 +543,9 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             """How a whole layer's MoEConfig differs from the default's, for its row's name."""
             if c == cfg:
                 return ""
-            if c.down_slots_aligned != cfg.down_slots_aligned:
-                return f", aligned Q6_K slots launch step {c.down_slots_aligned or None}"
+            if c.down_slots_aligned != cfg.down_slots_aligned or (c.down_slots_aligned and not c.early):
+                return (f", aligned Q6_K slots launch step {c.down_slots_aligned or None}"
+                        f"{'' if c.early or not c.down_slots_aligned else ', ids after the wait'}")
             if not c.early:
                 return ", weights not loaded before the wait"
             ids = ", ids alone read before the wait" if not c.early_weights else ""

@@ -803,13 +803,14 @@ def _spread_lines(v, NBLK: tl.constexpr, L: tl.constexpr, LPB: tl.constexpr):
 def _q6k_group_words(r, kb, h, wq, nbr, live, MASK: tl.constexpr, W: tl.constexpr):
     """One group's weight words of a ``_q6k_rows_ag`` step, from its lanes' row pointers ``r`` (uint8, 4 W-byte
     aligned): ql words A (quarters 0, 2) and B (1, 3) and qh words H, (lanes, W) int32; the two scale words of the
-    lane's half (lanes, 2) int32 (its four scales are bytes q, q + 2, 4 + q, 6 + q, q = wq // 4); d (lanes,) float32."""
+    lane's half (lanes, 2) int32 (its four scales are bytes q, q + 2, 4 + q, 6 + q, q = wq // 4; one 8-byte load
+    where rows are 8-byte aligned, W > 1); d (lanes,) float32."""
     wv = tl.arange(0, W)[None, :]
     j2 = tl.arange(0, 2)[None, :]
     body = r + kb * 208
     pa = tl.multiple_of(body + 64 * h + 4 * wq, 4 * W).to(tl.pointer_type(tl.int32))[:, None] + wv
     ph = tl.multiple_of(body + 128 + 32 * h + 4 * wq, 4 * W).to(tl.pointer_type(tl.int32))[:, None] + wv
-    ps = tl.multiple_of(body + 192 + 8 * h, 8).to(tl.pointer_type(tl.int32))[:, None] + j2
+    ps = tl.multiple_of(body + 192 + 8 * h, 8 if W > 1 else 4).to(tl.pointer_type(tl.int32))[:, None] + j2
     pdd = (r + nbr * 208).to(tl.pointer_type(tl.uint16)) + kb
     lw = live[:, None] if MASK else None
     A, B, H, S = _ld(pa, lw, MASK), _ld(pa + 8, lw, MASK), _ld(ph, lw, MASK), _ld(ps, lw, MASK)
