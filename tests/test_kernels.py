@@ -1065,18 +1065,22 @@ def _interp_aligned(gen: torch.Generator) -> None:
         ids[2, 1] = ids[2, 0] = 3
         wts = torch.rand(n, K, generator=gen)
         args = (x, ids.reshape(-1), wts.reshape(-1), *al, [gt, gt, dt], (E, I, D, K))
-        big = replace(moe.DEFAULT, aligned_step=(64, 2, 4))  # the default's launches in fewer programs: the
-        # interpreter runs programs one by one
+        big = replace(moe.DEFAULT, aligned_step=(64, 2, 4), down_slots_aligned=(8, 2, 4, 2))  # the default's
+        # launches in fewer programs: the interpreter runs programs one by one
         q8_ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         got = moe._moe_pairs_q8(*args, big, True).view(n, K, D).sum(1)
         _interp_check(f"aligned moe int8 {gt.name}/{dt.name} I={I}", got, q8_ref)
         got = moe._moe_pairs_q8(*args, replace(big, down_sum=True), True)  # (n, D): the slots added in the launch
         _interp_check(f"aligned moe int8, down adds the slots {gt.name}/{dt.name} I={I}", got, q8_ref)
-        one = (x[:1], ids[0], wts[0], *al, [gt, gt, dt], (E, I, D, K))  # one token: the default adds them too
+        one = (x[:1], ids[0], wts[0], *al, [gt, gt, dt], (E, I, D, K))  # one token: the default adds them too, its
+        # slots side by side in the down launch (or in turn, as before)
         assert moe.DEFAULT.sums_slots([gt, gt, dt], True, 1) and not moe.DEFAULT.sums_slots([gt, gt, dt], True, 2)
-        got = moe._moe_pairs_q8(*one, big, True)
-        _interp_check(f"aligned moe int8, one token {gt.name}/{dt.name} I={I}", got,
-                      moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
+        assert moe.DEFAULT.slots_down([gt, gt, dt], 1, True) and not moe.DEFAULT.slots_down([gt, gt, dt], 1, False)
+        for c in (big, replace(big, down_slots_aligned=())):
+            got = moe._moe_pairs_q8(*one, c, True)
+            _interp_check(f"aligned moe int8, one token {gt.name}/{dt.name} I={I}, slots' launch "
+                          f"{c.down_slots_aligned or None}", got,
+                          moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
         ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):
             got = moe._moe_sorted(*args, c, True).view(n, K, D).sum(1)
