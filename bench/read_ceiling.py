@@ -128,11 +128,14 @@ MOE_SLOT_WALKS = [((4, 2, 8), False, False, 0), ((4, 2, 8), True, False, 0), ((4
                   ((4, 1, 8), True, True, 0), ((4, 1, 8), True, True, 1)]
 CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: "evict_first"}, {0: "plain", 1: "evict_last"}
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
+MOE_Q6K_SLOT_CAPS = [((1, 2, 2, 2), 64), ((1, 2, 2, 2), 56), ((1, 2, 2, 2), 48), ((1, 1, 1, 2), 64),
+                     ((1, 1, 1, 2), 56), ((2, 2, 4, 2), 64)]  # ... (step, registers per thread capped at)
 MOE_Q6K_LAYER = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2)]  # ... timed in whole layers too
 # ... (rows, blocks, warps, G) of the aligned Q6_K down launch with a token's slots side by side
 # (MoEConfig.down_slots_aligned): 16 / W lanes a block (4 on DeepSeek-V3's down rows), G blocks of rows a program
-MOE_Q6K_SLOTS = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2), (2, 2, 2), (1, 2, 2, 4), (2, 1, 2, 2), (4, 1, 4, 2),
-                 (2, 1, 1, 2), (1, 2, 2, 3), (2, 2, 4, 3), (1, 2, 1, 1), (4, 2, 8, 2), (2, 1, 2, 3)]
+MOE_Q6K_SLOTS = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2), (2, 2, 2), (1, 2, 2, 4)]
+# (read-ceiling-NVIDIA_H200-q6k-slots-2.json also timed (2, 1, 2, 2), (4, 1, 4, 2), (2, 1, 1, 2), (1, 2, 2, 3),
+# (2, 2, 4, 3), (1, 2, 1, 1), (4, 2, 8, 2) and (2, 1, 2, 3): 67-77%, against 81.6-82.7% for (1, 2, 2, 2))
 # (read-ceiling-NVIDIA_H200-q6k-slots.json also timed (1, 4, 4), (1, 8, 8), (1, 2, 2), (2, 4, 8), (2, 2, 4),
 # (1, 4, 2), (1, 4, 4, 2), (1, 8, 8, 2), (1, 4, 2, 2), (2, 2, 2, 2), (1, 2, 1, 2), (1, 4, 4, 4), (1, 1, 1, 4) and
 # (2, 4, 8, 2): 60-77% of copy bandwidth, against 78.6-80.6% for (1, 2, 2, 2), (2, 2, 4, 2) and (1, 1, 1, 2))
@@ -472,10 +475,19 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             return [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld, aligned, sums)
                     for ids in sets]
 
+        def q6k_capped_calls(step, cap: int):
+            """The aligned Q6_K slots' launch with its registers per thread capped at ``cap`` (the same sums)."""
+            c = replace(cfg, down_slots_aligned=step)
+            want = moe_mod.q8_down_slots(hq, hd, sets[0], wts, down, dims, c, True, aligned_q6k=True)
+            got = moe_mod.q8_down_slots(hq, hd, sets[0], wts, down, dims, c, True, maxnreg=cap, aligned_q6k=True)
+            assert ((got - want).norm() / want.norm()).item() < 1e-6, (step, cap)
+            return [lambda ids=ids: moe_mod.q8_down_slots(hq, hd, ids, wts, down, dims, c, True, maxnreg=cap,
+                                                          aligned_q6k=True) for ids in sets]
+
         def slots_parts():
             """The default's down at one token where it is the slots' launch (Q4_K down experts), and the same sums
-            in the steps of MOE_SLOT_STEPS; for aligned Q6_K down experts, the down launch with the steps of
-            MOE_Q6K_STEPS."""
+            in the steps of MOE_SLOT_STEPS; for aligned Q6_K down experts, the launch that adds the slots in turn with
+            the steps of MOE_Q6K_STEPS and the slots' launch with those of MOE_Q6K_SLOTS and MOE_Q6K_SLOT_CAPS."""
             if types[2] == T.Q6_K:
                 steps = [replace(cfg, aligned_step=s) for s in MOE_Q6K_STEPS] if aligned else []
                 slots = [replace(cfg, down_slots_aligned=s) for s in MOE_Q6K_SLOTS] if aligned else []
@@ -492,7 +504,9 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                            [lambda ids=ids, c=c, e=e: moe_mod.q8_down_slots(hq, hd, ids, wts, down, dims, c, e,
                                                                             aligned_q6k=True) for ids in sets],
                            down_bytes) for c in slots for e, early in ((True, ""), (False, ", ids after the wait"))
-                          if e or c is slots[0]]]
+                          if e or c is slots[0]],
+                        *[(f"down, the slots side by side, step {st}, registers capped at {cap}",
+                           q6k_capped_calls(st, cap), down_bytes) for st, cap in MOE_Q6K_SLOT_CAPS if aligned]]
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
             one = replace(cfg, early_weights=True)  # one group of rows a program: its first weights loaded early
             steps = [replace(one, down_slots=s) for s in MOE_SLOT_STEPS]
