@@ -557,7 +557,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             """How a whole layer's MoEConfig differs from the default's, for its row's name."""
             if c == cfg:
                 return ""
-            if c.down_slots_aligned != cfg.down_slots_aligned or (c.down_slots_aligned and not c.early):
+            if types[2] == T.Q6_K and (c.down_slots_aligned != cfg.down_slots_aligned or not c.early):
                 return (f", aligned Q6_K slots launch step {c.down_slots_aligned or None}"
                         f"{'' if c.early or not c.down_slots_aligned else ', ids after the wait'}")
             if not c.early:
