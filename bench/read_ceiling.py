@@ -287,7 +287,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts: flat,pattern,moe")
     ap.add_argument("--profile", default="", help="launch one kernel a few times for ncu and exit: "
                     "flat | pattern | mmvq[:rows,blocks,warps[,loads (+16: prefetch)]] on the first shape kept | "
-                    "moe[:rows,blocks,warps,loads of the gate/up launch] | moe-q4k[:down_slots] | moe-q6k-aligned")
+                    "moe[:rows,blocks,warps,loads of the gate/up launch] | moe-q4k[:down_slots] | "
+                    "moe-q6k-aligned[:down_slots_aligned | none]")
     args = ap.parse_args()
     down_types = [n.strip().upper() for n in args.down_types.split(",")]
     if bad := [n for n in down_types if n not in ("Q4_K", "Q6_K")]:
@@ -622,11 +623,12 @@ def profile_launch(args) -> None:
     name, N, K, t = [s for s in SHAPES if not args.shapes or any(k in s[0] for k in args.shapes.split(","))][0]
     w = random_weight(t, N, K, 1)[0]
     what, _, geo = args.profile.partition(":")
-    bn, nblk, warps, loads = (list(map(int, geo.split(","))) + [0])[:4] if geo else (*MMVQ_TILES[t], 0)
     if what in ("moe-q4k", "moe-q6k-aligned"):  # the default at one token, Q4_K or aligned Q6_K down experts; a
-        # geometry: the Q4_K down launch's down_slots (rows, blocks, warps)
+        # geometry: the down launch's down_slots (Q4_K) or down_slots_aligned (Q6_K; "none": the slots added in turn)
         aligned = what.endswith("aligned")
-        cfg = replace(MOE_DEFAULT, down_slots=tuple(map(int, geo.split(",")))) if geo else MOE_DEFAULT
+        step = () if geo == "none" else tuple(map(int, geo.split(","))) if geo else None
+        cfg = MOE_DEFAULT if step is None else replace(MOE_DEFAULT, **{"down_slots_aligned" if aligned else
+                                                                       "down_slots": step})
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, T.Q6_K if aligned else T.Q4_K), aligned=aligned)
         calls, *_ = moe_setup(1, 3, cfg, weights=weights, aligned=aligned)
         for c in calls:
@@ -634,6 +636,7 @@ def profile_launch(args) -> None:
         torch.cuda.synchronize()
         print(f"profiled the MoE at one token: {what} {geo}")
         return
+    bn, nblk, warps, loads = (list(map(int, geo.split(","))) + [0])[:4] if geo else (*MMVQ_TILES[t], 0)
     if what == "moe":  # three one-token MoE layers; the kernels of the third are the ones to read
         calls, *_ = moe_setup(1, 3, MoEConfig(mmvq_loads=loads, mmvq_up=(bn, nblk, warps)) if geo else None)
         for c in calls:
