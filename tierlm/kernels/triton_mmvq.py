@@ -881,8 +881,8 @@ def _q6k_rows_ag(xq32, xd_ptr, w0, w1, w2, w3, nbr, kb0, kb1, G: tl.constexpr, L
     (int32) and ``xd_ptr`` (float32, one xd per 32 values), each 16-byte aligned, and G (<= 4) groups of L weight rows
     that share them, group g's rows at the (L,) uint8 pointers w_g (4 W-byte aligned, with ``nbr`` blocks each).
     A lane holds the same words of every group, so each step's activation words and xd are loaded once for G rows;
-    a lane's four scales come from one 8-byte load. Whole steps unmasked, the last partial one masked. Returns four
-    (L,) float32 sums (zeros past G)."""
+    a lane's four scales come from one 8-byte load (two 4-byte ones where W = 1). Whole steps unmasked, the last
+    partial one masked. Returns four (L,) float32 sums (zeros past G)."""
     tl.static_assert(G >= 1 and G <= 4, "1 to 4 groups of rows")
     LPB: tl.constexpr = 16 // W  # lanes per block
     t = tl.arange(0, NBLK * L * LPB)
@@ -919,6 +919,7 @@ def _q6k_rows_ag(xq32, xd_ptr, w0, w1, w2, w3, nbr, kb0, kb1, G: tl.constexpr, L
             tl.sum(tl.sum(tl.reshape(a1, [NBLK, L, LPB]), axis=2), axis=0),
             tl.sum(tl.sum(tl.reshape(a2, [NBLK, L, LPB]), axis=2), axis=0),
             tl.sum(tl.sum(tl.reshape(a3, [NBLK, L, LPB]), axis=2), axis=0))
+
 
 @triton.jit
 def _q80_fetch(wrow, kb, w):
