@@ -485,6 +485,13 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             return [lambda ids=ids: moe_mod.q8_down_slots(hq, hd, ids, wts, down, dims, c, True, maxnreg=cap,
                                                           aligned_q6k=True) for ids in sets]
 
+        def pair(ids, c):
+            """h quantized then the down launch, as the layer launches them (programmatic dependent launches)."""
+            q, dq, sq = quantize_q8(h, pdl_rows=1)
+            if c.slots_down(types, 1, aligned):
+                return moe_mod.q8_down_slots(q, dq, ids, wts, down, dims, c, c.early, aligned_q6k=True)
+            return moe_mod.q8_down(q, dq, sq, ids, wts, down, types, dims, c, ld, aligned, True)
+
         def slots_parts():
             """The default's down at one token where it is the slots' launch (Q4_K down experts), and the same sums
             in the steps of MOE_SLOT_STEPS; for aligned Q6_K down experts, the launch that adds the slots in turn with
@@ -507,7 +514,11 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                            down_bytes) for c in slots for e, early in ((True, ""), (False, ", ids after the wait"))
                           if e or c is slots[0]],
                         *[(f"down, the slots side by side, step {st}, registers capped at {cap}",
-                           q6k_capped_calls(st, cap), down_bytes) for st, cap in MOE_Q6K_SLOT_CAPS if aligned]]
+                           q6k_capped_calls(st, cap), down_bytes) for st, cap in MOE_Q6K_SLOT_CAPS if aligned],
+                        *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair(ids, c) for ids in sets],
+                           down_bytes) for what, c in (("slots added in turn", replace(cfg, down_slots_aligned=())),
+                                                       ("slots side by side (default)", cfg)) if aligned]]
+
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
             one = replace(cfg, early_weights=True)  # one group of rows a program: its first weights loaded early
             steps = [replace(one, down_slots=s) for s in MOE_SLOT_STEPS]
