@@ -147,9 +147,9 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # activation loads, the ids read before the grid-dependency wait: 79.7-82.2% of copy bandwidth against 70.7-73.2% for
 # one group (1.12x), the layer 1.19-1.24x the read time against 1.25-1.29x ("Fourteenth round")
 # The aligned Q6_K down launch (Q4_K_M's more-bits layers) with a token's slots side by side too, in two groups of one
-# row x 2 blocks x 8 slots, two warps: 79.5-82.7% of copy bandwidth against 74.7-77.6% for the launch that adds the
-# slots in turn (two runs, four allocations; 28.3-28.8 against 30.3-30.5 us), the layer the same (66.6-66.8 us)
-# ("Fifteenth round")
+# row x 2 blocks x 8 slots, two warps: 79.1-82.7% of copy bandwidth against 74.4-77.6% for the launch that adds the
+# slots in turn, each repeated (four runs; 28.3-29.0 against 30.3-30.8 us); after h's quantizer, as the layer runs it,
+# 0.3-0.4 us faster, and the layer the same (66.5-67.2 us) ("Fifteenth round")
 DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(1, 4, 1),
                     down_slots=(4, 1, 4, 2), early_weights=False, down_slots_aligned=(1, 2, 2, 2))
 
