@@ -130,8 +130,6 @@ CACHE_MODIFIERS, EVICTION = {0: "plain", 1: ".cg", 2: "evict_first"}, {0: "plain
 MOE_Q6K_STEPS = [(2, 4, 2), (1, 8, 2), (1, 4, 2), (2, 8, 4)]
 MOE_Q6K_SLOT_CAPS = [((1, 2, 2, 2), 64), ((1, 2, 2, 2), 56), ((1, 2, 2, 2), 48), ((1, 1, 1, 2), 64),
                      ((1, 1, 1, 2), 56), ((2, 2, 4, 2), 64)]  # ... (step, registers per thread capped at)
-MOE_Q6K_UNIFORM = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2), (1, 2, 2, 4), (1, 4, 4, 4), (1, 1, 1, 4)]  # ... with one
-# row pointer a lane for its groups (MoEConfig.slots_uniform)
 MOE_Q6K_LAYER = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2)]  # ... timed in whole layers too
 # ... (rows, blocks, warps, G) of the aligned Q6_K down launch with a token's slots side by side
 # (MoEConfig.down_slots_aligned): 16 / W lanes a block (4 on DeepSeek-V3's down rows), G blocks of rows a program
@@ -501,8 +499,6 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             if types[2] == T.Q6_K:
                 steps = [replace(cfg, aligned_step=s) for s in MOE_Q6K_STEPS] if aligned else []
                 slots = [replace(cfg, down_slots_aligned=s) for s in MOE_Q6K_SLOTS] if aligned else []
-                slots += [replace(cfg, down_slots_aligned=s, slots_uniform=True) for s in MOE_Q6K_UNIFORM
-                          if aligned]
                 if slots:
                     ref = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, aligned, True)
                 for c in slots:  # the same sums in another order: float rounding apart
@@ -512,8 +508,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                            [lambda ids=ids, c=c: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, c, ld,
                                                                  aligned, True) for ids in sets], down_bytes)
                           for c in steps],
-                        *[(f"down, the slots side by side, step {c.down_slots_aligned}"
-                           f"{', one row pointer a lane' if c.slots_uniform else ''}{early}",
+                        *[(f"down, the slots side by side, step {c.down_slots_aligned}{early}",
                            [lambda ids=ids, c=c, e=e: moe_mod.q8_down_slots(hq, hd, ids, wts, down, dims, c, e,
                                                                             aligned_q6k=True) for ids in sets],
                            down_bytes) for c in slots for e, early in ((True, ""), (False, ", ids after the wait"))
@@ -563,7 +558,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
         def layer_cfgs() -> list:
             """The whole layers timed: the default, and forms of its down launch for these down experts."""
             if types[2] == T.Q6_K:
-                return [cfg, replace(cfg, down_slots_aligned=()), replace(cfg, slots_uniform=True),
+                return [cfg, replace(cfg, down_slots_aligned=()),
                         *[replace(cfg, down_slots_aligned=s, early=e) for s in MOE_Q6K_LAYER for e in (True, False)
                           if s != cfg.down_slots_aligned or not e]]
             return [cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
@@ -574,10 +569,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             """How a whole layer's MoEConfig differs from the default's, for its row's name."""
             if c == cfg:
                 return ""
-            if types[2] == T.Q6_K and (c.down_slots_aligned != cfg.down_slots_aligned or not c.early
-                                       or c.slots_uniform != cfg.slots_uniform):
+            if types[2] == T.Q6_K and (c.down_slots_aligned != cfg.down_slots_aligned or not c.early):
                 return (f", aligned Q6_K slots launch step {c.down_slots_aligned or None}"
-                        f"{', one row pointer a lane' if c.slots_uniform else ''}"
                         f"{'' if c.early or not c.down_slots_aligned else ', ids after the wait'}")
             if not c.early:
                 return ", weights not loaded before the wait"

@@ -306,8 +306,7 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
                      E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32")
         out.append(Variant(f"moe_down_slots_q8_{q_down}", tv.moe_down_slots_q8_kernel, slots,
                            dict(KP=8, BN=sb, NBLK=snb, ASM=True, EARLY=cfg.early,
-                                PRELOAD=cfg.early_weights and not q6, G=groups[0] if groups else 1, DOWN_T=q_down,
-                                UNIFORM=q6 and cfg.slots_uniform and 7168 % (sb * (groups[0] if groups else 1)) == 0),
+                                PRELOAD=cfg.early_weights and not q6, G=groups[0] if groups else 1, DOWN_T=q_down),
                            ("I", "rb_d"), sw,
                            tags=dict(act="fp32", qtype=q_down)))
     out += [Variant(f"moe_down_q8_{q_down}{f'_l{dl}' if dl else ''}{'_sum' if sm else ''}", tv.moe_down_q8_kernel,

@@ -75,7 +75,6 @@ class MoEConfig:
     # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch; a
     # fourth number G > 1: G blocks of those rows per program, sharing their activation loads
     down_slots_aligned: tuple = ()  # ... of aligned Q6_K down experts (down_slots' form, on the aligned step)
-    slots_uniform: bool = False  # ... where no row is clamped, a lane keeps one row pointer for its groups (UNIFORM)
     slots_max_tokens: int = 1  # ... up to this many tokens
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
@@ -391,7 +390,6 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
         BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early,
         PRELOAD=cfg.early_weights and not aligned_q6k, PF=cfg.slots_pf, WCM=cfg.slots_cache[0],
         AEV=cfg.slots_cache[1], G=g, maxnreg=maxnreg, DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, ALIGNED=words,
-        UNIFORM=aligned_q6k and cfg.slots_uniform and D % (bn * g) == 0,
         **pdl_launch(hq.device, T))
     return y
 

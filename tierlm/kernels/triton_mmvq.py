@@ -800,19 +800,18 @@ def _spread_lines(v, NBLK: tl.constexpr, L: tl.constexpr, LPB: tl.constexpr):
 
 
 @triton.jit
-def _q6k_group_words(r, go, kb, h, wq, nbr, live, MASK: tl.constexpr, W: tl.constexpr):
+def _q6k_group_words(r, kb, h, wq, nbr, live, MASK: tl.constexpr, W: tl.constexpr):
     """One group's weight words of a ``_q6k_rows_ag`` step, from its lanes' row pointers ``r`` (uint8, 4 W-byte
-    aligned) moved by ``go`` bytes (a scalar, 4 W-byte aligned): ql words A (quarters 0, 2) and B (1, 3) and qh words
-    H, (lanes, W) int32; the two scale words of the
+    aligned): ql words A (quarters 0, 2) and B (1, 3) and qh words H, (lanes, W) int32; the two scale words of the
     lane's half (lanes, 2) int32 (its four scales are bytes q, q + 2, 4 + q, 6 + q, q = wq // 4; one 8-byte load
     where rows are 8-byte aligned, W > 1); d (lanes,) float32."""
     wv = tl.arange(0, W)[None, :]
     j2 = tl.arange(0, 2)[None, :]
-    body = r + (kb * 208 + go)
+    body = r + kb * 208
     pa = tl.multiple_of(body + 64 * h + 4 * wq, 4 * W).to(tl.pointer_type(tl.int32))[:, None] + wv
     ph = tl.multiple_of(body + 128 + 32 * h + 4 * wq, 4 * W).to(tl.pointer_type(tl.int32))[:, None] + wv
     ps = tl.multiple_of(body + 192 + 8 * h, 8 if W > 1 else 4).to(tl.pointer_type(tl.int32))[:, None] + j2
-    pdd = (r + (nbr * 208 + go)).to(tl.pointer_type(tl.uint16)) + kb
+    pdd = (r + nbr * 208).to(tl.pointer_type(tl.uint16)) + kb
     lw = live[:, None] if MASK else None
     A, B, H, S = _ld(pa, lw, MASK), _ld(pa + 8, lw, MASK), _ld(ph, lw, MASK), _ld(ps, lw, MASK)
     return A, B, H, S, _f16(_ld(pdd, live, MASK).to(tl.int32))
@@ -846,21 +845,20 @@ def _q6k_group_dot(A, B, H, S, d, x0, x1, x2, x3, xi, sh, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q6k_step_ag(r0, r1, r2, r3, gs, kb, h, wq, sh, nbr, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr,
+def _q6k_step_ag(r0, r1, r2, r3, kb, h, wq, sh, nbr, px, pd, live, ASM: tl.constexpr, MASK: tl.constexpr,
                  G: tl.constexpr, W: tl.constexpr):
-    """One step of ``_q6k_rows_ag``: the weight words of up to 4 groups (lanes' row pointers r0..r3, group g's moved
-    by g * gs bytes; G of them real), then the activation words and xd of the step once, then each group's sums (zeros
-    past G)."""
-    A0, B0, H0, S0, d0 = _q6k_group_words(r0, 0, kb, h, wq, nbr, live, MASK, W)
+    """One step of ``_q6k_rows_ag``: the weight words of up to 4 groups (lanes' row pointers r0..r3; G of them real),
+    then the activation words and xd of the step once, then each group's sums (zeros past G)."""
+    A0, B0, H0, S0, d0 = _q6k_group_words(r0, kb, h, wq, nbr, live, MASK, W)
     A1, B1, H1, S1, d1 = A0, B0, H0, S0, d0
     A2, B2, H2, S2, d2 = A0, B0, H0, S0, d0
     A3, B3, H3, S3, d3 = A0, B0, H0, S0, d0
     if G > 1:
-        A1, B1, H1, S1, d1 = _q6k_group_words(r1, 1 * gs, kb, h, wq, nbr, live, MASK, W)
+        A1, B1, H1, S1, d1 = _q6k_group_words(r1, kb, h, wq, nbr, live, MASK, W)
     if G > 2:
-        A2, B2, H2, S2, d2 = _q6k_group_words(r2, 2 * gs, kb, h, wq, nbr, live, MASK, W)
+        A2, B2, H2, S2, d2 = _q6k_group_words(r2, kb, h, wq, nbr, live, MASK, W)
     if G > 3:
-        A3, B3, H3, S3, d3 = _q6k_group_words(r3, 3 * gs, kb, h, wq, nbr, live, MASK, W)
+        A3, B3, H3, S3, d3 = _q6k_group_words(r3, kb, h, wq, nbr, live, MASK, W)
     lw = live[:, None] if MASK else None
     j4 = tl.arange(0, 4)[None, :]
     x0, x1, x2, x3 = _ld(px, lw, MASK), _ld(px + 8, lw, MASK), _ld(px + 16, lw, MASK), _ld(px + 24, lw, MASK)
@@ -878,14 +876,13 @@ def _q6k_step_ag(r0, r1, r2, r3, gs, kb, h, wq, sh, nbr, px, pd, live, ASM: tl.c
 
 @triton.jit
 def _q6k_rows_ag(xq32, xd_ptr, w0, w1, w2, w3, nbr, kb0, kb1, G: tl.constexpr, L: tl.constexpr, NBLK: tl.constexpr,
-                 W: tl.constexpr, ASM: tl.constexpr, gs=0, UNI: tl.constexpr = False):
+                 W: tl.constexpr, ASM: tl.constexpr):
     """Aligned Q6_K rows (``_q6k_rows_a``'s lanes and math) with an activation row per line: (L,) pointers ``xq32``
     (int32) and ``xd_ptr`` (float32, one xd per 32 values), each 16-byte aligned, and G (<= 4) groups of L weight rows
     that share them, group g's rows at the (L,) uint8 pointers w_g (4 W-byte aligned, with ``nbr`` blocks each).
     A lane holds the same words of every group, so each step's activation words and xd are loaded once for G rows;
     a lane's four scales come from one 8-byte load (two 4-byte ones where W = 1). Whole steps unmasked, the last
-    partial one masked. Returns four (L,) float32 sums (zeros past G). UNI: group g's rows are group 0's moved by
-    g * gs bytes (a scalar, 4 W-byte aligned; w1..w3 unused), so a lane keeps one row pointer for every group."""
+    partial one masked. Returns four (L,) float32 sums (zeros past G)."""
     tl.static_assert(G >= 1 and G <= 4, "1 to 4 groups of rows")
     LPB: tl.constexpr = 16 // W  # lanes per block
     t = tl.arange(0, NBLK * L * LPB)
@@ -895,13 +892,12 @@ def _q6k_rows_ag(xq32, xd_ptr, w0, w1, w2, w3, nbr, kb0, kb1, G: tl.constexpr, L
     kb = kb0 + t // (L * LPB)
     r0 = tl.multiple_of(_spread_lines(w0, NBLK, L, LPB), 4 * W)
     r1, r2, r3 = r0, r0, r0
-    if G > 1 and not UNI:
+    if G > 1:
         r1 = tl.multiple_of(_spread_lines(w1, NBLK, L, LPB), 4 * W)
-    if G > 2 and not UNI:
+    if G > 2:
         r2 = tl.multiple_of(_spread_lines(w2, NBLK, L, LPB), 4 * W)
-    if G > 3 and not UNI:
+    if G > 3:
         r3 = tl.multiple_of(_spread_lines(w3, NBLK, L, LPB), 4 * W)
-    go = gs if UNI else 0
     xq_t = tl.multiple_of(_spread_lines(xq32, NBLK, L, LPB), 16)
     xd_t = tl.multiple_of(_spread_lines(xd_ptr, NBLK, L, LPB), 16)
     px = tl.multiple_of(xq_t + kb * 64 + 32 * h + wq, 4 * W)[:, None] + tl.arange(0, W)[None, :]
@@ -911,13 +907,13 @@ def _q6k_rows_ag(xq32, xd_ptr, w0, w1, w2, w3, nbr, kb0, kb1, G: tl.constexpr, L
     kfull = kb0 + (kb1 - kb0) // NBLK * NBLK
     for k in range(kb0, kfull, NBLK):
         o = k - kb0
-        g0, g1, g2, g3 = _q6k_step_ag(r0, r1, r2, r3, go, kb + o, h, wq, sh, nbr, px + o * 64, pd + o * 8, None,
-                                      ASM, False, G, W)
+        g0, g1, g2, g3 = _q6k_step_ag(r0, r1, r2, r3, kb + o, h, wq, sh, nbr, px + o * 64, pd + o * 8, None, ASM,
+                                      False, G, W)
         a0, a1, a2, a3 = a0 + g0, a1 + g1, a2 + g2, a3 + g3
     if kfull < kb1:
         o = kfull - kb0
-        g0, g1, g2, g3 = _q6k_step_ag(r0, r1, r2, r3, go, kb + o, h, wq, sh, nbr, px + o * 64, pd + o * 8,
-                                      kb + o < kb1, ASM, True, G, W)
+        g0, g1, g2, g3 = _q6k_step_ag(r0, r1, r2, r3, kb + o, h, wq, sh, nbr, px + o * 64, pd + o * 8, kb + o < kb1,
+                                      ASM, True, G, W)
         a0, a1, a2, a3 = a0 + g0, a1 + g1, a2 + g2, a3 + g3
     return (tl.sum(tl.sum(tl.reshape(a0, [NBLK, L, LPB]), axis=2), axis=0),
             tl.sum(tl.sum(tl.reshape(a1, [NBLK, L, LPB]), axis=2), axis=0),
@@ -1157,8 +1153,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
                              KP: tl.constexpr, BN: tl.constexpr, NBLK: tl.constexpr, ASM: tl.constexpr,
                              PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PF: tl.constexpr = False,
                              WCM: tl.constexpr = 0, AEV: tl.constexpr = 0, G: tl.constexpr = 1,
-                             PRELOAD: tl.constexpr = True, DOWN_T: tl.constexpr = 12, ALIGNED: tl.constexpr = 0,
-                             UNIFORM: tl.constexpr = False):
+                             PRELOAD: tl.constexpr = True, DOWN_T: tl.constexpr = 12, ALIGNED: tl.constexpr = 0):
     """y[t, n] = sum over slots k of wts[p] * (down_e[n] . h[p]), p = t * TOPK + k, e = ids[p]: a token's TOPK slots
     side by side in one program (KP >= TOPK, a power of two, slots past TOPK empty), each slot's BN rows one
     activation row of the lean Q4_K step (``_q4k_rows32p`` with XROW; (xd, xs) pairs at hd_ptr), added over the
@@ -1173,8 +1168,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
     lines share a thread's activation words (``_q4k_rows32g``; with EARLY and PRELOAD, every group's first step is
     loaded before the wait); it takes no PF, WCM or AEV. DOWN_T = 14: Q6_K down experts in the aligned layout, ALIGNED
     words a lane (``_q6k_rows_ag``, h's xd unpacked: one per 32 values at hd_ptr), in 1 to 4 groups of BN rows; EARLY
-    reads ids and wts alone before the wait (no PRELOAD), and there is no PF, WCM or AEV; UNIFORM (D a multiple of
-    G * BN: no row clamped): a lane keeps one row pointer for its G groups (``_q6k_rows_ag``'s UNI)."""
+    reads ids and wts alone before the wait (no PRELOAD), and there is no PF, WCM or AEV."""
     if not EARLY:
         pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -1199,7 +1193,7 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
         if EARLY:
             pdl_enter(PDL)
         a0, a1, a2, a3 = _q6k_rows_ag(xq, hd_ptr + p * (I // 32), wrow, w1, w2, w3, nb_d, 0, nb_d, G, KP * BN, NBLK,
-                                      ALIGNED, ASM, BN * rb_d, UNIFORM)
+                                      ALIGNED, ASM)
         _groups_store(y_ptr + t * D, a0, a1, a2, a3, valid, wt, row0, D, KP, BN, G)
     elif G > 1:
         tl.static_assert(DOWN_T == 12 and not PF and WCM == 0 and AEV == 0, "row groups: no PF, WCM or AEV")
