@@ -1,5 +1,9 @@
 import os
+import subprocess
+import sys
 import tempfile
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,11 +61,104 @@ def tiny_ckpt(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("tiny"), tiny_config())
 
 
+INTERPRETER_TEST = "test_triton_kernels_in_interpreter"
+INTERPRETER_GROUPS = ("moe8", "mmvq", "moe", "aligned", "tile", "gemv")  # the longest first
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run on GPU machines only."""
+    """Tests marked ``gpu`` run on GPU machines only. The interpreter groups of test_kernels.py run last: their
+    subprocesses start when collection ends (``interpreter_runs``), so the rest of the suite runs beside them."""
+    items.sort(key=lambda item: getattr(item, "originalname", "") == INTERPRETER_TEST)  # stable: the order otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def interpreter_skip_reason() -> str | None:
+    """Why the Triton interpreter groups cannot run here, or None."""
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed"
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
+        # seen with triton 3.6 and numpy 2.4: its interpreter turns tensor loop bounds into ints
+        # with int(array), which numpy now refuses; the compiled kernels are unaffected
+        return f"triton {triton.__version__}'s interpreter cannot run these loops; needs triton >= 3.9"
+    return None
+
+
+class InterpreterRuns:
+    """The Triton interpreter groups of tests/test_kernels.py (that file run as a script, since TRITON_INTERPRET must
+    be set before the kernels are defined), one after the other in a background thread started when collection ends,
+    so that on a two-core machine they use one core while the rest of the suite uses the other. A group that was not
+    started there (under pytest-xdist, or not collected at the start) runs when its test asks for it."""
+
+    SCRIPT = Path(__file__).resolve().parent / "test_kernels.py"
+    TIMEOUT = 1800  # a guard against a hang, not a speed check: on a loaded two-core machine a group took 15 minutes
+
+    def __init__(self):
+        self._done: dict[str, threading.Event] = {}
+        self._results: dict[str, tuple[int, str]] = {}
+        self._proc: subprocess.Popen | None = None
+        self._stop = False
+
+    def start(self, groups) -> None:
+        groups = [g for g in groups if g not in self._done]
+        for g in groups:
+            self._done[g] = threading.Event()
+        threading.Thread(target=self._work, args=(groups,), daemon=True).start()
+
+    def _work(self, groups) -> None:
+        for g in groups:
+            self._results[g] = (-1, "not run: the session ended first") if self._stop else self._run(g)
+            self._done[g].set()
+
+    def _run(self, group: str) -> tuple[int, str]:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(self.SCRIPT.parents[1])}
+        self._proc = p = subprocess.Popen([sys.executable, str(self.SCRIPT), "interpret", group], env=env,
+                                          cwd=self.SCRIPT.parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True)
+        try:
+            out, err = p.communicate(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            return -1, f"timed out after {self.TIMEOUT} s\n{out[-3000:]}{err[-3000:]}"
+        ok = p.returncode == 0 and out.rstrip().endswith("ok")
+        return (0 if ok else p.returncode or 1), out[-3000:] + err[-3000:]
+
+    def result(self, group: str) -> tuple[int, str]:
+        """(0 if the group passed, its output's end)."""
+        if group not in self._done:
+            self.start([group])
+        self._done[group].wait()
+        return self._results[group]
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
+
+_INTERPRETER = InterpreterRuns()
+
+
+def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER") or interpreter_skip_reason():
+        return
+    picked = {item.callspec.params["group"] for item in session.items
+              if getattr(item, "originalname", "") == INTERPRETER_TEST and hasattr(item, "callspec")}
+    if picked:
+        _INTERPRETER.start([g for g in INTERPRETER_GROUPS if g in picked] + sorted(picked - set(INTERPRETER_GROUPS)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _INTERPRETER.stop()
+
+
+@pytest.fixture(scope="session")
+def interpreter_runs() -> InterpreterRuns:
+    return _INTERPRETER

@@ -24,9 +24,7 @@ import os
 from dataclasses import replace
 import random
 import struct
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +49,6 @@ from tierlm.kernels.quant_matmul import (
 from tierlm.weights.formats import FORMATS, GGMLType, dequantize, quantize
 
 T = GGMLType
-ROOT = Path(__file__).resolve().parents[1]
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K]
 # output rounding to x.dtype, on top of float32 arithmetic (see the module docstring)
 FMA_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -364,19 +361,16 @@ def test_pick_config_follows_the_measured_rules():
 
 
 @pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq", "moe8", "aligned"])
-def test_triton_kernels_in_interpreter(group):
+def test_triton_kernels_in_interpreter(group, interpreter_runs):
     """The kernels in Triton's CPU interpreter (this file run as a script, since TRITON_INTERPRET must
-    be set before the kernels are defined); they take the Triton-op twins of their inline PTX."""
-    triton = pytest.importorskip("triton")
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
-        # seen with triton 3.6 and numpy 2.4: its interpreter turns tensor loop bounds into ints
-        # with int(array), which numpy now refuses; the compiled kernels are unaffected
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run these loops; needs triton >= 3.9")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    # a guard against a hang, not a speed check: on a loaded two-core machine a group has taken over 10 minutes
-    r = subprocess.run([sys.executable, __file__, "interpret", group], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0 and r.stdout.rstrip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
+    be set before the kernels are defined); they take the Triton-op twins of their inline PTX. The groups run in the
+    background from the start of the session (conftest's InterpreterRuns); this test reads a group's result."""
+    from conftest import interpreter_skip_reason
+
+    if reason := interpreter_skip_reason():
+        pytest.skip(reason)
+    code, tail = interpreter_runs.result(group)
+    assert code == 0, tail
 
 
 # ---------------------------------------------------------------- GPU: compiled kernels
