@@ -92,9 +92,10 @@ def interpreter_skip_reason() -> str | None:
 
 class InterpreterRuns:
     """The Triton interpreter groups of tests/test_kernels.py (that file run as a script, since TRITON_INTERPRET must
-    be set before the kernels are defined), one after the other in a background thread started when collection ends,
-    so that on a two-core machine they use one core while the rest of the suite uses the other. A group that was not
-    started there (under pytest-xdist, or not collected at the start) runs when its test asks for it."""
+    be set before the kernels are defined), in background threads started when collection ends (two on a machine of
+    two cores or more, each taking the next group, the longest first), so that they run beside the rest of the suite.
+    A group that was not started there (under pytest-xdist, or not collected at the start) runs when its test asks
+    for it."""
 
     SCRIPT = Path(__file__).resolve().parent / "test_kernels.py"
     TIMEOUT = 1800  # a guard against a hang, not a speed check: on a loaded two-core machine a group took 15 minutes
@@ -102,25 +103,34 @@ class InterpreterRuns:
     def __init__(self):
         self._done: dict[str, threading.Event] = {}
         self._results: dict[str, tuple[int, str]] = {}
-        self._proc: subprocess.Popen | None = None
+        self._procs: list[subprocess.Popen] = []
         self._stop = False
 
-    def start(self, groups) -> None:
-        groups = [g for g in groups if g not in self._done]
-        for g in groups:
+    def start(self, groups, workers: int = 1) -> None:
+        """Run ``groups`` in this order, on ``workers`` threads that each take the next one not yet taken."""
+        queue = [g for g in groups if g not in self._done]
+        for g in queue:
             self._done[g] = threading.Event()
-        threading.Thread(target=self._work, args=(groups,), daemon=True).start()
+        lock = threading.Lock()
+        for _ in range(max(1, min(workers, len(queue)))):
+            threading.Thread(target=self._work, args=(queue, lock), daemon=True).start()
 
-    def _work(self, groups) -> None:
-        for g in groups:
+    def _work(self, queue: list, lock: threading.Lock) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                g = queue.pop(0)
             self._results[g] = (-1, "not run: the session ended first") if self._stop else self._run(g)
             self._done[g].set()
 
     def _run(self, group: str) -> tuple[int, str]:
         env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(self.SCRIPT.parents[1])}
-        self._proc = p = subprocess.Popen([sys.executable, str(self.SCRIPT), "interpret", group], env=env,
-                                          cwd=self.SCRIPT.parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True)
+        p = subprocess.Popen([sys.executable, str(self.SCRIPT), "interpret", group], env=env,
+                             cwd=self.SCRIPT.parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._procs.append(p)
+        if self._stop:  # the session ended while it started
+            p.kill()
         try:
             out, err = p.communicate(timeout=self.TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -139,8 +149,9 @@ class InterpreterRuns:
 
     def stop(self) -> None:
         self._stop = True
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
 
 
 _INTERPRETER = InterpreterRuns()
@@ -152,7 +163,8 @@ def pytest_collection_finish(session):
     picked = {item.callspec.params["group"] for item in session.items
               if getattr(item, "originalname", "") == INTERPRETER_TEST and hasattr(item, "callspec")}
     if picked:
-        _INTERPRETER.start([g for g in INTERPRETER_GROUPS if g in picked] + sorted(picked - set(INTERPRETER_GROUPS)))
+        _INTERPRETER.start([g for g in INTERPRETER_GROUPS if g in picked] + sorted(picked - set(INTERPRETER_GROUPS)),
+                           workers=min(2, os.cpu_count() or 1))
 
 
 def pytest_sessionfinish(session, exitstatus):
