@@ -62,7 +62,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 INTERPRETER_TEST = "test_triton_kernels_in_interpreter"
-INTERPRETER_GROUPS = ("moe8", "mmvq", "moe", "aligned", "tile", "gemv")  # the longest first
+INTERPRETER_GROUPS = ("moe8", "moe8k", "mmvq", "moe", "aligned", "tile", "gemv")  # the longest first
 
 
 def pytest_collection_modifyitems(config, items):

@@ -360,7 +360,7 @@ def test_pick_config_follows_the_measured_rules():
     assert pick_config(T.Q6_K, 5, 129280, 7168, f16, h, 132, aligned=True).kind == "mmq"
 
 
-@pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq", "moe8", "aligned"])
+@pytest.mark.parametrize("group", ["gemv", "tile", "moe", "mmvq", "moe8", "moe8k", "aligned"])
 def test_triton_kernels_in_interpreter(group, interpreter_runs):
     """The kernels in Triton's CPU interpreter (this file run as a script, since TRITON_INTERPRET must
     be set before the kernels are defined); they take the Triton-op twins of their inline PTX. The groups run in the
@@ -938,13 +938,17 @@ def _interp_mmvq(gen: torch.Generator) -> None:
                 raise SystemExit(f"FAIL mmvq {t.name}: int8 activations off the exact product by more than {Q8_TOL}")
 
 
-def _interp_moe8(gen: torch.Generator) -> None:
-    """The int8-activation MoE launches (with the integer twin of dp4a) against the int8 references: a group of its
-    own, so that each interpreter run stays well inside its time limit on two cores."""
+MOE8_TYPES = [(T.Q4_K, T.Q6_K, 256), (T.Q8_0, T.Q5_0, 96), (T.Q4_K, T.Q4_K, 256)]  # (gate/up, down, I)
+
+
+def _interp_moe8(gen: torch.Generator, pairs=MOE8_TYPES[:2]) -> None:
+    """The int8-activation MoE launches (with the integer twin of dp4a) against the int8 references, for the expert
+    types ``pairs``: groups of their own ("moe8" the first two, "moe8k" Q4_K down experts with the slots' launch), so
+    that each interpreter run stays well inside its time limit on two cores and two can run side by side."""
     from tierlm.kernels import moe
 
     E, D, K, n = 5, 256, 2, 3
-    for gt, dt, I in [(T.Q4_K, T.Q6_K, 256), (T.Q8_0, T.Q5_0, 96), (T.Q4_K, T.Q4_K, 256)]:
+    for gt, dt, I in pairs:
         gate = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
         up = _interp_weight(gt, E * I, D, gen).view(E, I, -1)
         down = _interp_weight(dt, E * D, I, gen).view(E, D, -1)
@@ -1084,6 +1088,7 @@ def _interp_aligned(gen: torch.Generator) -> None:
 if __name__ == "__main__" and sys.argv[1:2] == ["interpret"]:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     {"gemv": _interp_gemv, "tile": _interp_tile, "moe": _interp_moe, "mmvq": _interp_mmvq, "moe8": _interp_moe8,
-     "aligned": _interp_aligned}[sys.argv[2]](torch.Generator().manual_seed(0))
+     "moe8k": lambda gen: _interp_moe8(gen, MOE8_TYPES[2:]), "aligned": _interp_aligned}[sys.argv[2]](
+        torch.Generator().manual_seed(0))
     print("ok")
 
