@@ -476,15 +476,6 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             return [lambda ids=ids: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg, ld, aligned, sums)
                     for ids in sets]
 
-        def q6k_capped_calls(step, cap: int):
-            """The aligned Q6_K slots' launch with its registers per thread capped at ``cap`` (the same sums)."""
-            c = replace(cfg, down_slots_aligned=step)
-            want = moe_mod.q8_down_slots(hq, hd, sets[0], wts, down, dims, c, True, aligned_q6k=True)
-            got = moe_mod.q8_down_slots(hq, hd, sets[0], wts, down, dims, c, True, maxnreg=cap, aligned_q6k=True)
-            assert ((got - want).norm() / want.norm()).item() < 1e-6, (step, cap)
-            return [lambda ids=ids: moe_mod.q8_down_slots(hq, hd, ids, wts, down, dims, c, True, maxnreg=cap,
-                                                          aligned_q6k=True) for ids in sets]
-
         def pair(ids, c):
             """h quantized then the down launch, as the layer launches them (programmatic dependent launches)."""
             q, dq, sq = quantize_q8(h, pdl_rows=1)
@@ -514,7 +505,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                            down_bytes) for c in slots for e, early in ((True, ""), (False, ", ids after the wait"))
                           if e or c is slots[0]],
                         *[(f"down, the slots side by side, step {st}, registers capped at {cap}",
-                           q6k_capped_calls(st, cap), down_bytes) for st, cap in MOE_Q6K_SLOT_CAPS if aligned],
+                           capped_calls(st, False, cap, True), down_bytes) for st, cap in MOE_Q6K_SLOT_CAPS
+                          if aligned],
                         *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair(ids, c) for ids in sets],
                            down_bytes) for what, c in (("slots added in turn", replace(cfg, down_slots_aligned=())),
                                                        ("slots side by side (default)", cfg)) if aligned]]
@@ -577,15 +569,19 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             ids = ", ids alone read before the wait" if not c.early_weights else ""
             return f", slots launch step {c.down_slots}{ids}"
 
-        def capped_calls(step, pf_: bool, cap: int):
-            """The slots' launch (early: with one group of rows its first weights, with several the ids alone) with its
-            registers per thread capped at ``cap``: more programs per SM, if it does not spill."""
-            c = replace(cfg, down_slots=step, slots_pf=pf_, early_weights=len(step) < 4)
-            want = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c, True)
-            got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c, True, maxnreg=cap)
+        def capped_calls(step, pf_: bool, cap: int, q6: bool = False):
+            """The slots' launch (early: with one group of rows its first weights, with several the ids alone; ``q6``:
+            the aligned Q6_K one, ids alone) with its registers per thread capped at ``cap``: more programs per SM, if
+            it does not spill."""
+            if q6:
+                c, a = replace(cfg, down_slots_aligned=step), (hq, hd)
+            else:
+                c, a = replace(cfg, down_slots=step, slots_pf=pf_, early_weights=len(step) < 4), (pq, pd)
+            want = moe_mod.q8_down_slots(*a, sets[0], wts, down, dims, c, True, aligned_q6k=q6)
+            got = moe_mod.q8_down_slots(*a, sets[0], wts, down, dims, c, True, maxnreg=cap, aligned_q6k=q6)
             assert ((got - want).norm() / want.norm()).item() < 1e-6, (step, pf_, cap)
-            return [lambda ids=ids: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, True, maxnreg=cap)
-                    for ids in sets]
+            return [lambda ids=ids: moe_mod.q8_down_slots(*a, ids, wts, down, dims, c, True, maxnreg=cap,
+                                                          aligned_q6k=q6) for ids in sets]
 
         def walk_calls(step, acts: bool, pf_: bool, wcm: int):
             """``slots_walk_kernel`` launches on each set of ids: the slots' launch's loads, xored (registers capped at

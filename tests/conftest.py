@@ -158,11 +158,11 @@ _INTERPRETER = InterpreterRuns()
 
 
 def pytest_collection_finish(session):
-    if os.environ.get("PYTEST_XDIST_WORKER") or interpreter_skip_reason():
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         return
     picked = {item.callspec.params["group"] for item in session.items
               if getattr(item, "originalname", "") == INTERPRETER_TEST and hasattr(item, "callspec")}
-    if picked:
+    if picked and not interpreter_skip_reason():  # triton imported only where its groups were collected
         _INTERPRETER.start([g for g in INTERPRETER_GROUPS if g in picked] + sorted(picked - set(INTERPRETER_GROUPS)),
                            workers=min(2, os.cpu_count() or 1))
 

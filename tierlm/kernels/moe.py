@@ -93,8 +93,7 @@ class MoEConfig:
 
     def slots_down(self, types, tokens: int, aligned: bool = False) -> bool:
         """Whether the int8 down launch is ``moe_down_slots_q8_kernel`` (see down_slots, down_slots_aligned)."""
-        step = self.slots_step(types, aligned)
-        return bool(step) and tokens <= self.slots_max_tokens
+        return bool(self.slots_step(types, aligned)) and tokens <= self.slots_max_tokens
 
     def slots_step(self, types, aligned: bool = False) -> tuple:
         """The (rows, blocks, warps[, groups]) of the slots' down launch for these down experts, or ()."""

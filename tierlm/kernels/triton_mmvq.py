@@ -397,17 +397,21 @@ def _q4k_piece_shifts():
 
 
 @triton.jit
+def _spread_lines(v, NBLK: tl.constexpr, L: tl.constexpr, LPB: tl.constexpr):
+    """(L,) values of a step's lines -> (NBLK * L * LPB,) over its lanes: lane t works on line (t // LPB) % L."""
+    return tl.reshape(tl.broadcast_to(v[None, :, None], [NBLK, L, LPB]), [NBLK * L * LPB])
+
+
+@triton.jit
 def _q4k_act_ptrs(xq32, xd_ptr, kb, BN: tl.constexpr, NBLK: tl.constexpr, XROW: tl.constexpr):
     """The (L, 32) int32 pointers of a ``_q4k_math`` step's activation words of the low nibbles (the high ones are 8
     words on) and (xd, xs) words, for lines of blocks ``kb`` (L,). XROW: ``xq32`` and ``xd_ptr`` are (BN,) pointers,
     the activation row of each weight row (16-byte aligned), repeated over the step's NBLK blocks."""
-    L: tl.constexpr = NBLK * BN
     w = tl.arange(0, 32)[None, :]
     hc = w // 4
     if XROW:
-        xq_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xq32[None, :], [NBLK, BN]), [L])[:, None], [16, 16])
-        xd_l = tl.multiple_of(tl.reshape(tl.broadcast_to(xd_ptr.to(tl.pointer_type(tl.int32))[None, :], [NBLK, BN]),
-                                         [L])[:, None], [16, 16])
+        xq_l = tl.multiple_of(_spread_lines(xq32, NBLK, BN, 1)[:, None], [16, 16])
+        xd_l = tl.multiple_of(_spread_lines(xd_ptr.to(tl.pointer_type(tl.int32)), NBLK, BN, 1)[:, None], [16, 16])
     else:
         xq_l, xd_l = xq32, xd_ptr.to(tl.pointer_type(tl.int32))
     px = xq_l + kb[:, None] * 64 + 16 * (hc // 2) + 4 * (hc % 2) + w % 4  # activation words of the low nibbles
@@ -791,12 +795,6 @@ def _q6k_rows_a(xq32, xd_ptr, w_ptr, row0, N, row_bytes, kb0, kb1, BN: tl.conste
         acc += _q6k_lane_a(pa + o * 52, ph + o * 52, ps + o * 208, pdd + o, px + o * 64, pd + o * 8,
                            kfull + line // BN < kb1, ASM, True)
     return tl.sum(tl.sum(tl.reshape(acc, [NBLK, BN, LPB]), axis=2), axis=0)
-
-
-@triton.jit
-def _spread_lines(v, NBLK: tl.constexpr, L: tl.constexpr, LPB: tl.constexpr):
-    """(L,) values of a step's lines -> (NBLK * L * LPB,) over its lanes: lane t works on line (t // LPB) % L."""
-    return tl.reshape(tl.broadcast_to(v[None, :, None], [NBLK, L, LPB]), [NBLK * L * LPB])
 
 
 @triton.jit
