@@ -75,6 +75,9 @@ class MoEConfig:
     # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch; a
     # fourth number G > 1: G blocks of those rows per program, sharing their activation loads
     down_slots_aligned: tuple = ()  # ... of aligned Q6_K down experts (down_slots' form, on the aligned step)
+    down_held: tuple = ()  # aligned Q6_K down experts, where down_slots_aligned applies: (programs per
+    # multiprocessor, G[, PF]) of the down launch that holds its slots' activations in registers and walks its rows
+    # (moe_down_held_q8_kernel), G rows a step (PF: the next step's loaded first), instead of the slots' launch
     slots_max_tokens: int = 1  # ... up to this many tokens
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
@@ -378,6 +381,8 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
     E, I, D, K = dims
     P = ids.numel()
     T = P // K
+    if cfg.down_held:
+        return _q8_down_held(hq, hd, ids, wts, down, dims, cfg, early, maxnreg, aligned_q6k)
     bn, dnb, dw, *groups = cfg.down_slots_aligned if aligned_q6k else cfg.down_slots
     words = q6k_words(I, down) if aligned_q6k else 0
     g = groups[0] if groups else 1
@@ -389,6 +394,34 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
         BN=bn, NBLK=nblk, ASM=not _interpreting(), num_warps=warps, EARLY=early,
         PRELOAD=cfg.early_weights and not aligned_q6k, PF=cfg.slots_pf, WCM=cfg.slots_cache[0],
         AEV=cfg.slots_cache[1], G=g, maxnreg=maxnreg, DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, ALIGNED=words,
+        **pdl_launch(hq.device, T))
+    return y
+
+
+def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, maxnreg: int | None,
+                  aligned_q6k: bool) -> torch.Tensor:
+    """``q8_down_slots`` through ``moe_down_held_q8_kernel`` (``cfg.down_held``): y (T, D)."""
+    from tierlm.kernels import triton_mmvq as tv
+
+    E, I, D, K = dims
+    T = ids.numel() // K
+    per_sm, g, *pf = cfg.down_held
+    words = q6k_words(I, down) if aligned_q6k else 4
+    nb = I // 256
+    NB = 1 << (nb - 1).bit_length()
+    kp = 1 << (K - 1).bit_length()
+    lanes = NB * 16 // words  # a slot's lanes, and the most rows a program keeps
+    if kp * lanes > 1024 or lanes < g:
+        raise KernelInputError(f"moe down (held activations): {kp} slots x {lanes} lanes a row do not fit a program "
+                               "(rows of at most 4096 elements); use the slots' launch (MoEConfig.down_held=())")
+    units = -(-D // g)
+    sms = device_info(hq.device)[1] if hq.device.type == "cuda" else 1
+    nprog = min(units, max(-(-units // (lanes // g)), sms * per_sm))
+    y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
+    tv.moe_down_held_q8_kernel[(T, nprog)](
+        hq, hd, down, y, wts, ids, E, I, D, nb, down.shape[2], down[0].numel(), K, nprog, KP=kp, NB=NB, W=words, G=g,
+        ASM=not _interpreting(), num_warps=max(1, kp * lanes // 32), EARLY=early, FULL=nb == NB, PF=bool(pf and pf[0]),
+        DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, maxnreg=maxnreg,
         **pdl_launch(hq.device, T))
     return y
 

@@ -1222,6 +1222,161 @@ def moe_down_slots_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, 
 
 
 @triton.jit
+def _held_words(r, kb, h, wq, nb_d, live, MASK: tl.constexpr, W: tl.constexpr, DOWN_T: tl.constexpr):
+    """A ``moe_down_held_q8_kernel`` lane's weight words of the row at r (uint8, its expert's row): aligned Q6_K
+    (DOWN_T 14), ``_q6k_group_words``' five; Q4_K (12), the block header and the lane's 32-byte chunk (chunk 2 h + wq
+    // W: two (lanes, 4) int32 tensors), then two fillers."""
+    if DOWN_T == 14:
+        A, B, H, S, d = _q6k_group_words(r, kb, h, wq, nb_d, live, MASK, W)
+    else:
+        w4 = tl.arange(0, 4)[None, :]
+        blk = (r + kb * 144).to(tl.pointer_type(tl.int32))
+        ph = tl.multiple_of(blk, 16)[:, None] + w4
+        pq = tl.multiple_of(blk + 4 + 8 * (2 * h + wq // W), 16)[:, None] + w4
+        lw = live[:, None] if MASK else None
+        A = _ld(ph, lw, MASK)
+        B, H, S, d = _ld(pq, lw, MASK), _ld(pq + 4, lw, MASK), A, 0.0
+    return A, B, H, S, d
+
+
+@triton.jit
+def _held_acts(hq_ptr, hd_ptr, p, I, kb, h, wq, live, MASK: tl.constexpr, W: tl.constexpr, DOWN_T: tl.constexpr):
+    """A lane's activation words, held for all its rows: aligned Q6_K, the four quarters' (lanes, W) words and the
+    half's four xd bits (``_q6k_step_ag``'s); Q4_K, the words of its chunk's two groups of 32 (low nibbles: words
+    0-3 and 4-7; high: the same of the next group) and their two (xd, xs) pairs (bits, (lanes, 4))."""
+    lw = live[:, None] if MASK else None
+    j4 = tl.arange(0, 4)[None, :]
+    xq = (hq_ptr + p * I).to(tl.pointer_type(tl.int32))
+    if DOWN_T == 14:
+        px = tl.multiple_of(xq + kb * 64 + 32 * h + wq, 4 * W)[:, None] + tl.arange(0, W)[None, :]
+        pd = tl.multiple_of(hd_ptr + p * (I // 32) + kb * 8 + 4 * h, 16)[:, None] + j4
+        step = 8  # the quarters' words
+    else:
+        g = kb * 8 + 2 * (2 * h + wq // W)  # the chunk's low-nibble group
+        px = tl.multiple_of(xq + g * 8, 16)[:, None] + j4
+        pd = tl.multiple_of(hd_ptr + p * (I // 16) + 2 * g, 16)[:, None] + j4
+        step = 4  # the two groups' halves
+    return (_ld(px, lw, MASK), _ld(px + step, lw, MASK), _ld(px + 2 * step, lw, MASK), _ld(px + 3 * step, lw, MASK),
+            _ld(pd, lw, MASK).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _held_dot(A, B, H, S, d, x0, x1, x2, x3, xi, sh, h, wq, ASM: tl.constexpr, W: tl.constexpr,
+              DOWN_T: tl.constexpr):
+    """A lane's partial sum of one row from ``_held_words`` and ``_held_acts``: aligned Q6_K, ``_q6k_group_dot``;
+    Q4_K, chunk c's two groups: d (sc_lo xd_lo s_lo + sc_hi xd_hi s_hi) - dmin (m_lo xs_lo + m_hi xs_hi)."""
+    if DOWN_T == 14:
+        part = _q6k_group_dot(A, B, H, S, d, x0, x1, x2, x3, xi, sh, ASM)
+    else:
+        part = _q4k_chunk_dot(A, B, H, x0, x1, x2, x3, xi, 2 * h + wq // W, ASM)
+    return part
+
+
+@triton.jit
+def _q4k_chunk_dot(A, B, H, x0, x1, x2, x3, xi, c, ASM: tl.constexpr):
+    """``_held_dot`` of Q4_K: header words A, chunk c's nibble words B (bytes 0-15) and H (16-31), (lanes, 4) each;
+    activation words x0, x1 (group 2c) and x2, x3 (2c + 1); xi: their (xd, xs) pairs' bits."""
+    j4 = tl.arange(0, 4)[None, :]
+    s_lo = tl.sum(_dp4a_add(B & _M4, x0, _dp4a(H & _M4, x1, False, ASM), ASM), axis=1)  # B, H: chunk bytes 0-15,
+    s_hi = tl.sum(_dp4a_add((B >> 4) & _M4, x2, _dp4a((H >> 4) & _M4, x3, False, ASM), ASM), axis=1)  # 16-31
+    w0 = tl.sum(tl.where(j4 == 0, A, 0), axis=1)
+    w1 = tl.sum(tl.where(j4 == 1, A, 0), axis=1)
+    w2 = tl.sum(tl.where(j4 == 2, A, 0), axis=1)
+    w3 = tl.sum(tl.where(j4 == 3, A, 0), axis=1)
+    glo = 2 * c
+    sc_lo, m_lo = _q4k_scale(w1, w2, w3, 8 * (glo % 4), glo < 4)
+    sc_hi, m_hi = _q4k_scale(w1, w2, w3, 8 * ((glo + 1) % 4), glo + 1 < 4)
+    dxl = tl.sum(tl.where(j4 == 0, xi, 0), axis=1).to(tl.float32, bitcast=True)
+    sxl = tl.sum(tl.where(j4 == 1, xi, 0), axis=1).to(tl.float32, bitcast=True)
+    dxh = tl.sum(tl.where(j4 == 2, xi, 0), axis=1).to(tl.float32, bitcast=True)
+    sxh = tl.sum(tl.where(j4 == 3, xi, 0), axis=1).to(tl.float32, bitcast=True)
+    return _f16(w0) * (dxl * (sc_lo * s_lo).to(tl.float32) + dxh * (sc_hi * s_hi).to(tl.float32)) \
+        - _f16(w0 >> 16) * (m_lo.to(tl.float32) * sxl + m_hi.to(tl.float32) * sxh)
+
+
+@triton.jit
+def moe_down_held_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E, I, D, nb_d, rb_d, es_d, TOPK, NPROG,
+                            KP: tl.constexpr, NB: tl.constexpr, W: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr,
+                            PDL: tl.constexpr = False, EARLY: tl.constexpr = False, FULL: tl.constexpr = True,
+                            PF: tl.constexpr = False, DOWN_T: tl.constexpr = 14):
+    """``moe_down_slots_q8_kernel``'s sums with each lane's activation words held in registers for all its rows: a
+    program is a token's KP slots x one row (NB blocks, NB >= nb_d a power of two, 16 / W lanes a block: NL = NB * 16
+    / W lanes a slot), reads its slots' activations once, then walks its share of the rows (program j of NPROG: units
+    j * U // NPROG .. (j + 1) * U // NPROG - 1 of G rows, U = D / G rounded up; at most NL rows), G (1 or 2) rows a
+    step. Aligned Q6_K down experts (DOWN_T 14): each lane with ``_q6k_rows_ag``'s words and math (h's xd unpacked);
+    Q4_K (12, W = 4): a lane is a 32-byte chunk of nibbles (two groups of 32) and reads its block's header ((xd, xs)
+    pairs at hd_ptr). A step's rows are summed over each slot's lanes (within a warp where NL = 32) and kept at lane
+    (row - first row) of their slot; after the walk the slots are weighted and added in a fixed order, once. So the
+    activations are loaded once a program, not once every G rows as in the slots' launch. Grid (T, NPROG); float32
+    (T, D). FULL: nb_d == NB. EARLY: ids and wts read before the grid-dependency wait (with PF, the first step's
+    weights too). PF: each step loads the next step's weights (none past the program's rows) before its sums."""
+    if not EARLY:
+        pdl_enter(PDL)
+    tl.static_assert(G == 1 or G == 2, "1 or 2 rows a step")
+    tl.static_assert(DOWN_T == 14 or (DOWN_T == 12 and W == 4), "aligned Q6_K, or Q4_K with W = 4")
+    LPB: tl.constexpr = 16 // W
+    NL: tl.constexpr = NB * LPB
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    u = tl.arange(0, KP * NL)
+    slot = u // NL
+    lane = u % NL
+    kb = lane // LPB  # the lane's block, half and first word (Q4_K: chunk 2 h + wq // W)
+    h = (lane % LPB) // (LPB // 2)
+    wq = (lane % (LPB // 2)) * W
+    sh = 8 * (wq // 4)
+    p = t * TOPK + tl.minimum(slot, TOPK - 1)
+    e = tl.load(ids_ptr + p)
+    valid = (e >= 0) & (e < E) & (slot < TOPK)
+    e = tl.where(valid, e, 0).to(tl.int64)
+    wt = tl.load(wts_ptr + p)
+    base = down_ptr + e * es_d
+    units = (D + G - 1) // G  # rows are shared out G at a time
+    r0 = (G * (j * units // NPROG)).to(tl.int32)
+    r1 = tl.minimum(G * ((j + 1) * units // NPROG), D).to(tl.int32)
+    live = kb < nb_d
+    if PF:
+        nA0, nB0, nH0, nS0, nd0 = _held_words(tl.multiple_of(base + r0 * rb_d, 4 * W), kb, h, wq, nb_d,
+                                              live & (kb * 0 + r0 < r1), True, W, DOWN_T)
+        nA1, nB1, nH1, nS1, nd1 = nA0, nB0, nH0, nS0, nd0
+        if G > 1:
+            nA1, nB1, nH1, nS1, nd1 = _held_words(tl.multiple_of(base + (r0 + 1) * rb_d, 4 * W), kb, h, wq, nb_d,
+                                                  live & (kb * 0 + r0 + 1 < r1), True, W, DOWN_T)
+    if EARLY:
+        pdl_enter(PDL)
+    x0, x1, x2, x3, xi = _held_acts(hq_ptr, hd_ptr, p, I, kb, h, wq, live, not FULL, W, DOWN_T)
+    col = tl.reshape(lane, [KP, NL])
+    acc = tl.zeros([KP, NL], dtype=tl.float32)
+    for r in range(r0, r1, G):  # a step's G rows loaded, then summed
+        if PF:
+            A0, B0, H0, S0, d0 = nA0, nB0, nH0, nS0, nd0
+            A1, B1, H1, S1, d1 = nA1, nB1, nH1, nS1, nd1
+            rn = r + G
+            nA0, nB0, nH0, nS0, nd0 = _held_words(tl.multiple_of(base + rn * rb_d, 4 * W), kb, h, wq, nb_d,
+                                                  live & (kb * 0 + rn < r1), True, W, DOWN_T)
+            nA1, nB1, nH1, nS1, nd1 = nA0, nB0, nH0, nS0, nd0
+            if G > 1:
+                nA1, nB1, nH1, nS1, nd1 = _held_words(tl.multiple_of(base + (rn + 1) * rb_d, 4 * W), kb, h, wq,
+                                                      nb_d, live & (kb * 0 + rn + 1 < r1), True, W, DOWN_T)
+        else:
+            ra = tl.multiple_of(base + r * rb_d, 4 * W)  # within one expert's bytes: int32
+            A0, B0, H0, S0, d0 = _held_words(ra, kb, h, wq, nb_d, live, not FULL, W, DOWN_T)
+            A1, B1, H1, S1, d1 = A0, B0, H0, S0, d0
+            if G > 1:
+                rb = tl.multiple_of(base + tl.minimum(r + 1, D - 1) * rb_d, 4 * W)
+                A1, B1, H1, S1, d1 = _held_words(rb, kb, h, wq, nb_d, live, not FULL, W, DOWN_T)
+        v = _held_dot(A0, B0, H0, S0, d0, x0, x1, x2, x3, xi, sh, h, wq, ASM, W, DOWN_T)
+        acc = tl.where(col == r - r0, tl.sum(tl.reshape(v, [KP, NL]), axis=1)[:, None], acc)
+        if G > 1:
+            v = _held_dot(A1, B1, H1, S1, d1, x0, x1, x2, x3, xi, sh, h, wq, ASM, W, DOWN_T)
+            acc = tl.where(col == r + 1 - r0, tl.sum(tl.reshape(v, [KP, NL]), axis=1)[:, None], acc)
+    ok = tl.reshape(valid, [KP, NL])
+    y = tl.sum(tl.where(ok, acc * tl.reshape(wt, [KP, NL]), 0.0), axis=0)
+    rows = r0 + tl.arange(0, NL)
+    tl.store(y_ptr + t * D + rows, y, mask=rows < r1)
+
+
+@triton.jit
 def _slots_store(y_row, a, valid, wt, row0, D, KP: tl.constexpr, BN: tl.constexpr):
     """The slots' (KP * BN,) sums ``a`` of rows row0.. row0 + BN - 1, weighted (``wt``), added over the slots in a
     fixed order (an invalid slot adds nothing) and stored at y_row."""
