@@ -134,6 +134,13 @@ MOE_Q6K_LAYER = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2)]  # ... timed in whole
 # ... (rows, blocks, warps, G) of the aligned Q6_K down launch with a token's slots side by side
 # (MoEConfig.down_slots_aligned): 16 / W lanes a block (4 on DeepSeek-V3's down rows), G blocks of rows a program
 MOE_Q6K_SLOTS = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2), (2, 2, 2), (1, 2, 2, 4)]
+# (programs per multiprocessor, rows a step[, next step loaded first]) of the down launch that holds its slots'
+# activations in registers and walks its rows (MoEConfig.down_held), for either down type
+MOE_HELD = [(3, 2, True), (4, 2), (4, 2, True, 64), (4, 1, True, 64), (5, 2, False, 48), (3, 3), (3, 4), (2, 4),
+            (4, 4, False, 64), (4, 3, False, 64)]
+MOE_HELD_LAYER = [(3, 2, True), (4, 2), (3, 4), (4, 2, True, 64)]  # ... timed in whole layers too
+# (read-ceiling-NVIDIA_H200-held.json also timed (3, 1), (3, 2), (2, 1), (2, 2), (4, 1), (3, 1, True),
+# (2, 2, True) and (6, 1): 66-85%, against 87.7-89.4% for (3, 2, True))
 # (read-ceiling-NVIDIA_H200-q6k-slots-2.json also timed (2, 1, 2, 2), (4, 1, 4, 2), (2, 1, 1, 2), (1, 2, 2, 3),
 # (2, 2, 4, 3), (1, 2, 1, 1), (4, 2, 8, 2) and (2, 1, 2, 3): 67-77%, against 81.6-82.7% for (1, 2, 2, 2))
 # (read-ceiling-NVIDIA_H200-q6k-slots.json also timed (1, 4, 4), (1, 8, 8), (1, 2, 2), (2, 4, 8), (2, 2, 4),
@@ -492,9 +499,10 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                 slots = [replace(cfg, down_slots_aligned=s) for s in MOE_Q6K_SLOTS] if aligned else []
                 if slots:
                     ref = moe_mod.q8_down(hq, hd, hs, sets[0], wts, down, types, dims, cfg, ld, aligned, True)
-                for c in slots:  # the same sums in another order: float rounding apart
+                held = [replace(cfg, down_held=s) for s in MOE_HELD] if aligned else []
+                for c in slots + held:  # the same sums in another order: float rounding apart
                     got = moe_mod.q8_down_slots(hq, hd, sets[0], wts, down, dims, c, aligned_q6k=True)
-                    assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots_aligned
+                    assert ((got - ref).norm() / ref.norm()).item() < 1e-5, (c.down_slots_aligned, c.down_held)
                 return [*[(f"down, slots summed in it, step {c.aligned_step}",
                            [lambda ids=ids, c=c: moe_mod.q8_down(hq, hd, hs, ids, wts, down, types, dims, c, ld,
                                                                  aligned, True) for ids in sets], down_bytes)
@@ -504,12 +512,18 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                                                                             aligned_q6k=True) for ids in sets],
                            down_bytes) for c in slots for e, early in ((True, ""), (False, ", ids after the wait"))
                           if e or c is slots[0]],
+                        *[(f"down, activations held, {c.down_held}",
+                           [lambda ids=ids, c=c: moe_mod.q8_down_slots(hq, hd, ids, wts, down, dims, c, True,
+                                                                       aligned_q6k=True) for ids in sets],
+                           down_bytes) for c in held],
                         *[(f"down, the slots side by side, step {st}, registers capped at {cap}",
                            capped_calls(st, False, cap, True), down_bytes) for st, cap in MOE_Q6K_SLOT_CAPS
                           if aligned],
                         *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair(ids, c) for ids in sets],
                            down_bytes) for what, c in (("slots added in turn", replace(cfg, down_slots_aligned=())),
-                                                       ("slots side by side (default)", cfg)) if aligned]]
+                                                       ("slots side by side (default)", cfg),
+                                                       *[(f"activations held, {s}", replace(cfg, down_held=s))
+                                                         for s in MOE_HELD_LAYER]) if aligned]]
 
             ref = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, cfg)
             one = replace(cfg, early_weights=True)  # one group of rows a program: its first weights loaded early
@@ -518,10 +532,23 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             caches = [replace(one, down_slots=s, slots_pf=f, slots_cache=c) for s, f, c in MOE_SLOT_CACHES]
             groups = [replace(cfg, down_slots=s, early=early, early_weights=ew) for s in MOE_SLOT_GROUPS
                       for early, ew in ((True, True), (True, False), (False, True))]
-            for c in steps + pf + caches + groups:  # the same sums in another order: float rounding apart
+            held = [replace(cfg, down_held=s) for s in MOE_HELD]
+            for c in steps + pf + caches + groups + held:  # the same sums in another order: float rounding apart
                 got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
-                assert ((got - ref).norm() / ref.norm()).item() < 1e-5, c.down_slots
+                assert ((got - ref).norm() / ref.norm()).item() < 1e-5, (c.down_slots, c.down_held)
+
+            def pair4(ids, c):
+                q, dq, _ = quantize_q8(h, pack=True, pdl_rows=1)
+                return moe_mod.q8_down_slots(q, dq, ids, wts, down, dims, c, c.early)
+
             return [("h quantized, packed for the slots' launch", [lambda: quantize_q8(h, pack=True)], 0),
+                    *[(f"down, activations held, {c.down_held}",
+                       [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, True)
+                        for ids in sets], down_bytes) for c in held],
+                    *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair4(ids, c) for ids in sets],
+                       down_bytes) for what, c in (("slots side by side (default)", cfg),
+                                                   *[(f"activations held, {s}", replace(cfg, down_held=s))
+                                                     for s in MOE_HELD_LAYER])],
                     *[(f"down, the slots side by side{' (default)' if early == cfg.early else ''}"
                        f"{'' if early else ', weights not loaded before the wait'}",
                        [lambda ids=ids, early=early: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, cfg, early)
@@ -549,11 +576,12 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
 
         def layer_cfgs() -> list:
             """The whole layers timed: the default, and forms of its down launch for these down experts."""
+            held = [replace(cfg, down_held=s) for s in MOE_HELD_LAYER]
             if types[2] == T.Q6_K:
-                return [cfg, replace(cfg, down_slots_aligned=()),
+                return [cfg, replace(cfg, down_slots_aligned=()), *held,
                         *[replace(cfg, down_slots_aligned=s, early=e) for s in MOE_Q6K_LAYER for e in (True, False)
                           if s != cfg.down_slots_aligned or not e]]
-            return [cfg, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
+            return [cfg, *held, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
                     replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
                     replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True)]
 
@@ -561,6 +589,8 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
             """How a whole layer's MoEConfig differs from the default's, for its row's name."""
             if c == cfg:
                 return ""
+            if c.down_held:
+                return f", down launch with activations held {c.down_held}"
             if types[2] == T.Q6_K and (c.down_slots_aligned != cfg.down_slots_aligned or not c.early):
                 return (f", aligned Q6_K slots launch step {c.down_slots_aligned or None}"
                         f"{'' if c.early or not c.down_slots_aligned else ', ids after the wait'}")

@@ -75,8 +75,8 @@ class MoEConfig:
     # token's K slots side by side (K times the rows in a step) and adds them in a fixed order: no sum launch; a
     # fourth number G > 1: G blocks of those rows per program, sharing their activation loads
     down_slots_aligned: tuple = ()  # ... of aligned Q6_K down experts (down_slots' form, on the aligned step)
-    down_held: tuple = ()  # aligned Q6_K down experts, where down_slots_aligned applies: (programs per
-    # multiprocessor, G[, PF]) of the down launch that holds its slots' activations in registers and walks its rows
+    down_held: tuple = ()  # where down_slots or down_slots_aligned applies: (programs per multiprocessor, G[, PF[,
+    # registers per thread at most]]) of the down launch that holds its slots' activations in registers and walks its rows
     # (moe_down_held_q8_kernel), G rows a step (PF: the next step's loaded first), instead of the slots' launch
     slots_max_tokens: int = 1  # ... up to this many tokens
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
@@ -405,7 +405,8 @@ def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, max
 
     E, I, D, K = dims
     T = ids.numel() // K
-    per_sm, g, *pf = cfg.down_held
+    per_sm, g, *more = cfg.down_held
+    pf, cap = (list(more) + [False, None])[:2]
     words = q6k_words(I, down) if aligned_q6k else 4
     nb = I // 256
     NB = 1 << (nb - 1).bit_length()
@@ -420,8 +421,8 @@ def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, max
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     tv.moe_down_held_q8_kernel[(T, nprog)](
         hq, hd, down, y, wts, ids, E, I, D, nb, down.shape[2], down[0].numel(), K, nprog, KP=kp, NB=NB, W=words, G=g,
-        ASM=not _interpreting(), num_warps=max(1, kp * lanes // 32), EARLY=early, FULL=nb == NB, PF=bool(pf and pf[0]),
-        DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, maxnreg=maxnreg,
+        ASM=not _interpreting(), num_warps=max(1, kp * lanes // 32), EARLY=early, FULL=nb == NB, PF=bool(pf),
+        DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, maxnreg=maxnreg or cap,
         **pdl_launch(hq.device, T))
     return y
 

@@ -1302,17 +1302,18 @@ def moe_down_held_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E
     """``moe_down_slots_q8_kernel``'s sums with each lane's activation words held in registers for all its rows: a
     program is a token's KP slots x one row (NB blocks, NB >= nb_d a power of two, 16 / W lanes a block: NL = NB * 16
     / W lanes a slot), reads its slots' activations once, then walks its share of the rows (program j of NPROG: units
-    j * U // NPROG .. (j + 1) * U // NPROG - 1 of G rows, U = D / G rounded up; at most NL rows), G (1 or 2) rows a
-    step. Aligned Q6_K down experts (DOWN_T 14): each lane with ``_q6k_rows_ag``'s words and math (h's xd unpacked);
+    j * U // NPROG .. (j + 1) * U // NPROG - 1 of G rows, U = D / G rounded up; at most NL rows), G (1 to 4; 1 or 2
+    with PF) rows a step. Aligned Q6_K down experts (DOWN_T 14): each lane with ``_q6k_rows_ag``'s words and math (h's xd unpacked);
     Q4_K (12, W = 4): a lane is a 32-byte chunk of nibbles (two groups of 32) and reads its block's header ((xd, xs)
     pairs at hd_ptr). A step's rows are summed over each slot's lanes (within a warp where NL = 32) and kept at lane
     (row - first row) of their slot; after the walk the slots are weighted and added in a fixed order, once. So the
     activations are loaded once a program, not once every G rows as in the slots' launch. Grid (T, NPROG); float32
     (T, D). FULL: nb_d == NB. EARLY: ids and wts read before the grid-dependency wait (with PF, the first step's
-    weights too). PF: each step loads the next step's weights (none past the program's rows) before its sums."""
+    weights too). PF: each step loads the next step's weights (none past the program's rows) before its sums; without
+    it a step past the program's rows reads rows clamped to D - 1, whose sums land past its kept lanes."""
     if not EARLY:
         pdl_enter(PDL)
-    tl.static_assert(G == 1 or G == 2, "1 or 2 rows a step")
+    tl.static_assert(G >= 1 and G <= 4 and (G <= 2 or not PF), "1 to 4 rows a step; 1 or 2 with PF")
     tl.static_assert(DOWN_T == 14 or (DOWN_T == 12 and W == 4), "aligned Q6_K, or Q4_K with W = 4")
     LPB: tl.constexpr = 16 // W
     NL: tl.constexpr = NB * LPB
@@ -1365,11 +1366,23 @@ def moe_down_held_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E
             if G > 1:
                 rb = tl.multiple_of(base + tl.minimum(r + 1, D - 1) * rb_d, 4 * W)
                 A1, B1, H1, S1, d1 = _held_words(rb, kb, h, wq, nb_d, live, not FULL, W, DOWN_T)
+            if G > 2:
+                rc = tl.multiple_of(base + tl.minimum(r + 2, D - 1) * rb_d, 4 * W)
+                A2, B2, H2, S2, d2 = _held_words(rc, kb, h, wq, nb_d, live, not FULL, W, DOWN_T)
+            if G > 3:
+                rd = tl.multiple_of(base + tl.minimum(r + 3, D - 1) * rb_d, 4 * W)
+                A3, B3, H3, S3, d3 = _held_words(rd, kb, h, wq, nb_d, live, not FULL, W, DOWN_T)
         v = _held_dot(A0, B0, H0, S0, d0, x0, x1, x2, x3, xi, sh, h, wq, ASM, W, DOWN_T)
         acc = tl.where(col == r - r0, tl.sum(tl.reshape(v, [KP, NL]), axis=1)[:, None], acc)
         if G > 1:
             v = _held_dot(A1, B1, H1, S1, d1, x0, x1, x2, x3, xi, sh, h, wq, ASM, W, DOWN_T)
             acc = tl.where(col == r + 1 - r0, tl.sum(tl.reshape(v, [KP, NL]), axis=1)[:, None], acc)
+        if G > 2:
+            v = _held_dot(A2, B2, H2, S2, d2, x0, x1, x2, x3, xi, sh, h, wq, ASM, W, DOWN_T)
+            acc = tl.where(col == r + 2 - r0, tl.sum(tl.reshape(v, [KP, NL]), axis=1)[:, None], acc)
+        if G > 3:
+            v = _held_dot(A3, B3, H3, S3, d3, x0, x1, x2, x3, xi, sh, h, wq, ASM, W, DOWN_T)
+            acc = tl.where(col == r + 3 - r0, tl.sum(tl.reshape(v, [KP, NL]), axis=1)[:, None], acc)
     ok = tl.reshape(valid, [KP, NL])
     y = tl.sum(tl.where(ok, acc * tl.reshape(wt, [KP, NL]), 0.0), axis=0)
     rows = r0 + tl.arange(0, NL)
