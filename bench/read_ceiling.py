@@ -136,9 +136,11 @@ MOE_Q6K_LAYER = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2)]  # ... timed in whole
 MOE_Q6K_SLOTS = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2), (2, 2, 2), (1, 2, 2, 4)]
 # (programs per multiprocessor, rows a step[, next step loaded first]) of the down launch that holds its slots'
 # activations in registers and walks its rows (MoEConfig.down_held), for either down type
-MOE_HELD = [(3, 2, True), (4, 2), (4, 2, True, 64), (4, 1, True, 64), (5, 2, False, 48), (3, 3), (3, 4), (2, 4),
-            (4, 4, False, 64), (4, 3, False, 64)]
-MOE_HELD_LAYER = [(3, 2, True), (4, 2), (3, 4), (4, 2, True, 64)]  # ... timed in whole layers too
+MOE_HELD = [(3, 2, True), (4, 2), (4, 1, True), (5, 1, True, 48), (4, 2, True, 64), (4, 1)]
+MOE_HELD_LAYER = [(3, 2, True), (4, 2), (4, 1, True), (5, 1, True, 48), (4, 2, True, 64)]  # ... timed in whole layers
+# and after h's quantizer too
+# (read-ceiling-NVIDIA_H200-held-2.json also timed (5, 2, False, 48), (3, 3), (3, 4), (2, 4), (4, 4, False, 64) and
+# (4, 3, False, 64): 69.5-84.8%)
 # (read-ceiling-NVIDIA_H200-held.json also timed (3, 1), (3, 2), (2, 1), (2, 2), (4, 1), (3, 1, True),
 # (2, 2, True) and (6, 1): 66-85%, against 87.7-89.4% for (3, 2, True))
 # (read-ceiling-NVIDIA_H200-q6k-slots-2.json also timed (2, 1, 2, 2), (4, 1, 4, 2), (2, 1, 1, 2), (1, 2, 2, 3),

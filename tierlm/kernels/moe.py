@@ -406,7 +406,7 @@ def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, max
     E, I, D, K = dims
     T = ids.numel() // K
     per_sm, g, *more = cfg.down_held
-    pf, cap = (list(more) + [False, None])[:2]
+    pf, cap = (more[0] if more else False), (more[1] if len(more) > 1 else None)
     words = q6k_words(I, down) if aligned_q6k else 4
     nb = I // 256
     NB = 1 << (nb - 1).bit_length()
