@@ -136,8 +136,9 @@ MOE_Q6K_LAYER = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2)]  # ... timed in whole
 MOE_Q6K_SLOTS = [(1, 2, 2, 2), (2, 2, 4, 2), (1, 1, 1, 2), (2, 2, 2), (1, 2, 2, 4)]
 # (programs per multiprocessor, rows a step[, next step loaded first]) of the down launch that holds its slots'
 # activations in registers and walks its rows (MoEConfig.down_held), for either down type
-MOE_HELD = [(3, 2, True), (4, 2), (4, 1, True), (5, 1, True, 48), (4, 2, True, 64), (4, 1)]
-MOE_HELD_LAYER = [(3, 2, True), (4, 2), (4, 1, True), (5, 1, True, 48), (4, 2, True, 64)]  # ... timed in whole layers
+MOE_HELD = [(3, 2, True), (4, 2), (4, 1, True), (4, 2, True, 64), (4, 1)]
+# (read-ceiling-NVIDIA_H200-held-3.json also timed (5, 1, True, 48): 79.4-80.0%)
+MOE_HELD_LAYER = [(3, 2, True), (4, 2), (4, 1, True)]  # ... timed in whole layers
 # and after h's quantizer too
 # (read-ceiling-NVIDIA_H200-held-2.json also timed (5, 2, False, 48), (3, 3), (3, 4), (2, 4), (4, 4, False, 64) and
 # (4, 3, False, 64): 69.5-84.8%)
@@ -471,7 +472,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
         sets = [torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(32)]
         x = torch.randn(1, D, device="cuda").half()
         wts = torch.rand(K, device="cuda")
-        dims, cfg = (E, I, D, K), MOE_DEFAULT
+        dims, cfg = (E, I, D, K), replace(MOE_DEFAULT, down_held=())  # the slots' down launch, which most rows vary
         distinct = statistics.mean(len(set(ids.tolist())) for ids in sets)
         up_bytes, down_bytes = distinct * (gate[0].numel() + up[0].numel()), distinct * down[0].numel()
         lu, ld = moe_mod.q8_loads(cfg, types, gate, up, down, aligned)
@@ -523,7 +524,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                           if aligned],
                         *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair(ids, c) for ids in sets],
                            down_bytes) for what, c in (("slots added in turn", replace(cfg, down_slots_aligned=())),
-                                                       ("slots side by side (default)", cfg),
+                                                       ("slots side by side", cfg),
                                                        *[(f"activations held, {s}", replace(cfg, down_held=s))
                                                          for s in MOE_HELD_LAYER]) if aligned]]
 
@@ -548,10 +549,10 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, True)
                         for ids in sets], down_bytes) for c in held],
                     *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair4(ids, c) for ids in sets],
-                       down_bytes) for what, c in (("slots side by side (default)", cfg),
+                       down_bytes) for what, c in (("slots side by side", cfg),
                                                    *[(f"activations held, {s}", replace(cfg, down_held=s))
                                                      for s in MOE_HELD_LAYER])],
-                    *[(f"down, the slots side by side{' (default)' if early == cfg.early else ''}"
+                    *[(f"down, the slots side by side{' (early as the default)' if early == cfg.early else ''}"
                        f"{'' if early else ', weights not loaded before the wait'}",
                        [lambda ids=ids, early=early: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, cfg, early)
                         for ids in sets], down_bytes) for early in (cfg.early, not cfg.early)],
@@ -578,19 +579,22 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
 
         def layer_cfgs() -> list:
             """The whole layers timed: the default, and forms of its down launch for these down experts."""
-            held = [replace(cfg, down_held=s) for s in MOE_HELD_LAYER]
+            held = [replace(cfg, down_held=s) for s in MOE_HELD_LAYER if replace(cfg, down_held=s) != MOE_DEFAULT]
             if types[2] == T.Q6_K:
-                return [cfg, replace(cfg, down_slots_aligned=()), *held,
+                return [MOE_DEFAULT, cfg, replace(cfg, down_slots_aligned=()), *held,
                         *[replace(cfg, down_slots_aligned=s, early=e) for s in MOE_Q6K_LAYER for e in (True, False)
                           if s != cfg.down_slots_aligned or not e]]
-            return [cfg, *held, replace(cfg, early=not cfg.early), replace(cfg, down_slots=(4, 2, 8), early_weights=True),
+            return [MOE_DEFAULT, cfg, *held, replace(cfg, early=not cfg.early),
+                    replace(cfg, down_slots=(4, 2, 8), early_weights=True),
                     replace(cfg, down_slots=(1, 1, 1, 2), early_weights=False),
                     replace(cfg, down_slots=(1, 2, 2, 2), early_weights=True)]
 
         def layer_label(c) -> str:
             """How a whole layer's MoEConfig differs from the default's, for its row's name."""
+            if c == MOE_DEFAULT:
+                return f" (default: activations held {c.down_held})" if c.down_held else ""
             if c == cfg:
-                return ""
+                return ", the slots' down launch"
             if c.down_held:
                 return f", down launch with activations held {c.down_held}"
             if types[2] == T.Q6_K and (c.down_slots_aligned != cfg.down_slots_aligned or not c.early):
@@ -636,6 +640,22 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                          nbytes) for warps, unroll in ((4, 4), (8, 2), (1, 1))]
             return out
 
+        def default_down():
+            """The default's down launch at one token where it is the slots' launch or the held one."""
+            if not MOE_DEFAULT.slots_down(types, 1, aligned):
+                return []
+            q6 = types[2] == T.Q6_K
+            a = (hq, hd) if q6 else (pq, pd)
+            return [(f"down (default{f': activations held {MOE_DEFAULT.down_held}' if MOE_DEFAULT.down_held else ''})",
+                     [lambda ids=ids: moe_mod.q8_down_slots(*a, ids, wts, down, dims, MOE_DEFAULT, MOE_DEFAULT.early,
+                                                            aligned_q6k=q6) for ids in sets], down_bytes),
+                    ("h quantized, then down (default)",
+                     [lambda ids=ids: pair_default(ids, q6) for ids in sets], down_bytes)]
+
+        def pair_default(ids, q6):
+            q, dq, _ = quantize_q8(h, pack=not q6, pdl_rows=1)
+            return moe_mod.q8_down_slots(q, dq, ids, wts, down, dims, MOE_DEFAULT, MOE_DEFAULT.early, aligned_q6k=q6)
+
         parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
                  ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,
                                                                  aligned) for ids in sets], up_bytes),
@@ -643,6 +663,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                  ("down", down_calls(False), down_bytes),
                  ("down, slots summed in it", down_calls(True), down_bytes),
                  ("slots summed", [lambda: y.view(1, K, D).sum(1)], 0),
+                 *default_down(),
                  *slots_parts(),
                  *flat_parts(),
                  *[(f"whole layer{layer_label(c)}",
@@ -663,11 +684,12 @@ def profile_launch(args) -> None:
     w = random_weight(t, N, K, 1)[0]
     what, _, geo = args.profile.partition(":")
     if what in ("moe-q4k", "moe-q6k-aligned"):  # the default at one token, Q4_K or aligned Q6_K down experts; a
-        # geometry: the down launch's down_slots (Q4_K) or down_slots_aligned (Q6_K; "none": the slots added in turn)
+        # geometry: the slots' down launch's down_slots (Q4_K) or down_slots_aligned (Q6_K; "none": the slots added in
+        # turn) instead of the default's
         aligned = what.endswith("aligned")
         step = () if geo == "none" else tuple(map(int, geo.split(","))) if geo else None
-        cfg = MOE_DEFAULT if step is None else replace(MOE_DEFAULT, **{"down_slots_aligned" if aligned else
-                                                                       "down_slots": step})
+        cfg = MOE_DEFAULT if step is None else replace(MOE_DEFAULT, down_held=(), **{
+            "down_slots_aligned" if aligned else "down_slots": step})  # a geometry of the slots' launch
         weights = moe_weights(types=(T.Q4_K, T.Q4_K, T.Q6_K if aligned else T.Q4_K), aligned=aligned)
         calls, *_ = moe_setup(1, 3, cfg, weights=weights, aligned=aligned)
         for c in calls:

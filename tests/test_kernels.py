@@ -554,7 +554,8 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
                                  ((1, 4, 1), (1, 2, 2), True), ((2, 1, 1), (1, 1, 1), True),
                                  ((1, 4, 1), (4, 1, 4, 2), False), ((2, 2, 1), (1, 2, 2, 2), True),
                                  ((2, 1, 1), (2, 1, 1, 3), True)):
-        cfg = replace(moe.DEFAULT, gate_up_lines=side, down_slots=slots, early_weights=weights, slots_max_tokens=T_)
+        cfg = replace(moe.DEFAULT, gate_up_lines=side, down_slots=slots, early_weights=weights, slots_max_tokens=T_,
+                      down_held=())
         loads = moe.q8_loads(cfg, types, gate, up, dn, aligned)
         xq, xd, xs = quantize_q8(x, pack=bool(loads[0] & 2))
         h = [moe.q8_gate_up(xq, xd, xs, ids.reshape(-1), gate, up, types, dims, c, loads[0])
@@ -574,7 +575,7 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
             ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
             dn = to_aligned(down)
             for step in steps:
-                cfg = replace(moe.DEFAULT, down_slots_aligned=step, slots_max_tokens=T_)
+                cfg = replace(moe.DEFAULT, down_slots_aligned=step, slots_max_tokens=T_, down_held=())
                 assert cfg.sums_slots(types, True, T_) and not cfg.slots_down(types, T_, False)
                 _poison_cache()
                 out = moe_quant(x, ids, wts, gate, up, dn, *types, config=cfg, aligned=True)
@@ -584,11 +585,47 @@ def test_moe_side_by_side_forms_on_gpu(T_, down_type):
     if down_type == T.Q4_K:  # down rows of 3 blocks, 2 a step: the first step, loaded before the wait, then a partial
         gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=45, I=768)
         for slots, weights in (((4, 2, 8), True), ((4, 1, 4, 2), False), ((2, 2, 4, 3), True)):
-            cfg = replace(moe.DEFAULT, down_slots=slots, early_weights=weights, slots_max_tokens=T_)
+            cfg = replace(moe.DEFAULT, down_slots=slots, early_weights=weights, slots_max_tokens=T_, down_held=())
             out = moe_quant(x, ids, wts, gate, up, down, *types, config=cfg)
             assert rel(out, moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)) <= 1e-4, slots
             late = moe_quant(x, ids, wts, gate, up, down, *types, config=replace(cfg, early=False))
             assert torch.equal(out, late), slots
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T_", [1, 3])
+@pytest.mark.parametrize("down_type", [T.Q6_K, T.Q4_K], ids=lambda t: t.name)
+def test_moe_held_down_launch_on_gpu(T_, down_type):
+    """The down launch that holds its slots' activations in registers and walks its rows (the default at one token)
+    gives the int8 reference's result in every form: 1 to 4 rows a step, the next step's loaded first, one program
+    per SM or several; on down rows of 2, 3, 6 and 8 blocks (1, 4 or 16 lanes a block; NB past the row's blocks on 3
+    and 6), 768 and 1024 output rows (rows shared out unevenly), an expert id past the experts and one of -1; the ids
+    (and with PF the first weights) read before the grid-dependency wait or after it give the same bits. Its grid is
+    one wave: the programs per SM it asks for, cut to what the compiled kernel's registers let one SM hold."""
+    from tierlm.kernels import moe
+
+    types = [T.Q4_K, T.Q4_K, down_type]
+    aligned = down_type == T.Q6_K
+    assert moe.DEFAULT.down_held and moe.DEFAULT.slots_down(types, 1, aligned)
+    shapes = ((512, 1024), (1536, 768), (2048, 1024)) if aligned else ((512, 1024), (768, 768), (2048, 1024))
+    for I, D in shapes:
+        gate, up, down, x, ids, wts = _moe_inputs(types, T_, seed=47, I=I, D=D)
+        ids[0, 3] = -1
+        ids[0, 5] = 99
+        ref = moe_quant_q8_ref(x, ids, wts, gate, up, down, *types)
+        dn = to_aligned(down) if aligned else down
+        for held in ((4, 2), (3, 2, True), (1, 1), (2, 3), (6, 4), (1, 1, True), (8, 2, True)):
+            cfg = replace(moe.DEFAULT, down_held=held, slots_max_tokens=T_)
+            _poison_cache()
+            out = moe_quant(x, ids, wts, gate, up, dn, *types, config=cfg, aligned=aligned)
+            assert out.shape == x.shape and rel(out, ref) <= 1e-4, (I, held)
+            late = moe_quant(x, ids, wts, gate, up, dn, *types, config=replace(cfg, early=False), aligned=aligned)
+            assert torch.equal(out, late), (I, held)
+    fits = [n for (dev, *_), n in moe._HELD_RESIDENT.items() if dev.type == "cuda"]
+    assert fits and all(1 <= n <= 8 for n in fits), moe._HELD_RESIDENT
+    props = torch.cuda.get_device_properties(0)
+    assert moe._resident(torch.device("cuda"), 64, 8) == min(props.max_threads_per_multi_processor // 256, 4)
+    assert moe._resident(torch.device("cuda"), 80, 8) == min(props.max_threads_per_multi_processor // 256, 3)
 
 
 @pytest.mark.gpu
@@ -963,7 +1000,7 @@ def _interp_moe8(gen: torch.Generator, pairs=MOE8_TYPES[:2]) -> None:
         # up side by side, at one token the slots side by side) in fewer programs than its own steps make (the
         # interpreter runs programs one by one); with Q4_K down experts, as Q4_K_M has outside its more-bits layers,
         # only the default's
-        fast = replace(moe.DEFAULT, gate_up_lines=(8, 1, 1), down_slots=(8, 1, 1))
+        fast = replace(moe.DEFAULT, gate_up_lines=(8, 1, 1), down_slots=(8, 1, 1), down_held=())
         cfgs = [MoEConfig(num_warps=2, mmvq_rows=4, mmvq_nblk=2, mmvq_pf=True), fast]
         if dt == T.Q4_K:
             cfgs = [fast]
@@ -1012,6 +1049,16 @@ def _interp_moe8(gen: torch.Generator, pairs=MOE8_TYPES[:2]) -> None:
             c = replace(fast, down_slots=step, early_weights=weights)
             got = moe.q8_down_slots(hq, hd, ids_g, wts_g, down20, dims_g, c, early)
             _interp_check(f"moe int8 down, groups {step}, early {early}, weights early {weights}", got, one)
+        # the default's down launch at one token: the slots' activations held in registers while each program walks
+        # its rows (20 of them shared unevenly), 1 to 4 rows a step, the next step's loaded first or not, on rows of 3
+        # blocks in lanes for 4
+        for held in (moe.DEFAULT.down_held, (1, 3), (2, 1, True), (1, 2, True)):
+            got = moe.q8_down_slots(hq, hd, ids_g, wts_g, down20, dims_g, replace(fast, down_held=held), True)
+            _interp_check(f"moe int8 down, activations held {held}", got, one)
+        got = moe._moe_pairs_q8(x[:1], ids[0], wts[0], gate, up, down, types, dims,
+                                replace(fast, down_held=moe.DEFAULT.down_held))
+        _interp_check("moe int8, one token, activations held in the down launch", got,
+                      moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
 
 
 def _interp_aligned(gen: torch.Generator) -> None:
@@ -1074,10 +1121,10 @@ def _interp_aligned(gen: torch.Generator) -> None:
         # slots side by side in the down launch (or in turn, as before)
         assert moe.DEFAULT.sums_slots([gt, gt, dt], True, 1) and not moe.DEFAULT.sums_slots([gt, gt, dt], True, 2)
         assert moe.DEFAULT.slots_down([gt, gt, dt], 1, True) and not moe.DEFAULT.slots_down([gt, gt, dt], 1, False)
-        for c in (big, replace(big, down_slots_aligned=())):
+        for c in (replace(big, down_held=()), big, replace(big, down_slots_aligned=())):
             got = moe._moe_pairs_q8(*one, c, True)
             _interp_check(f"aligned moe int8, one token {gt.name}/{dt.name} I={I}, slots' launch "
-                          f"{c.down_slots_aligned or None}", got,
+                          f"{c.down_slots_aligned or None}, activations held {c.down_held or None}", got,
                           moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
         ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):

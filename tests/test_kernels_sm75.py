@@ -30,7 +30,8 @@ def _representative(capability: int) -> list:
         key = (v.fn.__name__, v.tags.get("qtype"), v.constexprs.get("SORTED"), v.constexprs.get("USE_DOT"),
                v.constexprs.get("Q4K_BLOCK"), v.constexprs.get("LOADS"), v.constexprs.get("MR"),
                v.constexprs.get("MMQ"), v.constexprs.get("ALIGNED"), v.constexprs.get("PDL"),
-               v.constexprs.get("SUM"), v.constexprs.get("ADD"), v.constexprs.get("TOPK_GROUP"))
+               v.constexprs.get("SUM"), v.constexprs.get("ADD"), v.constexprs.get("TOPK_GROUP"),
+               v.constexprs.get("PF") if v.fn is aot.tv.moe_down_held_q8_kernel else None)  # its early weights
         if key not in seen:
             seen.add(key)
             out.append(v)

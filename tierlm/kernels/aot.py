@@ -152,6 +152,11 @@ def variants(capability: int) -> list[Variant]:
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K) + moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig())  # default, plain
     out += moe_q8_variants(tq.Q4_K, tq.Q6_K, MoEConfig(mmvq_loads=6, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 4)))
     out += moe_q8_variants(tq.Q4_K, tq.Q4_K)  # the default with Q4_K down (Q4_K_M outside its more-bits layers)
+    slots = replace(MOE_DEFAULT, down_held=())  # the slots' down launch, and the held one with its next rows first
+    out += [v for v in moe_q8_variants(tq.Q4_K, tq.Q4_K, slots) if v.fn is tv.moe_down_slots_q8_kernel]
+    out += [v for v in moe_q8_variants(tq.Q4_K, tq.Q6_K, slots, aligned=True) if v.fn is tv.moe_down_slots_q8_kernel]
+    out += [v for v in moe_q8_variants(tq.Q4_K, tq.Q6_K, replace(MOE_DEFAULT, down_held=(3, 2, True)), aligned=True)
+            if v.fn is tv.moe_down_held_q8_kernel]
     out += moe_q8_variants(tq.Q8_0, tq.Q5_0)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", False, dot_prec)
     out += moe_variants(tq.Q8_0, tq.Q5_0, "fp16", True, dot_prec)
@@ -177,7 +182,7 @@ def variants(capability: int) -> list[Variant]:
 
 
 PDL_KERNELS = (tv.quantize_q8_kernel, tv.mmvq_kernel, tv.moe_up_q8_kernel, tv.moe_down_q8_kernel,
-               tv.moe_down_slots_q8_kernel)
+               tv.moe_down_slots_q8_kernel, tv.moe_down_held_q8_kernel)
 
 
 def with_pdl(v: Variant) -> Variant:
@@ -299,11 +304,18 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
     out = [Variant(f"moe_up_q8_{q_up}{f'_l{ul}' if ul else ''}", tv.moe_up_q8_kernel, up,
                    dict(GATE_T=q_up, UP_T=q_up, BN=ub, NBLK=unb, ASM=True, PF=cfg.mmvq_pf, LOADS=ul, GU=bool(side)),
                    a_up, uw, tags=dict(act="fp32", qtype=q_up))]
-    if cfg.slots_down(types, 1, aligned):
+    slots = dict(hq_ptr="*i8", hd_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32", ids_ptr="*i64",
+                 E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32")
+    q6 = q_down == tq.Q6_K  # aligned, where a slots' launch takes it
+    if cfg.slots_down(types, 1, aligned) and cfg.down_held:  # its words a lane are its own constant, W
+        per_sm, g, *more = cfg.down_held
+        out.append(Variant(f"moe_down_held_q8_{q_down}_g{g}{'_pf' if more and more[0] else ''}",
+                           tv.moe_down_held_q8_kernel, {**slots, "NPROG": "i32"},
+                           dict(KP=8, NB=8, W=w_down if q6 else 4, G=g, ASM=True, EARLY=cfg.early, FULL=True,
+                                PF=bool(more and more[0]), DOWN_T=q_down), ("I", "rb_d"), 8,
+                           tags=dict(act="fp32", qtype=q_down)))
+    elif cfg.slots_down(types, 1, aligned):
         sb, snb, sw, *groups = cfg.slots_step(types, aligned)
-        q6 = q_down == tq.Q6_K  # aligned: ALIGNED set below
-        slots = dict(hq_ptr="*i8", hd_ptr="*fp32", down_ptr="*u8", y_ptr="*fp32", wts_ptr="*fp32", ids_ptr="*i64",
-                     E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32")
         out.append(Variant(f"moe_down_slots_q8_{q_down}", tv.moe_down_slots_q8_kernel, slots,
                            dict(KP=8, BN=sb, NBLK=snb, ASM=True, EARLY=cfg.early,
                                 PRELOAD=cfg.early_weights and not q6, G=groups[0] if groups else 1, DOWN_T=q_down),
@@ -314,5 +326,5 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
                     dw, tags=dict(act="fp32", qtype=q_down)) for sm in sums]
     if aligned:  # ALIGNED on the launches of Q6_K weights
         out = [aligned_q6k(v, w_up if v.fn is tv.moe_up_q8_kernel else w_down)
-               if v.tags["qtype"] == tq.Q6_K else v for v in out]
+               if v.tags["qtype"] == tq.Q6_K and v.fn is not tv.moe_down_held_q8_kernel else v for v in out]
     return out

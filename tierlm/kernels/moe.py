@@ -152,8 +152,13 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # row x 2 blocks x 8 slots, two warps: 79.1-82.7% of copy bandwidth against 74.4-77.6% for the launch that adds the
 # slots in turn, each repeated (four runs; 28.3-29.0 against 30.3-30.8 us); after h's quantizer, as the layer runs it,
 # 0.3-0.4 us faster, and the layer the same (66.5-67.2 us) ("Fifteenth round")
+# At one token the down launch of either type then holds its slots' activations in registers and walks its rows, four
+# programs of 8 warps per SM, 2 rows a step (moe_down_held_q8_kernel): alone, repeated, 81.6-84.8% of copy bandwidth
+# with aligned Q6_K down experts and 82.4-85.6% with Q4_K ones, against 79.2-80.1% and 76.7-77.6% for the slots'
+# launch; after h's quantizer, as the layer runs it, 0.4-1.1 us and 1.8-2.1 us faster; the layer -0.1-1.6 us (Q6_K)
+# and 1.0-1.8 us (Q4_K) faster (H200, three runs, two allocations each; "Sixteenth round")
 DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(1, 4, 1),
-                    down_slots=(4, 1, 4, 2), early_weights=False, down_slots_aligned=(1, 2, 2, 2))
+                    down_slots=(4, 1, 4, 2), early_weights=False, down_slots_aligned=(1, 2, 2, 2), down_held=(4, 2))
 
 
 def _check(x, ids, weights, gate, up, down, gate_type, up_type, down_type):
@@ -400,7 +405,9 @@ def q8_down_slots(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool = Fa
 
 def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, maxnreg: int | None,
                   aligned_q6k: bool) -> torch.Tensor:
-    """``q8_down_slots`` through ``moe_down_held_q8_kernel`` (``cfg.down_held``): y (T, D)."""
+    """``q8_down_slots`` through ``moe_down_held_q8_kernel`` (``cfg.down_held``): y (T, D). Its programs walk their
+    rows in one wave, so the grid is the programs asked for per multiprocessor, cut to as many as fit one
+    (``_held_resident``: known from the compiled kernel's registers after its first launch)."""
     from tierlm.kernels import triton_mmvq as tv
 
     E, I, D, K = dims
@@ -415,16 +422,33 @@ def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, max
     if kp * lanes > 1024 or lanes < g:
         raise KernelInputError(f"moe down (held activations): {kp} slots x {lanes} lanes a row do not fit a program "
                                "(rows of at most 4096 elements); use the slots' launch (MoEConfig.down_held=())")
+    warps = max(1, kp * lanes // 32)
+    key = (hq.device, kp, NB, words, g, bool(pf), maxnreg or cap, aligned_q6k)
     units = -(-D // g)
     sms = device_info(hq.device)[1] if hq.device.type == "cuda" else 1
-    nprog = min(units, max(-(-units // (lanes // g)), sms * per_sm))
+    nprog = min(units, max(-(-units // (lanes // g)), sms * min(per_sm, _HELD_RESIDENT.get(key, per_sm))))
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
-    tv.moe_down_held_q8_kernel[(T, nprog)](
+    kernel = tv.moe_down_held_q8_kernel[(T, nprog)](
         hq, hd, down, y, wts, ids, E, I, D, nb, down.shape[2], down[0].numel(), K, nprog, KP=kp, NB=NB, W=words, G=g,
-        ASM=not _interpreting(), num_warps=max(1, kp * lanes // 32), EARLY=early, FULL=nb == NB, PF=bool(pf),
-        DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, maxnreg=maxnreg or cap,
-        **pdl_launch(hq.device, T))
+        ASM=not _interpreting(), num_warps=warps, EARLY=early, FULL=nb == NB, PF=bool(pf),
+        DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, maxnreg=maxnreg or cap, **pdl_launch(hq.device, T))
+    if key not in _HELD_RESIDENT and hq.device.type == "cuda":
+        _HELD_RESIDENT[key] = _resident(hq.device, getattr(kernel, "n_regs", 0), warps)
     return y
+
+
+_HELD_RESIDENT: dict = {}  # (device, the launch's constants) -> programs of moe_down_held_q8_kernel one SM holds
+
+
+def _resident(device: torch.device, regs: int, warps: int) -> int:
+    """Programs of ``warps`` warps at ``regs`` registers a thread that one multiprocessor holds at once (registers
+    are given to a warp 256 at a time), as far as registers and threads go; large where ``regs`` is unknown (0)."""
+    props = torch.cuda.get_device_properties(device)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    if regs <= 0:
+        return by_threads
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(1, min(by_threads, getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * warps)))
 
 
 def q8_down(hq, hd, hs, ids, wts, down, types, dims, cfg: MoEConfig, loads: int, aligned: bool = False,
