@@ -621,8 +621,10 @@ def test_moe_held_down_launch_on_gpu(T_, down_type):
             assert out.shape == x.shape and rel(out, ref) <= 1e-4, (I, held)
             late = moe_quant(x, ids, wts, gate, up, dn, *types, config=replace(cfg, early=False), aligned=aligned)
             assert torch.equal(out, late), (I, held)
-    fits = [n for (dev, *_), n in moe._HELD_RESIDENT.items() if dev.type == "cuda"]
-    assert fits and all(1 <= n <= 8 for n in fits), moe._HELD_RESIDENT
+    # what one SM holds, as found after each form's first launch: an 8-warp program (rows of 8 blocks read 4 words a
+    # lane: 32 lanes a slot) at most 8 at once (2048 threads), smaller ones more
+    fits = {(nb * 16 // words, n) for (dev, kp, nb, words, *_), n in moe._HELD_RESIDENT.items() if dev.type == "cuda"}
+    assert fits and all(n >= 1 for _, n in fits) and all(n <= 8 for lanes, n in fits if lanes == 32), fits
     props = torch.cuda.get_device_properties(0)
     assert moe._resident(torch.device("cuda"), 64, 8) == min(props.max_threads_per_multi_processor // 256, 4)
     assert moe._resident(torch.device("cuda"), 80, 8) == min(props.max_threads_per_multi_processor // 256, 3)
@@ -1124,7 +1126,8 @@ def _interp_aligned(gen: torch.Generator) -> None:
         for c in (replace(big, down_held=()), big, replace(big, down_slots_aligned=())):
             got = moe._moe_pairs_q8(*one, c, True)
             _interp_check(f"aligned moe int8, one token {gt.name}/{dt.name} I={I}, slots' launch "
-                          f"{c.down_slots_aligned or None}, activations held {c.down_held or None}", got,
+                          f"{c.down_slots_aligned or None}, activations held "
+                          f"{c.down_held if c.slots_down([gt, gt, dt], 1, True) else None}", got,
                           moe_quant_q8_ref(x[:1], ids[:1], wts[:1], gate, up, down, gt, gt, dt))
         ref = moe.moe_quant_ref(x, ids, wts, gate, up, down, gt, gt, dt)
         for c in (MoEConfig(block_m=16, block_n=128), MoEConfig(block_m=16, block_n=128, sorted_mmq=False)):
