@@ -155,8 +155,9 @@ DECODE_CONFIGS = tuple(MoEConfig(num_warps=w, rows=r, q8=False) for r in (1, 2) 
 # At one token the down launch of either type then holds its slots' activations in registers and walks its rows, four
 # programs of 8 warps per SM, 2 rows a step (moe_down_held_q8_kernel): alone, repeated, 81.6-84.8% of copy bandwidth
 # with aligned Q6_K down experts and 82.4-85.6% with Q4_K ones, against 79.2-80.1% and 76.7-77.6% for the slots'
-# launch; after h's quantizer, as the layer runs it, 0.4-1.1 us and 1.8-2.1 us faster; the layer -0.1-1.6 us (Q6_K)
-# and 1.0-1.8 us (Q4_K) faster (H200, three runs, two allocations each; "Sixteenth round")
+# launch; after h's quantizer, as the layer runs it, 0.4-1.2 us and 1.7-2.1 us faster; the layer -0.1-1.7 us (Q6_K)
+# and 1.0-1.8 us (Q4_K) faster: 1.21-1.24x and 1.22x its read time (H200, four runs, seven allocations; "Sixteenth
+# round")
 DEFAULT = MoEConfig(mmvq_loads=14, mmvq_up=(4, 2, 1), mmvq_down=(4, 2, 1, 14), gate_up_lines=(1, 4, 1),
                     down_slots=(4, 1, 4, 2), early_weights=False, down_slots_aligned=(1, 2, 2, 2), down_held=(4, 2))
 
