@@ -76,8 +76,9 @@ class MoEConfig:
     # fourth number G > 1: G blocks of those rows per program, sharing their activation loads
     down_slots_aligned: tuple = ()  # ... of aligned Q6_K down experts (down_slots' form, on the aligned step)
     down_held: tuple = ()  # where down_slots or down_slots_aligned applies: (programs per multiprocessor, G[, PF[,
-    # registers per thread at most]]) of the down launch that holds its slots' activations in registers and walks its rows
-    # (moe_down_held_q8_kernel), G rows a step (PF: the next step's loaded first), instead of the slots' launch
+    # registers per thread at most]]) of the down launch that holds its slots' activations in registers and walks
+    # its rows (moe_down_held_q8_kernel), G rows a step (PF: the next step's loaded first), instead of the slots'
+    # launch
     slots_max_tokens: int = 1  # ... up to this many tokens
     early: bool = True  # the slots' down launch reads ids and wts and loads its first step's weights before the
     # grid-dependency wait of a programmatic dependent launch (moe_down_slots_q8_kernel's EARLY): H200, 22.09 against
@@ -408,7 +409,8 @@ def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, max
                   aligned_q6k: bool) -> torch.Tensor:
     """``q8_down_slots`` through ``moe_down_held_q8_kernel`` (``cfg.down_held``): y (T, D). Its programs walk their
     rows in one wave, so the grid is the programs asked for per multiprocessor, cut to as many as fit one
-    (``_held_resident``: known from the compiled kernel's registers after its first launch)."""
+    (``_resident``, from the compiled kernel's registers after its first launch: the decode graphs are captured after
+    an eager step)."""
     from tierlm.kernels import triton_mmvq as tv
 
     E, I, D, K = dims
@@ -421,8 +423,9 @@ def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, max
     kp = 1 << (K - 1).bit_length()
     lanes = NB * 16 // words  # a slot's lanes, and the most rows a program keeps
     if kp * lanes > 1024 or lanes < g:
-        raise KernelInputError(f"moe down (held activations): {kp} slots x {lanes} lanes a row do not fit a program "
-                               "(rows of at most 4096 elements); use the slots' launch (MoEConfig.down_held=())")
+        raise KernelInputError(f"moe down (held activations): {kp} slots x {lanes} lanes a row (rows of {I} "
+                               "elements) do not fit a program of 1024 threads; use the slots' launch "
+                               "(MoEConfig.down_held=())")
     warps = max(1, kp * lanes // 32)
     key = (hq.device, kp, NB, words, g, bool(pf), maxnreg or cap, aligned_q6k)
     units = -(-D // g)

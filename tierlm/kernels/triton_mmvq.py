@@ -1303,12 +1303,12 @@ def moe_down_held_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E
     program is a token's KP slots x one row (NB blocks, NB >= nb_d a power of two, 16 / W lanes a block: NL = NB * 16
     / W lanes a slot), reads its slots' activations once, then walks its share of the rows (program j of NPROG: units
     j * U // NPROG .. (j + 1) * U // NPROG - 1 of G rows, U = D / G rounded up; at most NL rows), G (1 to 4; 1 or 2
-    with PF) rows a step. Aligned Q6_K down experts (DOWN_T 14): each lane with ``_q6k_rows_ag``'s words and math (h's xd unpacked);
-    Q4_K (12, W = 4): a lane is a 32-byte chunk of nibbles (two groups of 32) and reads its block's header ((xd, xs)
-    pairs at hd_ptr). A step's rows are summed over each slot's lanes (within a warp where NL = 32) and kept at lane
-    (row - first row) of their slot; after the walk the slots are weighted and added in a fixed order, once. So the
-    activations are loaded once a program, not once every G rows as in the slots' launch. Grid (T, NPROG); float32
-    (T, D). FULL: nb_d == NB. EARLY: ids and wts read before the grid-dependency wait (with PF, the first step's
+    with PF) rows a step. Aligned Q6_K down experts (DOWN_T 14): each lane with ``_q6k_rows_ag``'s words and math
+    (h's xd unpacked); Q4_K (12, W = 4): a lane is a 32-byte chunk of nibbles (two groups of 32) and reads its
+    block's header ((xd, xs) pairs at hd_ptr). A step's rows are summed over each slot's lanes (within a warp where
+    NL = 32) and kept at lane (row - first row) of their slot; after the walk the slots are weighted and added in a
+    fixed order, once. So the activations are loaded once a program, not once every G rows as in the slots' launch.
+    Grid (T, NPROG); float32 (T, D). FULL: nb_d == NB. EARLY: ids and wts read before the grid-dependency wait (with PF, the first step's
     weights too). PF: each step loads the next step's weights (none past the program's rows) before its sums; without
     it a step past the program's rows reads rows clamped to D - 1, whose sums land past its kept lanes."""
     if not EARLY:
