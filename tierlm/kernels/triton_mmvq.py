@@ -1308,9 +1308,10 @@ def moe_down_held_q8_kernel(hq_ptr, hd_ptr, down_ptr, y_ptr, wts_ptr, ids_ptr, E
     block's header ((xd, xs) pairs at hd_ptr). A step's rows are summed over each slot's lanes (within a warp where
     NL = 32) and kept at lane (row - first row) of their slot; after the walk the slots are weighted and added in a
     fixed order, once. So the activations are loaded once a program, not once every G rows as in the slots' launch.
-    Grid (T, NPROG); float32 (T, D). FULL: nb_d == NB. EARLY: ids and wts read before the grid-dependency wait (with PF, the first step's
-    weights too). PF: each step loads the next step's weights (none past the program's rows) before its sums; without
-    it a step past the program's rows reads rows clamped to D - 1, whose sums land past its kept lanes."""
+    Grid (T, NPROG); float32 (T, D). FULL: nb_d == NB. EARLY: ids and wts read before the grid-dependency wait
+    (with PF, the first step's weights too). PF: each step loads the next step's weights (none past the program's
+    rows) before its sums; without it a step past the program's rows reads rows clamped to D - 1, whose sums land
+    past its kept lanes."""
     if not EARLY:
         pdl_enter(PDL)
     tl.static_assert(G >= 1 and G <= 4 and (G <= 2 or not PF), "1 to 4 rows a step; 1 or 2 with PF")
