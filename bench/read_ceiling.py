@@ -487,10 +487,12 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                     for ids in sets]
 
         def pair(ids, c):
-            """h quantized then the down launch, as the layer launches them (programmatic dependent launches)."""
-            q, dq, sq = quantize_q8(h, pdl_rows=1)
-            if c.slots_down(types, 1, aligned):
-                return moe_mod.q8_down_slots(q, dq, ids, wts, down, dims, c, c.early, aligned_q6k=True)
+            """h quantized then the down launch, as the layer launches them (programmatic dependent launches; h packed
+            as ``moe._moe_pairs_q8`` packs it)."""
+            slots, q6 = c.slots_down(types, 1, aligned), types[2] == T.Q6_K
+            q, dq, sq = quantize_q8(h, pack=(slots and not q6) or bool(ld & 2), pdl_rows=1)
+            if slots:
+                return moe_mod.q8_down_slots(q, dq, ids, wts, down, dims, c, c.early, aligned_q6k=q6)
             return moe_mod.q8_down(q, dq, sq, ids, wts, down, types, dims, c, ld, aligned, True)
 
         def slots_parts():
@@ -540,15 +542,11 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                 got = moe_mod.q8_down_slots(pq, pd, sets[0], wts, down, dims, c)
                 assert ((got - ref).norm() / ref.norm()).item() < 1e-5, (c.down_slots, c.down_held)
 
-            def pair4(ids, c):
-                q, dq, _ = quantize_q8(h, pack=True, pdl_rows=1)
-                return moe_mod.q8_down_slots(q, dq, ids, wts, down, dims, c, c.early)
-
             return [("h quantized, packed for the slots' launch", [lambda: quantize_q8(h, pack=True)], 0),
                     *[(f"down, activations held, {c.down_held}",
                        [lambda ids=ids, c=c: moe_mod.q8_down_slots(pq, pd, ids, wts, down, dims, c, True)
                         for ids in sets], down_bytes) for c in held],
-                    *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair4(ids, c) for ids in sets],
+                    *[(f"h quantized, then down, {what}", [lambda ids=ids, c=c: pair(ids, c) for ids in sets],
                        down_bytes) for what, c in (("slots side by side", cfg),
                                                    *[(f"activations held, {s}", replace(cfg, down_held=s))
                                                      for s in MOE_HELD_LAYER])],
@@ -650,11 +648,7 @@ def moe_parts(bw: float, row, aligned: bool = False, down_types=(T.Q6_K, T.Q4_K)
                      [lambda ids=ids: moe_mod.q8_down_slots(*a, ids, wts, down, dims, MOE_DEFAULT, MOE_DEFAULT.early,
                                                             aligned_q6k=q6) for ids in sets], down_bytes),
                     ("h quantized, then down (default)",
-                     [lambda ids=ids: pair_default(ids, q6) for ids in sets], down_bytes)]
-
-        def pair_default(ids, q6):
-            q, dq, _ = quantize_q8(h, pack=not q6, pdl_rows=1)
-            return moe_mod.q8_down_slots(q, dq, ids, wts, down, dims, MOE_DEFAULT, MOE_DEFAULT.early, aligned_q6k=q6)
+                     [lambda ids=ids: pair(ids, MOE_DEFAULT) for ids in sets], down_bytes)]
 
         parts = [("x quantized", [lambda: quantize_q8(x, pack=bool(lu & 2))], 0),
                  ("gate/up", [lambda ids=ids: moe_mod.q8_gate_up(xq, xd, xs, ids, gate, up, types, dims, cfg, lu,

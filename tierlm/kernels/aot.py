@@ -308,11 +308,11 @@ def moe_q8_variants(q_up: int, q_down: int, cfg: MoEConfig = MOE_DEFAULT, aligne
                  E="i32", I="i32", D="i32", nb_d="i32", rb_d="i32", es_d="i64", TOPK="i32")
     q6 = q_down == tq.Q6_K  # aligned, where a slots' launch takes it
     if cfg.slots_down(types, 1, aligned) and cfg.down_held:  # its words a lane are its own constant, W
-        per_sm, g, *more = cfg.down_held
-        out.append(Variant(f"moe_down_held_q8_{q_down}_g{g}{'_pf' if more and more[0] else ''}",
+        _, g, pf, _ = cfg.held_form()
+        out.append(Variant(f"moe_down_held_q8_{q_down}_g{g}{'_pf' if pf else ''}",
                            tv.moe_down_held_q8_kernel, {**slots, "NPROG": "i32"},
                            dict(KP=8, NB=8, W=w_down if q6 else 4, G=g, ASM=True, EARLY=cfg.early, FULL=True,
-                                PF=bool(more and more[0]), DOWN_T=q_down), ("I", "rb_d"), 8,
+                                PF=pf, DOWN_T=q_down), ("I", "rb_d"), 8,
                            tags=dict(act="fp32", qtype=q_down)))
     elif cfg.slots_down(types, 1, aligned):
         sb, snb, sw, *groups = cfg.slots_step(types, aligned)

@@ -99,6 +99,15 @@ class MoEConfig:
         """Whether the int8 down launch is ``moe_down_slots_q8_kernel`` (see down_slots, down_slots_aligned)."""
         return bool(self.slots_step(types, aligned)) and tokens <= self.slots_max_tokens
 
+    def held_form(self) -> tuple[int, int, bool, int | None]:
+        """``down_held`` with its defaults: (programs per SM, rows a step, PF, register cap or None)."""
+        per_sm, g, *more = self.down_held
+        pf, cap = bool(more and more[0]), (more[1] if len(more) > 1 else None)
+        if per_sm < 1 or not 1 <= g <= (2 if pf else 4):
+            raise KernelInputError(f"MoEConfig.down_held={self.down_held}: programs per SM must be 1 or more and rows "
+                                   "a step 1 to 4 (1 or 2 with the next step loaded first, PF)")
+        return per_sm, g, pf, cap
+
     def slots_step(self, types, aligned: bool = False) -> tuple:
         """The (rows, blocks, warps[, groups]) of the slots' down launch for these down experts, or ()."""
         if types[2] == GGMLType.Q4_K:
@@ -415,26 +424,25 @@ def _q8_down_held(hq, hd, ids, wts, down, dims, cfg: MoEConfig, early: bool, max
 
     E, I, D, K = dims
     T = ids.numel() // K
-    per_sm, g, *more = cfg.down_held
-    pf, cap = (more[0] if more else False), (more[1] if len(more) > 1 else None)
+    per_sm, g, pf, cap = cfg.held_form()
     words = q6k_words(I, down) if aligned_q6k else 4
     nb = I // 256
     NB = 1 << (nb - 1).bit_length()
     kp = 1 << (K - 1).bit_length()
     lanes = NB * 16 // words  # a slot's lanes, and the most rows a program keeps
-    if kp * lanes > 1024 or lanes < g:
+    if kp * lanes > 1024:
         raise KernelInputError(f"moe down (held activations): {kp} slots x {lanes} lanes a row (rows of {I} "
                                "elements) do not fit a program of 1024 threads; use the slots' launch "
                                "(MoEConfig.down_held=())")
     warps = max(1, kp * lanes // 32)
-    key = (hq.device, kp, NB, words, g, bool(pf), maxnreg or cap, aligned_q6k)
+    key = (hq.device, kp, NB, words, g, pf, maxnreg or cap, aligned_q6k)
     units = -(-D // g)
     sms = device_info(hq.device)[1] if hq.device.type == "cuda" else 1
     nprog = min(units, max(-(-units // (lanes // g)), sms * min(per_sm, _HELD_RESIDENT.get(key, per_sm))))
     y = torch.empty(T, D, dtype=torch.float32, device=hq.device)
     kernel = tv.moe_down_held_q8_kernel[(T, nprog)](
         hq, hd, down, y, wts, ids, E, I, D, nb, down.shape[2], down[0].numel(), K, nprog, KP=kp, NB=NB, W=words, G=g,
-        ASM=not _interpreting(), num_warps=warps, EARLY=early, FULL=nb == NB, PF=bool(pf),
+        ASM=not _interpreting(), num_warps=warps, EARLY=early, FULL=nb == NB, PF=pf,
         DOWN_T=tv.Q6_K if aligned_q6k else tv.Q4_K, maxnreg=maxnreg or cap, **pdl_launch(hq.device, T))
     if key not in _HELD_RESIDENT and hq.device.type == "cuda":
         _HELD_RESIDENT[key] = _resident(hq.device, getattr(kernel, "n_regs", 0), warps)

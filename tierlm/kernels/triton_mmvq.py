@@ -1273,23 +1273,23 @@ def _held_dot(A, B, H, S, d, x0, x1, x2, x3, xi, sh, h, wq, ASM: tl.constexpr, W
 
 
 @triton.jit
+def _word(v, i: tl.constexpr):
+    """Word i of each lane's (lanes, 4) int32 words (a sum of one nonzero term: a pick of a register)."""
+    return tl.sum(tl.where(tl.arange(0, 4)[None, :] == i, v, 0), axis=1)
+
+
+@triton.jit
 def _q4k_chunk_dot(A, B, H, x0, x1, x2, x3, xi, c, ASM: tl.constexpr):
     """``_held_dot`` of Q4_K: header words A, chunk c's nibble words B (bytes 0-15) and H (16-31), (lanes, 4) each;
     activation words x0, x1 (group 2c) and x2, x3 (2c + 1); xi: their (xd, xs) pairs' bits."""
-    j4 = tl.arange(0, 4)[None, :]
     s_lo = tl.sum(_dp4a_add(B & _M4, x0, _dp4a(H & _M4, x1, False, ASM), ASM), axis=1)  # B, H: chunk bytes 0-15,
     s_hi = tl.sum(_dp4a_add((B >> 4) & _M4, x2, _dp4a((H >> 4) & _M4, x3, False, ASM), ASM), axis=1)  # 16-31
-    w0 = tl.sum(tl.where(j4 == 0, A, 0), axis=1)
-    w1 = tl.sum(tl.where(j4 == 1, A, 0), axis=1)
-    w2 = tl.sum(tl.where(j4 == 2, A, 0), axis=1)
-    w3 = tl.sum(tl.where(j4 == 3, A, 0), axis=1)
+    w0, w1, w2, w3 = _word(A, 0), _word(A, 1), _word(A, 2), _word(A, 3)
     glo = 2 * c
     sc_lo, m_lo = _q4k_scale(w1, w2, w3, 8 * (glo % 4), glo < 4)
     sc_hi, m_hi = _q4k_scale(w1, w2, w3, 8 * ((glo + 1) % 4), glo + 1 < 4)
-    dxl = tl.sum(tl.where(j4 == 0, xi, 0), axis=1).to(tl.float32, bitcast=True)
-    sxl = tl.sum(tl.where(j4 == 1, xi, 0), axis=1).to(tl.float32, bitcast=True)
-    dxh = tl.sum(tl.where(j4 == 2, xi, 0), axis=1).to(tl.float32, bitcast=True)
-    sxh = tl.sum(tl.where(j4 == 3, xi, 0), axis=1).to(tl.float32, bitcast=True)
+    dxl, sxl = _word(xi, 0).to(tl.float32, bitcast=True), _word(xi, 1).to(tl.float32, bitcast=True)
+    dxh, sxh = _word(xi, 2).to(tl.float32, bitcast=True), _word(xi, 3).to(tl.float32, bitcast=True)
     return _f16(w0) * (dxl * (sc_lo * s_lo).to(tl.float32) + dxh * (sc_hi * s_hi).to(tl.float32)) \
         - _f16(w0 >> 16) * (m_lo.to(tl.float32) * sxl + m_hi.to(tl.float32) * sxh)
 
